@@ -1,0 +1,189 @@
+"""Runs the relkd pipeline on one machine: LocalDagRunner, ML Metadata in SQLite, Beam DirectRunner.
+
+Layout of an output directory:
+  inputs/            canonical CSVs made from the embedded generator or a dataset adapter
+  pipeline_root/     TFX artifacts, one directory per component and execution
+  metadata.sqlite    ML Metadata (lineage of every artifact)
+  run.log            everything TFX, Beam and TensorFlow logged
+  run_summary.json   row accounting, split sizes, gate verdict, artifact paths (also .md)
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+import traceback
+from typing import Any, Callable, Dict, Optional
+
+from pipeline import configs, run_summary
+from pipeline.configs import PipelineConfig
+from pipeline.pipeline import InputSpec, create_pipeline
+from pipeline.progress import ProgressReporter
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA_REJECTED = 0, 1, 2, 3
+
+
+class UsageError(ValueError):
+    """The command line or the inputs it names cannot be used; the message says why."""
+
+
+@dataclasses.dataclass
+class RunOutcome:
+    exit_code: int
+    summary: Dict[str, Any]
+    summary_path: str
+    message: str = ""
+
+
+def input_spec(path: str, what: str) -> InputSpec:
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        return InputSpec(base=path, pattern="*")
+    if not os.path.exists(path) and not any(ch in path for ch in "*?["):
+        raise UsageError(f"{what} input not found: {path}")
+    return InputSpec(base=os.path.dirname(path), pattern=os.path.basename(path))
+
+
+def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments: Optional[str],
+                   dataset: Optional[str], dataset_input: Optional[str],
+                   echo: Callable[[str], None]) -> Dict[str, str]:
+    """Returns paths of the logs and judgments the pipeline will read, making them if needed."""
+    inputs_dir = os.path.join(output_dir, "inputs")
+    if dataset:
+        if logs or judgments:
+            raise UsageError("--dataset replaces --logs/--judgments; give one or the other")
+        if dataset != "homedepot":
+            raise UsageError(f"unknown --dataset {dataset!r}; known: homedepot")
+        if not dataset_input:
+            raise UsageError("--dataset homedepot needs --input PATH (the train_dev.csv[.zip] file)")
+        from pipeline import homedepot
+
+        echo(f"Converting the Home Depot file {dataset_input} into canonical logs and judgments ...")
+        made = homedepot.convert(dataset_input, inputs_dir)
+        # The adapter writes UTF-8 whatever the source encoding was.
+        config.data.encoding = "utf-8"
+        echo(f"  {made['rows']} rows -> {made['logs']}, {made['judgments']}")
+        return {"logs": made["logs"], "judgments": made["judgments"]}
+    if dataset_input:
+        raise UsageError("--input goes with --dataset")
+    if bool(logs) != bool(judgments):
+        raise UsageError("give both --logs and --judgments, or neither to use the embedded default data")
+    if logs:
+        return {"logs": logs, "judgments": judgments}
+    from pipeline import default_data
+
+    spec = default_data.ShopSpec(**dataclasses.asdict(config.default_data))
+    echo(f"Generating the embedded default shop data (seed {spec.seed}, {spec.num_queries} queries, "
+         f"{spec.num_items} items) ...")
+    made = default_data.write(inputs_dir, spec)
+    return {"logs": made["logs"], "judgments": made["judgments"]}
+
+
+def _configure_logging(log_path: str) -> logging.Handler:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    root = logging.getLogger()
+    # Everything goes to run.log; the terminal only gets the progress lines and the summary.
+    for handler in list(root.handlers):
+        if isinstance(handler, absl_logging.ABSLHandler) or type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setLevel(logging.INFO)
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(file_handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return file_handler
+
+
+def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, judgments: Optional[str] = None,
+        dataset: Optional[str] = None, dataset_input: Optional[str] = None,
+        echo: Callable[[str], None] = print) -> RunOutcome:
+    from tfx import v1 as tfx
+
+    output_dir = os.path.abspath(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    paths = prepare_inputs(config, output_dir, logs, judgments, dataset, dataset_input, echo)
+    log_path = os.path.join(output_dir, "run.log")
+    metadata_path = os.path.join(output_dir, "metadata.sqlite")
+    pipeline_root = os.path.join(output_dir, "pipeline_root")
+    tfx_pipeline = create_pipeline(
+        config,
+        pipeline_root=pipeline_root,
+        logs=input_spec(paths["logs"], "logs"),
+        judgments=input_spec(paths["judgments"], "judgments"),
+        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path),
+    )
+    node_ids = [c.id for c in tfx_pipeline.components]
+    file_handler = _configure_logging(log_path)
+    reporter = ProgressReporter(node_ids, echo=echo)
+    logging.getLogger().addHandler(reporter)
+    echo(f"Running pipeline '{config.name}' ({len(node_ids)} steps) into {output_dir}; full log: {log_path}")
+    started = time.monotonic()
+    error, exit_code, message = None, EXIT_OK, ""
+    try:
+        with reporter:
+            tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
+    except Exception as e:  # Reported below with the step that failed; the traceback goes to run.log.
+        from components.data_gate import DataRejectedError
+        from components.ingest.readers import InputError
+
+        logging.getLogger(__name__).error("run failed:\n%s", traceback.format_exc())
+        if isinstance(e, DataRejectedError):
+            exit_code, error = EXIT_DATA_REJECTED, str(e)
+        elif isinstance(e, InputError):
+            exit_code, error = EXIT_USAGE, f"step {reporter.current or '?'} cannot read its input: {e}"
+        else:
+            exit_code = EXIT_FAILED
+            error = f"step {reporter.current or '?'} failed: {type(e).__name__}: {e} (traceback in {log_path})"
+    finally:
+        logging.getLogger().removeHandler(reporter)
+        file_handler.flush()
+
+    summary = run_summary.collect(metadata_path, config.name, node_ids)
+    summary.update({
+        "status": "succeeded" if exit_code == EXIT_OK else ("data rejected" if exit_code == EXIT_DATA_REJECTED else "failed"),
+        "error": error,
+        "wall_seconds": round(time.monotonic() - started, 1),
+        "durations": {k: round(v, 2) for k, v in reporter.durations.items()},
+        "config": config.to_dict(),
+        "paths": {
+            "output": output_dir, "logs input": os.path.abspath(paths["logs"]),
+            "judgments input": os.path.abspath(paths["judgments"]), "pipeline root": pipeline_root,
+            "metadata": metadata_path, "log": log_path,
+            **{f"{kind} quarantine": entry["quarantine_dir"]
+               for kind, entry in summary["inputs"].items() if "quarantine_dir" in entry},
+        },
+    })
+    summary_path = os.path.join(output_dir, "run_summary.json")
+    with open(summary_path, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2, sort_keys=True, default=str)
+    with open(os.path.join(output_dir, "run_summary.md"), "w", encoding="utf-8") as f:
+        f.write(run_summary.to_markdown(summary))
+    return RunOutcome(exit_code, summary, summary_path, error or "")
+
+
+def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> None:
+    summary = outcome.summary
+    echo("")
+    for kind, entry in summary.get("inputs", {}).items():
+        if "rows_in" not in entry:
+            continue
+        reasons = ", ".join(f"{r} {n}" for r, n in entry["quarantined_by_reason"].items())
+        splits = entry.get("examples_per_split", {})
+        echo(f"{kind:>10}: {entry['rows_in']} rows in = {entry['accepted']} accepted + "
+             f"{entry['quarantined']} quarantined" + (f" ({reasons})" if reasons else ""))
+        if splits:
+            echo(" " * 12 + "examples per split: " + ", ".join(f"{s} {n}" for s, n in splits.items()))
+    if outcome.message:
+        echo("")
+        echo(outcome.message)
+    echo("")
+    echo(f"Run {summary['status']} in {summary['wall_seconds']:.0f}s. Outputs:")
+    for name, path in summary["paths"].items():
+        echo(f"  {name:>20}: {path}")
+    echo(f"  {'summary':>20}: {outcome.summary_path} (and run_summary.md)")

@@ -1,0 +1,96 @@
+"""The relkd TFX pipeline definition, shared by the local runner and the Kubeflow runner.
+
+Only the DAG lives here; where the data is, where artifacts go and how metadata is stored
+are the runners' business.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, List, Optional
+
+from ml_metadata.proto import metadata_store_pb2
+from tfx import v1 as tfx
+from tfx.dsl.components.base import base_node
+from tfx.proto import example_gen_pb2
+
+from components.data_gate import DataValidationGate
+from components.ingest import rows
+from components.ingest.component import SearchDataExampleGen
+from pipeline.configs import PipelineConfig
+from schemas import schema_path
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """Where one input lives: a directory (or bucket prefix) and a file pattern inside it."""
+
+    base: str
+    pattern: str = "*"
+
+
+def split_config(config: PipelineConfig) -> example_gen_pb2.Output:
+    # Partitioning on the query (TFX hashes the feature value) keeps every query in exactly
+    # one split, and in the same split for logs and judgments.
+    splits = config.splits
+    return example_gen_pb2.Output(
+        split_config=example_gen_pb2.SplitConfig(
+            splits=[
+                example_gen_pb2.SplitConfig.Split(name="train", hash_buckets=splits.train_buckets),
+                example_gen_pb2.SplitConfig.Split(name="eval", hash_buckets=splits.eval_buckets),
+                example_gen_pb2.SplitConfig.Split(name="test", hash_buckets=splits.test_buckets),
+            ],
+            partition_feature_name="query",
+        )
+    )
+
+
+def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: InputSpec) -> Dict[str, base_node.BaseNode]:
+    """ExampleGen -> StatisticsGen -> curated schema -> ExampleValidator for each input, then the gate."""
+    rules = rows.RowRules.from_data_config(config.data)
+    nodes: Dict[str, base_node.BaseNode] = {}
+    for kind, spec in ((rows.LOGS, logs), (rows.JUDGMENTS, judgments)):
+        prefix = kind.capitalize()
+        example_gen = SearchDataExampleGen(
+            input_base=spec.base,
+            input_pattern=spec.pattern,
+            data_kind=kind,
+            row_rules=rules,
+            input_format=config.data.format,
+            output_config=split_config(config),
+        ).with_id(f"{prefix}ExampleGen")
+        statistics_gen = tfx.components.StatisticsGen(
+            examples=example_gen.outputs["examples"]).with_id(f"{prefix}StatisticsGen")
+        schema_importer = tfx.components.ImportSchemaGen(
+            schema_file=schema_path(kind)).with_id(f"{prefix}SchemaImporter")
+        example_validator = tfx.components.ExampleValidator(
+            statistics=statistics_gen.outputs["statistics"],
+            schema=schema_importer.outputs["schema"]).with_id(f"{prefix}ExampleValidator")
+        for node in (example_gen, statistics_gen, schema_importer, example_validator):
+            nodes[node.id] = node
+    nodes["DataValidationGate"] = DataValidationGate(
+        logs_anomalies=nodes["LogsExampleValidator"].outputs["anomalies"],
+        judgments_anomalies=nodes["JudgmentsExampleValidator"].outputs["anomalies"],
+        logs_quarantine=nodes["LogsExampleGen"].outputs["quarantine"],
+        judgments_quarantine=nodes["JudgmentsExampleGen"].outputs["quarantine"],
+        max_quarantine_fraction=config.data.max_quarantine_fraction,
+    ).with_id("DataValidationGate")
+    return nodes
+
+
+def create_pipeline(
+    config: PipelineConfig,
+    pipeline_root: str,
+    logs: InputSpec,
+    judgments: InputSpec,
+    metadata_connection_config: Optional[metadata_store_pb2.ConnectionConfig] = None,
+    beam_pipeline_args: Optional[List[str]] = None,
+) -> tfx.dsl.Pipeline:
+    nodes = ingestion_components(config, logs, judgments)
+    return tfx.dsl.Pipeline(
+        pipeline_name=config.name,
+        pipeline_root=pipeline_root,
+        components=list(nodes.values()),
+        enable_cache=config.enable_cache,
+        metadata_connection_config=metadata_connection_config,
+        beam_pipeline_args=list(beam_pipeline_args if beam_pipeline_args is not None else config.beam_pipeline_args),
+    )

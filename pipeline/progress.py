@@ -1,0 +1,77 @@
+"""Readable progress for LocalDagRunner runs: which component runs, how far, how long.
+
+LocalDagRunner announces each node through absl logging; this turns those records into one
+line per step and, while a long step runs, a heartbeat with the elapsed time. Everything
+else TFX, Beam and TensorFlow log goes to the run's log file, not the terminal.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+_RUNNING = re.compile(r"Component (\S+) is running\.")
+_FINISHED = re.compile(r"Component (\S+) is finished\.")
+
+
+def _fmt(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{seconds:.1f}s"
+
+
+class ProgressReporter(logging.Handler):
+    def __init__(self, node_ids: List[str], echo: Callable[[str], None] = print, heartbeat_s: float = 30.0):
+        super().__init__(level=logging.INFO)
+        self._order = list(node_ids)
+        self._echo = echo
+        self._heartbeat_s = heartbeat_s
+        self._current: Optional[str] = None
+        self._started = 0.0
+        self._run_started = time.monotonic()
+        self.durations: Dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _position(self, node_id: str) -> str:
+        total = len(self._order)
+        index = self._order.index(node_id) + 1 if node_id in self._order else len(self.durations) + 1
+        return f"[{index}/{total}]"
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # A malformed third-party log record must not break the run.
+            return
+        match = _RUNNING.search(message)
+        if match:
+            self._current, self._started = match.group(1), time.monotonic()
+            self._echo(f"{self._position(self._current)} {self._current} ...")
+            return
+        match = _FINISHED.search(message)
+        if match:
+            node = match.group(1)
+            elapsed = time.monotonic() - self._started
+            self.durations[node] = elapsed
+            self._current = None
+            self._echo(f"{self._position(node)} {node} done in {_fmt(elapsed)} "
+                       f"(total {_fmt(time.monotonic() - self._run_started)})")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s):
+            node = self._current
+            if node:
+                self._echo(f"      {node} still running ({_fmt(time.monotonic() - self._started)})")
+
+    def __enter__(self) -> "ProgressReporter":
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+
+    @property
+    def current(self) -> Optional[str]:
+        return self._current

@@ -1,0 +1,121 @@
+"""What a run produced, read back from ML Metadata: artifacts per component, row accounting,
+split sizes and the data gate's verdict. Written next to the run as run_summary.json/.md.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+from components import data_gate
+from components.ingest import executor as ingest_executor
+
+_STATE_NAMES = {v: k for k, v in metadata_store_pb2.Execution.State.items()}
+
+
+def sqlite_connection(path: str) -> metadata_store_pb2.ConnectionConfig:
+    config = metadata_store_pb2.ConnectionConfig()
+    config.sqlite.filename_uri = path
+    config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READWRITE_OPENCREATE
+    return config
+
+
+def latest_node_outputs(store: metadata_store.MetadataStore, pipeline_name: str, node_id: str) -> Optional[Dict[str, Any]]:
+    """The newest execution of a node and its output artifacts (key -> list of uri/properties)."""
+    context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node_id}")
+    if context is None:
+        return None
+    executions = store.get_executions_by_context(context.id)
+    if not executions:
+        return None
+    execution = max(executions, key=lambda e: e.id)
+    events = [e for e in store.get_events_by_execution_ids([execution.id])
+              if e.type in (metadata_store_pb2.Event.OUTPUT, metadata_store_pb2.Event.DECLARED_OUTPUT,
+                            metadata_store_pb2.Event.PENDING_OUTPUT)]
+    by_id = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
+    outputs: Dict[str, List[Dict[str, Any]]] = {}
+    for event in events:
+        key = event.path.steps[0].key if event.path.steps else "output"
+        artifact = by_id.get(event.artifact_id)
+        if artifact is None:
+            continue
+        properties = {name: getattr(value, value.WhichOneof("value"))
+                      for name, value in artifact.custom_properties.items() if value.WhichOneof("value")
+                      in ("int_value", "double_value", "string_value")}
+        entry = {"uri": artifact.uri, "properties": properties}
+        if entry not in outputs.setdefault(key, []):
+            outputs[key].append(entry)
+    return {
+        "execution_id": execution.id,
+        "state": _STATE_NAMES.get(execution.last_known_state, "UNKNOWN"),
+        "outputs": outputs,
+    }
+
+
+def _split_sizes(statistics_uri: str) -> Dict[str, int]:
+    from tensorflow_data_validation.utils import stats_util
+
+    sizes = {}
+    for split in sorted(os.listdir(statistics_uri)):
+        path = os.path.join(statistics_uri, split, "FeatureStats.pb")
+        if split.startswith("Split-") and os.path.exists(path):
+            stats = stats_util.load_stats_binary(path)
+            sizes[split[len("Split-"):]] = int(stats.datasets[0].num_examples) if stats.datasets else 0
+    return sizes
+
+
+def collect(metadata_path: str, pipeline_name: str, node_ids: List[str]) -> Dict[str, Any]:
+    store = metadata_store.MetadataStore(sqlite_connection(metadata_path))
+    nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id) for node_id in node_ids}
+    summary: Dict[str, Any] = {"nodes": nodes, "inputs": {}}
+    for kind in ("logs", "judgments"):
+        prefix = kind.capitalize()
+        entry: Dict[str, Any] = {}
+        gen = nodes.get(f"{prefix}ExampleGen") or {}
+        quarantine = (gen.get("outputs") or {}).get("quarantine")
+        if quarantine and os.path.exists(os.path.join(quarantine[0]["uri"], ingest_executor.SUMMARY_FILE)):
+            entry.update(ingest_executor.read_summary(quarantine[0]["uri"]))
+            entry["quarantine_dir"] = quarantine[0]["uri"]
+        stats = ((nodes.get(f"{prefix}StatisticsGen") or {}).get("outputs") or {}).get("statistics")
+        if stats and os.path.isdir(stats[0]["uri"]):
+            entry["examples_per_split"] = _split_sizes(stats[0]["uri"])
+        summary["inputs"][kind] = entry
+    gate = ((nodes.get("DataValidationGate") or {}).get("outputs") or {}).get("report")
+    if gate:
+        path = os.path.join(gate[0]["uri"], data_gate.REPORT_FILE)
+        if os.path.exists(path):
+            with open(path) as f:
+                summary["data_gate"] = json.load(f)
+    return summary
+
+
+def to_markdown(summary: Dict[str, Any]) -> str:
+    lines = [f"# relkd run summary", "", f"- status: **{summary.get('status', 'unknown')}**"]
+    if summary.get("error"):
+        lines += ["", "```", summary["error"], "```"]
+    lines += ["", "## Inputs", "", "| input | rows in | accepted | quarantined | by reason | train / eval / test examples |",
+              "|---|---:|---:|---:|---|---|"]
+    for kind, entry in summary.get("inputs", {}).items():
+        reasons = ", ".join(f"{r}: {n}" for r, n in entry.get("quarantined_by_reason", {}).items()) or "-"
+        splits = entry.get("examples_per_split", {})
+        split_text = " / ".join(str(splits.get(s, "-")) for s in ("train", "eval", "test"))
+        lines.append(f"| {kind} | {entry.get('rows_in', '-')} | {entry.get('accepted', '-')} | "
+                     f"{entry.get('quarantined', '-')} | {reasons} | {split_text} |")
+    gate = summary.get("data_gate")
+    if gate:
+        lines += ["", "## Data validation gate", "", f"- passed: **{gate['passed']}**"]
+        for p in gate["problems"]:
+            lines.append(f"- {p['input']} / {p['split']} / {p['column']}: {p['problem']} ({p['detail']})")
+    lines += ["", "## Steps", "", "| step | state | seconds |", "|---|---|---:|"]
+    durations = summary.get("durations", {})
+    for node_id, info in summary.get("nodes", {}).items():
+        state = info["state"] if info else "not run"
+        seconds = f"{durations[node_id]:.1f}" if node_id in durations else "-"
+        lines.append(f"| {node_id} | {state} | {seconds} |")
+    lines += ["", "## Where things are", ""]
+    for name, path in summary.get("paths", {}).items():
+        lines.append(f"- {name}: `{path}`")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,76 @@
+import glob
+import json
+import os
+import warnings
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+import pytest  # noqa: E402
+
+
+def read_examples(split_dir):
+    """All tf.Examples under a split directory, as plain dicts (bytes decoded, single values unwrapped)."""
+    import tensorflow as tf
+
+    records = []
+    for path in sorted(glob.glob(os.path.join(split_dir, "*.gz"))):
+        for raw in tf.data.TFRecordDataset(path, compression_type="GZIP").as_numpy_iterator():
+            example = tf.train.Example.FromString(raw)
+            record = {}
+            for name, feature in example.features.feature.items():
+                kind = feature.WhichOneof("kind")
+                values = list(getattr(feature, kind).value)
+                value = values[0] if len(values) == 1 else values
+                record[name] = value.decode("utf-8") if isinstance(value, bytes) else value
+            records.append(record)
+    return records
+
+
+def run_example_gen(tmp_path, kind, input_path, rules=None, input_format="auto", splits=(8, 1, 1)):
+    """Runs SearchDataExampleGen's executor on one input; returns (examples by split, quarantine rows, summary)."""
+    from tfx.proto import example_gen_pb2
+    from tfx.types import standard_artifacts
+    from tfx.utils import proto_utils
+
+    from components import artifacts
+    from components.ingest import executor, rows
+    from pipeline.configs import PipelineConfig
+    from pipeline.pipeline import split_config
+
+    config = PipelineConfig()
+    config.splits.train_buckets, config.splits.eval_buckets, config.splits.test_buckets = splits
+    rules = rules or rows.RowRules()
+    out = tmp_path / f"out_{kind}"
+    examples = standard_artifacts.Examples()
+    examples.uri = str(out / "examples")
+    quarantine = artifacts.Quarantine()
+    quarantine.uri = str(out / "quarantine")
+    os.makedirs(quarantine.uri, exist_ok=True)
+    input_config = example_gen_pb2.Input(
+        splits=[example_gen_pb2.Input.Split(name="single_split", pattern=os.path.basename(input_path))])
+    exec_properties = {
+        "input_base": os.path.dirname(os.path.abspath(input_path)),
+        "input_config": proto_utils.proto_to_json(input_config),
+        "output_config": proto_utils.proto_to_json(split_config(config)),
+        "output_data_format": example_gen_pb2.FORMAT_TF_EXAMPLE,
+        "output_file_format": example_gen_pb2.FORMAT_TFRECORDS_GZIP,
+        "data_kind": kind,
+        "row_rules": rules.to_json(),
+        "input_format": input_format,
+    }
+    executor.Executor().Do({}, {"examples": [examples], "quarantine": [quarantine]}, exec_properties)
+    by_split = {s: read_examples(os.path.join(examples.uri, f"Split-{s}")) for s in ("train", "eval", "test")}
+    quarantined = []
+    for path in sorted(glob.glob(os.path.join(quarantine.uri, "rows*.jsonl"))):
+        with open(path, encoding="utf-8") as f:
+            quarantined += [json.loads(line) for line in f if line.strip()]
+    return by_split, quarantined, executor.read_summary(quarantine.uri)
+
+
+@pytest.fixture
+def example_gen(tmp_path):
+    def run(kind, input_path, **kwargs):
+        return run_example_gen(tmp_path, kind, input_path, **kwargs)
+
+    return run

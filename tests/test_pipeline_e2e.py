@@ -1,0 +1,116 @@
+"""The ingestion half of the DAG under LocalDagRunner, in-process and through the `relkd` command."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import configs, local_runner
+
+pytestmark = pytest.mark.e2e
+
+# The generator always injects at least one fault of each kind, which is more than 1% of a
+# shop this small, hence the relaxed quarantine limit.
+TINY_SHOP = {"default_data": {"num_items": 200, "num_queries": 40, "results_per_query": 8},
+             "data": {"max_quarantine_fraction": 0.05}}
+LOG_HEADER = ["query", "item_id", "item_title", "impressions", "clicks"]
+
+
+def write_logs_and_judgments(directory, extra_log_column=None, bad_log_rows=0):
+    os.makedirs(directory, exist_ok=True)
+    logs_path, judgments_path = os.path.join(directory, "logs.csv"), os.path.join(directory, "judgments.csv")
+    header = LOG_HEADER + ([extra_log_column] if extra_log_column else [])
+    with open(logs_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        for q in range(30):
+            for i in range(4):
+                row = [f"query {q}", f"P{q}-{i}", f"title {i} of {q}", 20, i]
+                writer.writerow(row + (["mobile"] if extra_log_column else []))
+        for b in range(bad_log_rows):
+            writer.writerow([f"query {b}", f"BAD{b}", "title", 1, 5] + (["mobile"] if extra_log_column else []))
+    with open(judgments_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["query", "item_id", "relevance"])
+        for q in range(30):
+            writer.writerow([f"query {q}", f"P{q}-0", 3])
+    return logs_path, judgments_path
+
+
+def quiet(_):
+    pass
+
+
+def test_default_data_runs_through_the_ingestion_dag(tmp_path):
+    config = configs.load_config(overrides=TINY_SHOP)
+    messages = []
+    outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
+    assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
+    summary = outcome.summary
+    assert summary["status"] == "succeeded" and summary["data_gate"]["passed"]
+    for kind in ("logs", "judgments"):
+        entry = summary["inputs"][kind]
+        assert entry["rows_in"] == entry["accepted"] + entry["quarantined"] > 0
+        assert entry["examples_per_split"]["train"] > 0
+        assert sum(entry["examples_per_split"].values()) == entry["accepted"]
+        assert os.path.isdir(entry["quarantine_dir"])
+    # The generator injects a few faults on purpose: they are counted, not dropped.
+    assert summary["inputs"]["logs"]["quarantined"] > 0
+    assert all(info and info["state"] == "COMPLETE" for info in summary["nodes"].values())
+    # Progress names each step with its position and time.
+    assert any(m.startswith("[1/9] ") and m.endswith("...") for m in messages)
+    assert any("DataValidationGate done in" in m for m in messages)
+    with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
+        assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
+    assert os.path.exists(os.path.join(tmp_path, "run", "run_summary.md"))
+
+
+def test_schema_drift_stops_the_run_naming_input_and_column(tmp_path):
+    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"), extra_log_column="device")
+    outcome = local_runner.run(configs.load_config(), str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet)
+    assert outcome.exit_code == local_runner.EXIT_DATA_REJECTED
+    assert "logs" in outcome.message and "column 'device'" in outcome.message
+    assert "New column" in outcome.message
+    problems = outcome.summary["nodes"]["DataValidationGate"]
+    assert problems["state"] == "FAILED"
+
+
+def test_too_many_quarantined_rows_stop_the_run(tmp_path):
+    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"), bad_log_rows=5)
+    outcome = local_runner.run(configs.load_config(), str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet)
+    assert outcome.exit_code == local_runner.EXIT_DATA_REJECTED
+    assert "clicks_exceed_impressions 5" in outcome.message and "above the limit of 1.00%" in outcome.message
+    assert outcome.summary["inputs"]["logs"]["quarantined"] == 5
+
+    relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}})
+    outcome = local_runner.run(relaxed, str(tmp_path / "run2"), logs=logs, judgments=judgments, echo=quiet)
+    assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
+
+
+def relkd(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
+    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
+    result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "[9/9] DataValidationGate done in" in result.stdout
+    assert "logs: 120 rows in = 120 accepted + 0 quarantined" in result.stdout
+    assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--logs", "x.csv"], "give both --logs and --judgments"),
+    (["--logs", "missing.csv", "--judgments", "missing.csv"], "logs input not found"),
+    (["--dataset", "homedepot"], "needs --input"),
+    (["--config", "nope.yaml"], "config file not found"),
+])
+def test_cli_usage_errors_exit_2_with_a_message(tmp_path, args, message):
+    result = relkd("run", "--output", str(tmp_path / "run"), *args, cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
