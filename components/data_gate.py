@@ -72,11 +72,16 @@ def quarantine_problems(input_name: str, summary: Dict[str, Any], max_fraction: 
 
 
 def format_problems(problems: List[Dict[str, Any]]) -> str:
-    lines = [f"Data validation failed; the run stopped before training ({len(problems)} problem(s)):"]
+    # The same anomaly usually shows in every split; say it once and list the splits.
+    grouped: Dict[tuple, List[str]] = {}
     for p in problems:
-        where = f"{p['input']}" + (f" ({p['split']} split)" if p["split"] != "all" else "")
-        column = "" if p["column"].startswith("(") else f", column '{p['column']}'"
-        lines.append(f"  - {where}{column}: {p['problem']}. {p['detail']}")
+        grouped.setdefault((p["input"], p["column"], p["problem"], p["detail"]), []).append(p["split"])
+    lines = [f"Data validation failed; the run stopped before training ({len(grouped)} problem(s)):"]
+    for (input_name, column, problem, detail), splits in grouped.items():
+        where = input_name if splits == ["all"] else f"{input_name} ({', '.join(splits)} split{'s' if len(splits) > 1 else ''})"
+        column_text = "" if column.startswith("(") else f", column '{column}'"
+        text = detail if detail.startswith(problem) else f"{problem}: {detail}"
+        lines.append(f"  - {where}{column_text}: {text}")
     lines.append("Fix the input (see the quarantine files for row-level faults), or, if the data "
                  "is right and the contract changed, update schemas/*.pbtxt or the config's data section.")
     return "\n".join(lines)

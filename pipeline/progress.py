@@ -46,7 +46,7 @@ class ProgressReporter(logging.Handler):
             return
         match = _RUNNING.search(message)
         if match:
-            self._current, self._started = match.group(1), time.monotonic()
+            self._started, self._current = time.monotonic(), match.group(1)
             self._echo(f"{self._position(self._current)} {self._current} ...")
             return
         match = _FINISHED.search(message)
@@ -59,10 +59,19 @@ class ProgressReporter(logging.Handler):
                        f"(total {_fmt(time.monotonic() - self._run_started)})")
 
     def _beat(self) -> None:
-        while not self._stop.wait(self._heartbeat_s):
-            node = self._current
-            if node:
-                self._echo(f"      {node} still running ({_fmt(time.monotonic() - self._started)})")
+        # Polls each second so the first heartbeat comes heartbeat_s after the step started,
+        # not on a clock that ignores when the step began.
+        announced = 0
+        while not self._stop.wait(1.0):
+            node, started = self._current, self._started
+            if not node:
+                announced = 0
+                continue
+            elapsed = time.monotonic() - started
+            due = int(elapsed // self._heartbeat_s)
+            if due > announced:
+                announced = due
+                self._echo(f"      {node} still running ({_fmt(elapsed)})")
 
     def __enter__(self) -> "ProgressReporter":
         self._thread = threading.Thread(target=self._beat, daemon=True)

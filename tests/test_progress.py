@@ -1,0 +1,30 @@
+import logging
+import time
+
+from pipeline.progress import ProgressReporter
+
+
+def record(message):
+    return logging.LogRecord("absl", logging.INFO, __file__, 1, message, None, None)
+
+
+def test_steps_are_numbered_and_timed():
+    lines = []
+    reporter = ProgressReporter(["A", "B"], echo=lines.append)
+    reporter.emit(record("Component B is running."))
+    reporter.emit(record("Component B is finished."))
+    reporter.emit(record("unrelated message"))
+    assert lines[0] == "[2/2] B ..."
+    assert lines[1].startswith("[2/2] B done in ") and "total" in lines[1]
+    assert set(reporter.durations) == {"B"} and len(lines) == 2
+
+
+def test_heartbeat_counts_from_the_start_of_the_step():
+    lines = []
+    with ProgressReporter(["A"], echo=lines.append, heartbeat_s=1.5) as reporter:
+        reporter.emit(record("Component A is running."))
+        time.sleep(3.5)
+        reporter.emit(record("Component A is finished."))
+    beats = [line for line in lines if "still running" in line]
+    assert len(beats) == 2
+    assert all(float(b.split("(")[1].rstrip("s)")) >= 1.5 for b in beats)
