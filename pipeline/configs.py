@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from components.graph.metapaths import GraphConfig
+
 PIPELINE_NAME = "relkd"
 
 
@@ -63,11 +65,24 @@ class DefaultDataConfig:
 
 
 @dataclasses.dataclass
+class TeacherSettings:
+    """The BERT cross-encoder teacher (trainer/teacher.py)."""
+
+    # quick: 2 layers, 48 tokens, 2 epochs (minutes on the default data); full: 6 layers, 64, 3.
+    profile: str = "quick"
+    # Any key of trainer/teacher.py's custom_config, applied over the profile.
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     name: str = PIPELINE_NAME
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     splits: SplitConfig = dataclasses.field(default_factory=SplitConfig)
     default_data: DefaultDataConfig = dataclasses.field(default_factory=DefaultDataConfig)
+    # Query-item graph and metapath contexts (components/graph/metapaths.py documents each knob).
+    graph: GraphConfig = dataclasses.field(default_factory=GraphConfig)
+    teacher: TeacherSettings = dataclasses.field(default_factory=TeacherSettings)
     # In-memory DirectRunner with one worker is the fastest choice for the small local data;
     # on a cluster pass e.g. --runner=DataflowRunner --project=... (see README).
     beam_pipeline_args: List[str] = dataclasses.field(
@@ -79,10 +94,32 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-def _merge(target: Any, overrides: Dict[str, Any], where: str) -> None:
+def _checked_value(current: Any, value: Any, path: str) -> Any:
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ConfigError(f"setting '{path}' must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"setting '{path}' must be a number, got {value!r}")
+        if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"setting '{path}' must be a whole number, got {value!r}")
+        return type(current)(value)
+    if isinstance(current, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"setting '{path}' must be a mapping, got {value!r}")
+        return {**current, **value}
+    if isinstance(current, list) and not isinstance(value, list):
+        raise ConfigError(f"setting '{path}' must be a list, got {value!r}")
+    if isinstance(current, str) and not isinstance(value, str):
+        raise ConfigError(f"setting '{path}' must be a string, got {value!r}")
+    return value
+
+
+def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
+    """Returns `target` with `overrides` applied; frozen dataclasses are replaced, not mutated."""
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(overrides).__name__}")
     fields = {f.name: f for f in dataclasses.fields(target)}
+    changes = {}
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
@@ -91,19 +128,17 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> None:
             )
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):
-            _merge(current, value, path)
-            continue
-        if isinstance(current, bool) and not isinstance(value, bool):
-            raise ConfigError(f"setting '{path}' must be true or false, got {value!r}")
-        if isinstance(current, (int, float)) and not isinstance(current, bool):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ConfigError(f"setting '{path}' must be a number, got {value!r}")
-            value = type(current)(value) if isinstance(current, float) else value
-        if isinstance(current, list) and not isinstance(value, list):
-            raise ConfigError(f"setting '{path}' must be a list, got {value!r}")
-        if isinstance(current, str) and not isinstance(value, str):
-            raise ConfigError(f"setting '{path}' must be a string, got {value!r}")
+            changes[key] = _merge(current, value, path)
+        else:
+            changes[key] = _checked_value(current, value, path)
+    if getattr(target, "__dataclass_params__").frozen:
+        try:
+            return dataclasses.replace(target, **changes)
+        except ValueError as e:  # The dataclass's own validation, e.g. GraphConfig's ranges.
+            raise ConfigError(f"{where}: {e}") from e
+    for key, value in changes.items():
         setattr(target, key, value)
+    return target
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
@@ -122,10 +157,27 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         "".encode(data.encoding)
     except LookupError as e:
         raise ConfigError(f"data.encoding: unknown encoding {data.encoding!r}") from e
+    if config.teacher.profile not in ("quick", "full"):
+        raise ConfigError(f"teacher.profile must be quick or full, got {config.teacher.profile!r}")
     for name in ("train_buckets", "eval_buckets", "test_buckets"):
         if getattr(config.splits, name) < 1:
             raise ConfigError(f"splits.{name} must be at least 1")
     return config
+
+
+def teacher_custom_config(config: PipelineConfig) -> Dict[str, Any]:
+    """The Trainer's custom_config for the teacher: profile, then the data's scale, then overrides."""
+    from trainer import teacher  # Heavy (TF Models); only needed when a pipeline is built.
+
+    custom = {**teacher.PROFILES[config.teacher.profile],
+              "relevance_min": config.data.relevance_min,
+              "relevance_max": config.data.relevance_max,
+              **config.teacher.settings}
+    try:
+        teacher.TeacherConfig.from_custom_config(custom)
+    except ValueError as e:
+        raise ConfigError(f"teacher.settings: {e}") from e
+    return custom
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> PipelineConfig:
@@ -140,7 +192,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] 
             loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from e
-        _merge(config, loaded or {}, "")
+        config = _merge(config, loaded or {}, "")
     if overrides:
-        _merge(config, overrides, "")
+        config = _merge(config, overrides, "")
     return validate(config)

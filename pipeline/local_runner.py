@@ -91,6 +91,11 @@ def _configure_logging(log_path: str) -> logging.Handler:
     for handler in list(root.handlers):
         if isinstance(handler, absl_logging.ABSLHandler) or type(handler) is logging.StreamHandler:
             root.removeHandler(handler)
+    # TensorFlow's Python logger has its own stderr handler; send it through the root instead.
+    tf_logger = logging.getLogger("tensorflow")
+    for handler in list(tf_logger.handlers):
+        tf_logger.removeHandler(handler)
+    tf_logger.propagate = True
     file_handler = logging.FileHandler(log_path, encoding="utf-8")
     file_handler.setLevel(logging.INFO)
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -179,6 +184,14 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
              f"{entry['quarantined']} quarantined" + (f" ({reasons})" if reasons else ""))
         if splits:
             echo(" " * 12 + "examples per split: " + ", ".join(f"{s} {n}" for s, n in splits.items()))
+    graph = summary.get("graph")
+    if graph:
+        echo(f"{'graph':>10}: {graph['nodes']['query']} queries, {graph['nodes']['item']} items, "
+             f"{graph['edges']['after_hub_cap']} edges, {graph['capped_hubs']['total']} hubs capped")
+    teacher = summary.get("teacher")
+    if teacher:
+        echo(f"{'teacher':>10}: {teacher['epochs']} epochs, eval loss {teacher.get('val_loss', '-')}, "
+             f"eval AUC {teacher.get('val_auc', '-')}")
     if outcome.message:
         echo("")
         echo(outcome.message)

@@ -11,12 +11,13 @@ from typing import Dict, List, Optional
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
 from tfx.dsl.components.base import base_node
-from tfx.proto import example_gen_pb2
+from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 
 from components.data_gate import DataValidationGate
+from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
-from pipeline.configs import PipelineConfig
+from pipeline.configs import PipelineConfig, teacher_custom_config
 from schemas import schema_path
 
 
@@ -77,6 +78,41 @@ def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: Inp
     return nodes
 
 
+def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+    """The query-item graph and contexts joined onto logs and judgments, after the data gate."""
+    graph = GraphContexts(
+        logs=ingestion["LogsExampleGen"].outputs["examples"],
+        judgments=ingestion["JudgmentsExampleGen"].outputs["examples"],
+        data_report=ingestion["DataValidationGate"].outputs["report"],
+        config=config.graph,
+    ).with_id("GraphContexts")
+    return {graph.id: graph}
+
+
+TEACHER_SCORE = "teacher_score"
+
+
+def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+    """Fine-tune the BERT cross-encoder on the judgments, then label every logged pair with it."""
+    trainer = tfx.components.Trainer(
+        run_fn="trainer.teacher.run_fn",
+        examples=graph["GraphContexts"].outputs["judgment_examples"],
+        custom_config=teacher_custom_config(config),
+    ).with_id("TeacherTrainer")
+    labeller = tfx.components.BulkInferrer(
+        examples=graph["GraphContexts"].outputs["log_examples"],
+        model=trainer.outputs["model"],
+        data_spec=tfx.proto.DataSpec(),  # every split: the student trains and is checked on teacher scores
+        model_spec=tfx.proto.ModelSpec(model_signature_name=["serving_default"]),
+        output_example_spec=bulk_inferrer_pb2.OutputExampleSpec(output_columns_spec=[
+            bulk_inferrer_pb2.OutputColumnsSpec(
+                signature_name="serving_default",
+                predict_output=bulk_inferrer_pb2.PredictOutput(output_columns=[
+                    bulk_inferrer_pb2.PredictOutputCol(output_key="score", output_column=TEACHER_SCORE)]))]),
+    ).with_id("TeacherLabeller")
+    return {trainer.id: trainer, labeller.id: labeller}
+
+
 def create_pipeline(
     config: PipelineConfig,
     pipeline_root: str,
@@ -86,6 +122,8 @@ def create_pipeline(
     beam_pipeline_args: Optional[List[str]] = None,
 ) -> tfx.dsl.Pipeline:
     nodes = ingestion_components(config, logs, judgments)
+    nodes.update(graph_components(config, nodes))
+    nodes.update(teacher_components(config, nodes))
     return tfx.dsl.Pipeline(
         pipeline_name=config.name,
         pipeline_root=pipeline_root,

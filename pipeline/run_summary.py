@@ -67,6 +67,11 @@ def _split_sizes(statistics_uri: str) -> Dict[str, int]:
     return sizes
 
 
+def _output(nodes: Dict[str, Any], node_id: str, key: str) -> Optional[str]:
+    entries = ((nodes.get(node_id) or {}).get("outputs") or {}).get(key)
+    return entries[0]["uri"] if entries else None
+
+
 def collect(metadata_path: str, pipeline_name: str, node_ids: List[str]) -> Dict[str, Any]:
     store = metadata_store.MetadataStore(sqlite_connection(metadata_path))
     nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id) for node_id in node_ids}
@@ -83,6 +88,18 @@ def collect(metadata_path: str, pipeline_name: str, node_ids: List[str]) -> Dict
         if stats and os.path.isdir(stats[0]["uri"]):
             entry["examples_per_split"] = _split_sizes(stats[0]["uri"])
         summary["inputs"][kind] = entry
+    graph = _output(nodes, "GraphContexts", "graph_statistics")
+    if graph and os.path.exists(os.path.join(graph, "stats.json")):
+        with open(os.path.join(graph, "stats.json")) as f:
+            stats = json.load(f)
+        summary["graph"] = {key: stats[key] for key in
+                            ("nodes", "edges", "capped_hubs", "connected_components") if key in stats}
+    history = _output(nodes, "TeacherTrainer", "model_run")
+    if history and os.path.exists(os.path.join(history, "history.json")):
+        with open(os.path.join(history, "history.json")) as f:
+            epochs = json.load(f)
+        summary["teacher"] = {"epochs": len(epochs.get("loss", [])),
+                              **{k: round(v[-1], 4) for k, v in epochs.items() if v}}
     gate = ((nodes.get("DataValidationGate") or {}).get("outputs") or {}).get("report")
     if gate:
         path = os.path.join(gate[0]["uri"], data_gate.REPORT_FILE)
@@ -104,6 +121,19 @@ def to_markdown(summary: Dict[str, Any]) -> str:
         split_text = " / ".join(str(splits.get(s, "-")) for s in ("train", "eval", "test"))
         lines.append(f"| {kind} | {entry.get('rows_in', '-')} | {entry.get('accepted', '-')} | "
                      f"{entry.get('quarantined', '-')} | {reasons} | {split_text} |")
+    graph = summary.get("graph")
+    if graph:
+        components = graph.get("connected_components", {})
+        lines += ["", "## Graph", "",
+                  f"- nodes: {graph['nodes']['query']} queries, {graph['nodes']['item']} items",
+                  f"- edges: {graph['edges']['after_hub_cap']} (of {graph['edges']['total']} pairs; "
+                  f"{graph['capped_hubs']['total']} hubs capped)",
+                  f"- connected components: {components.get('num_components', '-')} "
+                  f"(largest {components.get('largest_component_size', '-')} nodes)"]
+    teacher = summary.get("teacher")
+    if teacher:
+        lines += ["", "## Teacher", "", "| " + " | ".join(teacher) + " |", "|" + "---|" * len(teacher),
+                  "| " + " | ".join(str(v) for v in teacher.values()) + " |"]
     gate = summary.get("data_gate")
     if gate:
         lines += ["", "## Data validation gate", "", f"- passed: **{gate['passed']}**"]

@@ -35,3 +35,16 @@ def test_bad_settings_are_rejected_with_the_setting_named(tmp_path, text, messag
 def test_missing_config_file():
     with pytest.raises(configs.ConfigError, match="not found"):
         configs.load_config("/nonexistent/config.yaml")
+
+
+def test_graph_settings_use_the_graph_module_validation(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("graph:\n  max_order: 3\n  top_n: 5\n")
+    config = configs.load_config(str(path))
+    assert (config.graph.max_order, config.graph.top_n) == (3, 5)
+    path.write_text("graph:\n  max_order: 4\n")
+    with pytest.raises(configs.ConfigError, match="graph: max_order"):
+        configs.load_config(str(path))
+    path.write_text("graph:\n  hub_cap: 2.5\n")
+    with pytest.raises(configs.ConfigError, match="whole number"):
+        configs.load_config(str(path))

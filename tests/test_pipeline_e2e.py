@@ -43,8 +43,11 @@ def quiet(_):
     pass
 
 
-def test_default_data_runs_through_the_ingestion_dag(tmp_path):
-    config = configs.load_config(overrides=TINY_SHOP)
+def test_default_data_runs_through_the_whole_dag(tmp_path):
+    from conftest import read_examples
+
+    config = configs.load_config(overrides={
+        **TINY_SHOP, "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}}})
     messages = []
     outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
@@ -59,9 +62,26 @@ def test_default_data_runs_through_the_ingestion_dag(tmp_path):
     # The generator injects a few faults on purpose: they are counted, not dropped.
     assert summary["inputs"]["logs"]["quarantined"] > 0
     assert all(info and info["state"] == "COMPLETE" for info in summary["nodes"].values())
+    assert len(summary["nodes"]) == 12
+
+    # Graph: statistics, and contexts joined onto both inputs.
+    assert summary["graph"]["nodes"]["query"] > 0 and summary["graph"]["edges"]["after_hub_cap"] > 0
+    nodes = summary["nodes"]
+    judged = read_examples(os.path.join(nodes["GraphContexts"]["outputs"]["judgment_examples"][0]["uri"], "Split-train"))
+    assert judged and all(r["item_title"] for r in judged), "judgments get the item's title from the logs"
+    assert all("q_o2_ids" in r and "i_o1_weights" in r for r in judged)
+
+    # Teacher: trained, and every accepted logged pair labelled once with a score in [0, 1].
+    assert summary["teacher"]["epochs"] == 1
+    labelled_uri = nodes["TeacherLabeller"]["outputs"]["output_examples"][0]["uri"]
+    labelled = [r for split in ("train", "eval", "test") for r in read_examples(os.path.join(labelled_uri, f"Split-{split}"))]
+    assert len(labelled) == summary["inputs"]["logs"]["accepted"]
+    assert all(0.0 <= r["teacher_score"] <= 1.0 for r in labelled)
+    assert len({(r["query"], r["item_id"]) for r in labelled}) == len(labelled)
+
     # Progress names each step with its position and time.
-    assert any(m.startswith("[1/9] ") and m.endswith("...") for m in messages)
-    assert any("DataValidationGate done in" in m for m in messages)
+    assert any(m.startswith("[1/12] ") and m.endswith("...") for m in messages)
+    assert any("TeacherLabeller done in" in m for m in messages)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
     assert os.path.exists(os.path.join(tmp_path, "run", "run_summary.md"))
@@ -98,7 +118,7 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
     result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[9/9] DataValidationGate done in" in result.stdout
+    assert "[12/12] TeacherLabeller done in" in result.stdout
     assert "logs: 120 rows in = 120 accepted + 0 quarantined" in result.stdout
     assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
     assert "Traceback" not in result.stderr

@@ -18,6 +18,7 @@ from tfx.proto import example_gen_pb2
 from tfx.types import artifact_utils
 from tfx.utils import proto_utils
 
+from components import example_codec
 from components.ingest import readers, rows
 
 QUARANTINE_KEY = "quarantine"
@@ -28,19 +29,6 @@ _QUARANTINE_URI = "_quarantine_uri"
 
 QUARANTINE_ROWS_PREFIX = "rows"
 SUMMARY_FILE = "summary.json"
-
-
-def _to_example(record: Dict[str, Any]) -> tf.train.Example:
-    example = tf.train.Example()
-    for name, value in record.items():
-        feature = example.features.feature[name]
-        if isinstance(value, bool) or isinstance(value, int):
-            feature.int64_list.value.append(int(value))
-        elif isinstance(value, float):
-            feature.float_list.value.append(value)
-        else:
-            feature.bytes_list.value.append(str(value).encode("utf-8"))
-    return example
 
 
 def _rejection_line(row: Dict[str, Any], rejection: rows.Rejection) -> str:
@@ -147,7 +135,7 @@ def _ValidatedExamples(pipeline: beam.Pipeline, exec_properties: Dict[str, Any],
         | "WriteSummary" >> beam.io.WriteToText(
             os.path.join(quarantine_uri, SUMMARY_FILE), num_shards=1, shard_name_template="")
     )
-    return deduplicated.accepted | "ToExample" >> beam.Map(_to_example)
+    return deduplicated.accepted | "ToExample" >> beam.Map(example_codec.to_example)
 
 
 def read_summary(quarantine_uri: str) -> Dict[str, Any]:

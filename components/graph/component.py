@@ -1,0 +1,57 @@
+"""GraphContexts: the query-item behaviour graph and its k-order metapath contexts, as a TFX component.
+
+A Beam component (BaseBeamComponent), so `beam_pipeline_args` decide where it runs:
+DirectRunner locally, DataflowRunner or FlinkRunner at scale, with the same code.
+"""
+import json
+from typing import Optional
+
+from tfx.dsl.components.base import base_beam_component, executor_spec
+from tfx.types import channel, component_spec, standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ExecutionParameter
+
+from components import artifacts
+from components.graph import executor
+from components.graph.metapaths import GraphConfig
+
+
+class GraphContextsSpec(component_spec.ComponentSpec):
+    PARAMETERS = {executor.GRAPH_CONFIG_KEY: ExecutionParameter(type=str)}
+    INPUTS = {
+        executor.LOGS_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        executor.JUDGMENTS_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        # Only an ordering edge: the graph is built from data the gate has accepted.
+        executor.DATA_REPORT_KEY: ChannelParameter(type=artifacts.DataValidationReport, optional=True),
+    }
+    OUTPUTS = {
+        executor.LOG_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        executor.JUDGMENT_EXAMPLES_KEY: ChannelParameter(type=standard_artifacts.Examples),
+        executor.NEIGHBOUR_TABLES_KEY: ChannelParameter(type=artifacts.NeighbourTables),
+        executor.GRAPH_STATISTICS_KEY: ChannelParameter(type=artifacts.GraphStatistics),
+    }
+
+
+class GraphContexts(base_beam_component.BaseBeamComponent):
+    """Builds the weighted query-item graph from validated logs and joins contexts onto examples.
+
+    Outputs: `log_examples` and `judgment_examples` (the input splits with `q_o{k}_*` and
+    `i_o{k}_*` context features added; judgments also get the item's title from the logs when
+    they lack one), `neighbour_tables` (for serving) and `graph_statistics`.
+    """
+
+    SPEC_CLASS = GraphContextsSpec
+    EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
+
+    def __init__(self, logs: channel.BaseChannel, judgments: channel.BaseChannel,
+                 config: GraphConfig, data_report: Optional[channel.BaseChannel] = None):
+        spec = GraphContextsSpec(
+            logs=logs,
+            judgments=judgments,
+            data_report=data_report,
+            graph_config=json.dumps(config.to_dict(), sort_keys=True),
+            log_examples=channel.Channel(type=standard_artifacts.Examples),
+            judgment_examples=channel.Channel(type=standard_artifacts.Examples),
+            neighbour_tables=channel.Channel(type=artifacts.NeighbourTables),
+            graph_statistics=channel.Channel(type=artifacts.GraphStatistics),
+        )
+        super().__init__(spec=spec)

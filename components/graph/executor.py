@@ -1,0 +1,123 @@
+"""Executor of GraphContexts: one Beam pipeline from validated logs to contexts and joined examples.
+
+The graph is built from the logs of every split: behaviour data is what the serving model
+will have for any logged query, and judgments (the labels) are never part of it.
+"""
+import json
+import os
+from typing import Any, Dict, List
+
+import apache_beam as beam
+from absl import logging
+from tfx.dsl.components.base import base_beam_executor
+from tfx.types import artifact_utils
+
+from components import example_codec
+from components.graph import metapaths
+
+LOGS_KEY = "logs"
+JUDGMENTS_KEY = "judgments"
+DATA_REPORT_KEY = "data_report"
+LOG_EXAMPLES_KEY = "log_examples"
+JUDGMENT_EXAMPLES_KEY = "judgment_examples"
+NEIGHBOUR_TABLES_KEY = "neighbour_tables"
+GRAPH_STATISTICS_KEY = "graph_statistics"
+GRAPH_CONFIG_KEY = "graph_config"
+
+STATS_FILE = "stats.json"
+CAPPED_HUBS_PREFIX = "capped_hubs"
+TABLES_PREFIX = "tables"
+MANIFEST_FILE = "manifest.json"
+_SCALARS = {"query", "item_id", "item_title", "impressions", "clicks", "purchases", "period", "relevance"}
+
+
+def _read_split(pipeline: beam.Pipeline, artifact, split: str, label: str):
+    pattern = os.path.join(artifact_utils.get_split_uri([artifact], split), "*")
+    return (pipeline
+            | f"Read{label}[{split}]" >> beam.io.ReadFromTFRecord(pattern, coder=beam.coders.BytesCoder())
+            | f"Parse{label}[{split}]" >> beam.Map(example_codec.parse, _SCALARS))
+
+
+def _write_split(examples, artifact, split: str, label: str) -> None:
+    _ = (examples
+         | f"ToExample{label}[{split}]" >> beam.Map(lambda r: example_codec.to_example(r).SerializeToString())
+         | f"Write{label}[{split}]" >> beam.io.WriteToTFRecord(
+             os.path.join(artifact_utils.get_split_uri([artifact], split), "data_tfrecord"),
+             file_name_suffix=".gz"))
+
+
+def _fill_title(element):
+    """Judgments may lack a title; the item's canonical title from the logs fills it."""
+    _, grouped = element
+    titles = list(grouped["title"])
+    for judgment in grouped["judgment"]:
+        if not judgment.get("item_title") and titles:
+            judgment = {**judgment, "item_title": titles[0]}
+        yield judgment
+
+
+class Executor(base_beam_executor.BaseBeamExecutor):
+
+    def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
+           exec_properties: Dict[str, Any]) -> None:
+        config = metapaths.GraphConfig(**json.loads(exec_properties[GRAPH_CONFIG_KEY]))
+        logs = artifact_utils.get_single_instance(input_dict[LOGS_KEY])
+        judgments = artifact_utils.get_single_instance(input_dict[JUDGMENTS_KEY])
+        log_out = artifact_utils.get_single_instance(output_dict[LOG_EXAMPLES_KEY])
+        judgment_out = artifact_utils.get_single_instance(output_dict[JUDGMENT_EXAMPLES_KEY])
+        tables_out = artifact_utils.get_single_instance(output_dict[NEIGHBOUR_TABLES_KEY])
+        stats_out = artifact_utils.get_single_instance(output_dict[GRAPH_STATISTICS_KEY])
+        log_splits = artifact_utils.decode_split_names(logs.split_names)
+        judgment_splits = artifact_utils.decode_split_names(judgments.split_names)
+        log_out.split_names = logs.split_names
+        judgment_out.split_names = judgments.split_names
+
+        logging.info("Building the query-item graph from log splits %s with %s", log_splits, config)
+        with self._make_beam_pipeline() as pipeline:
+            log_rows = {s: _read_split(pipeline, logs, s, "Logs") for s in log_splits}
+            all_logs = tuple(log_rows.values()) | "AllLogs" >> beam.Flatten()
+            contexts = all_logs | "ComputeNeighbourContexts" >> metapaths.ComputeNeighbourContexts(config)
+
+            _ = (contexts.neighbour_tables
+                 | "TableToExample" >> beam.Map(lambda r: metapaths.neighbour_record_to_tf_example(r).SerializeToString())
+                 | "WriteTables" >> beam.io.WriteToTFRecord(
+                     os.path.join(tables_out.uri, TABLES_PREFIX), file_name_suffix=".gz"))
+            _ = (contexts.graph_stats
+                 | "StatsToJson" >> beam.Map(lambda s: json.dumps(s, indent=2, sort_keys=True))
+                 | "WriteStats" >> beam.io.WriteToText(
+                     os.path.join(stats_out.uri, STATS_FILE), num_shards=1, shard_name_template=""))
+            _ = (contexts.capped_hubs
+                 | "HubsToJson" >> beam.Map(lambda h: json.dumps(h, sort_keys=True))
+                 | "WriteCappedHubs" >> beam.io.WriteToText(
+                     os.path.join(stats_out.uri, CAPPED_HUBS_PREFIX), file_name_suffix=".jsonl"))
+
+            for split, rows in log_rows.items():
+                joined = rows | f"JoinLogs[{split}]" >> metapaths.JoinContexts(
+                    contexts.neighbour_tables, config.max_order, label=f"JoinLogContexts[{split}]")
+                _write_split(joined, log_out, split, "Logs")
+
+            for split in judgment_splits:
+                rows = _read_split(pipeline, judgments, split, "Judgments")
+                keyed = rows | f"KeyJudgments[{split}]" >> beam.Map(lambda r: (r["item_id"], r))
+                with_titles = (
+                    {"judgment": keyed, "title": contexts.item_titles}
+                    | f"GroupTitles[{split}]" >> beam.CoGroupByKey()
+                    | f"FillTitles[{split}]" >> beam.FlatMap(_fill_title))
+                joined = with_titles | f"JoinJudgments[{split}]" >> metapaths.JoinContexts(
+                    contexts.neighbour_tables, config.max_order, label=f"JoinJudgmentContexts[{split}]")
+                _write_split(joined, judgment_out, split, "Judgments")
+
+        with open(os.path.join(tables_out.uri, MANIFEST_FILE), "w") as f:
+            json.dump({"graph_config": config.to_dict(), "log_splits": log_splits,
+                       "features": metapaths.joined_feature_names(config.max_order)}, f, indent=2, sort_keys=True)
+        stats = read_stats(stats_out.uri)
+        stats_out.set_int_custom_property("query_nodes", stats["nodes"]["query"])
+        stats_out.set_int_custom_property("item_nodes", stats["nodes"]["item"])
+        stats_out.set_int_custom_property("edges", stats["edges"]["after_hub_cap"])
+        stats_out.set_int_custom_property("capped_hubs", stats["capped_hubs"]["total"])
+        logging.info("Graph: %s", json.dumps(stats, sort_keys=True)[:2000])
+
+
+def read_stats(uri: str) -> Dict[str, Any]:
+    with open(os.path.join(uri, STATS_FILE)) as f:
+        return json.load(f)

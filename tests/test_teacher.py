@@ -1,0 +1,209 @@
+"""trainer.teacher: graded targets, a tiny teacher trained through run_fn, its SavedModel.
+
+The tiny teacher is a randomly initialised 2-layer encoder (hidden 32) on the
+real WordPiece vocab, trained on synthetic judged pairs whose relevance is the
+word overlap of query and title. Its vocab is a temporary copy that is deleted
+before the exported model is loaded, so the test also proves the vocab is an
+asset of the SavedModel.
+"""
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+import tensorflow as tf  # noqa: E402
+from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
+
+from trainer import bert_checkpoint  # noqa: E402
+from trainer import teacher  # noqa: E402
+
+VOCAB = bert_checkpoint.vocab_file()
+assert VOCAB is not None, f"{bert_checkpoint.PRETRAINED_PIP_NAME} (the vocab) is not installed (make install)"
+
+WORDS = ("red blue green black white steel wood cordless drill hammer lamp chair table "
+         "paint brush door window garden hose saw screw nail light fan sink").split()
+TINY_ENCODER = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, max_position_embeddings=64)
+EPOCHS = 20  # About 0.2 s each; a random tiny encoder needs ~10 to learn word overlap.
+
+
+# --- Graded targets -----------------------------------------------------------------
+
+def test_graded_relevance_becomes_soft_target():
+    got = teacher.relevance_to_target(tf.constant([1.0, 2.33, 2.0, 3.0, 1.33]), 1.0, 3.0).numpy()
+    np.testing.assert_allclose(got, [0.0, 0.665, 0.5, 1.0, 0.165], atol=1e-6)
+
+
+def test_out_of_scale_relevance_is_clipped():
+    got = teacher.relevance_to_target(tf.constant([0.0, -5.0, 3.5, 100.0]), 1.0, 3.0).numpy()
+    np.testing.assert_array_equal(got, [0.0, 0.0, 1.0, 1.0])
+    np.testing.assert_allclose(teacher.relevance_to_target(tf.constant([2.0]), 0.0, 4.0), [0.5])
+    with pytest.raises(ValueError, match="must exceed"):
+        teacher.relevance_to_target(tf.constant([1.0]), 3.0, 3.0)
+
+
+def test_custom_config_defaults_profiles_and_typos():
+    config = teacher.TeacherConfig.from_custom_config(None)
+    assert (config.relevance_min, config.relevance_max, config.max_seq_length) == (1.0, 3.0, 48)
+    assert (config.batch_size, config.learning_rate, config.epochs, config.patience) == (32, 3e-5, 3, 1)
+    assert config.pretrained and config.num_layers is None and config.seed == 42
+    for profile in teacher.PROFILES.values():
+        teacher.TeacherConfig.from_custom_config(profile)
+    with pytest.raises(ValueError, match="learning_rat"):
+        teacher.TeacherConfig.from_custom_config({"learning_rat": 1e-3})
+    with pytest.raises(ValueError, match="relevance_max"):
+        teacher.TeacherConfig.from_custom_config({"relevance_min": 3, "relevance_max": 1})
+
+
+# --- A tiny teacher through run_fn --------------------------------------------------
+
+def _bytes(*values):
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v.encode() for v in values]))
+
+
+def _example(query, title, relevance=None, item_id="P0", extra=False):
+    feature = {"query": _bytes(query), "item_title": _bytes(title), "item_id": _bytes(item_id)}
+    if relevance is not None:
+        feature["relevance"] = tf.train.Feature(float_list=tf.train.FloatList(value=[relevance]))
+    if extra:  # Graph context of the student's inputs, which the teacher ignores.
+        feature["neighbor_queries"] = _bytes("blue lamp", "garden hose")
+        feature["clicks"] = tf.train.Feature(int64_list=tf.train.Int64List(value=[3, 4]))
+    return tf.train.Example(features=tf.train.Features(feature=feature))
+
+
+def _judged_pairs(rng, n):
+    """Relevance 1..3 in thirds = 1 + 2 * (share of the query's words in the title)."""
+    pairs = []
+    for _ in range(n):
+        query = rng.sample(WORDS, 3)
+        shared = rng.choice([0, 0, 1, 2, 3])  # Mostly irrelevant, as in real judgments.
+        others = [w for w in WORDS if w not in query]
+        title = query[:shared] + rng.sample(others, 4 - min(shared, 2))
+        rng.shuffle(title)
+        pairs.append((" ".join(query), " ".join(title), round(1 + 2 * shared / 3, 2)))
+    return pairs
+
+
+def _write_split(root, split, pairs):
+    directory = os.path.join(root, f"Split-{split}")
+    os.makedirs(directory)
+    options = tf.io.TFRecordOptions(compression_type="GZIP")
+    with tf.io.TFRecordWriter(os.path.join(directory, "data.gz"), options) as writer:
+        for i, (query, title, relevance) in enumerate(pairs):
+            writer.write(_example(query, title, relevance, f"P{i}", extra=i % 2 == 0)
+                         .SerializeToString())
+    return os.path.join(directory, "*")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Runs run_fn once on a tiny teacher; the vocab copy it used is deleted afterwards."""
+    root = tmp_path_factory.mktemp("teacher")
+    rng = random.Random(7)
+    examples = str(root / "examples")
+    train_files = [_write_split(examples, "train", _judged_pairs(rng, 200))]
+    eval_files = [_write_split(examples, "eval", _judged_pairs(rng, 40))]
+    vocab_copy = str(root / "vocab_copy.txt")
+    shutil.copyfile(VOCAB, vocab_copy)
+    fn_args = FnArgs(
+        train_files=train_files, eval_files=eval_files,
+        serving_model_dir=str(root / "serving_model"), model_run_dir=str(root / "model_run"),
+        custom_config=dict(tiny_encoder=TINY_ENCODER, vocab_file=vocab_copy, max_seq_length=24,
+                           query_max_tokens=8, batch_size=16, learning_rate=3e-3, epochs=EPOCHS,
+                           patience=EPOCHS, dropout=0.0, seed=1))
+    history = teacher.run_fn(fn_args)
+    os.remove(vocab_copy)
+    return fn_args, history, tf.saved_model.load(fn_args.serving_model_dir)
+
+
+def test_training_loss_falls(trained):
+    fn_args, history, _ = trained
+    losses = history.history["loss"]
+    assert len(losses) == EPOCHS
+    assert losses[-1] < losses[0] - 0.1, losses
+    assert {"mse", "auc", "val_loss", "val_mse", "val_auc"} <= set(history.history)
+    with open(os.path.join(fn_args.model_run_dir, teacher.HISTORY_FILE)) as f:
+        assert json.load(f)["loss"] == pytest.approx(losses)
+    assert tf.io.gfile.glob(os.path.join(fn_args.model_run_dir, "train", "events.out.tfevents*"))
+
+
+def test_export_has_both_signatures_and_vocab_asset(trained):
+    fn_args, _, loaded = trained
+    assert set(loaded.signatures) == {"serving_default", teacher.RAW_SIGNATURE}
+    default = loaded.signatures["serving_default"]
+    assert list(default.structured_input_signature[1]) == ["examples"]
+    assert default.structured_input_signature[1]["examples"].dtype == tf.string
+    assert list(default.structured_outputs) == ["score"]
+    raw = loaded.signatures[teacher.RAW_SIGNATURE]
+    assert sorted(raw.structured_input_signature[1]) == ["item_title", "query"]
+    assert raw.structured_outputs["score"].dtype == tf.float32
+    assets = os.listdir(os.path.join(fn_args.serving_model_dir, "assets"))
+    assert "vocab_copy.txt" in assets  # The (deleted) source vocab travels with the model.
+
+
+def test_signatures_score_in_unit_interval_and_agree(trained):
+    _, _, loaded = trained
+    queries = ["red cordless drill", "", "café lámpara 💡", "garden hose", "steel hammer"]
+    titles = ["cordless drill red steel", "blue lamp", "Lampe für den Garten", "", "x" * 500]
+    serialized = [_example(q, t, extra=i % 2 == 0).SerializeToString()
+                  for i, (q, t) in enumerate(zip(queries, titles))]
+    # An example without item_title gets the empty title.
+    no_title = tf.train.Example()
+    no_title.features.feature["query"].bytes_list.value.append(b"garden hose")
+    serialized.append(no_title.SerializeToString())
+
+    by_example = loaded.signatures["serving_default"](
+        examples=tf.constant(serialized))["score"].numpy()
+    by_raw = loaded.signatures[teacher.RAW_SIGNATURE](
+        query=tf.constant(queries + ["garden hose"]),
+        item_title=tf.constant(titles + [""]))["score"].numpy()
+    assert by_example.shape == by_raw.shape == (6,)
+    assert by_example.dtype == np.float32
+    assert ((by_example >= 0) & (by_example <= 1)).all()
+    np.testing.assert_allclose(by_example, by_raw, atol=1e-6)
+    np.testing.assert_allclose(by_raw[3], by_raw[5], atol=1e-6)  # Missing title == "".
+
+
+def test_trained_teacher_prefers_overlapping_titles(trained):
+    _, _, loaded = trained
+    raw = loaded.signatures[teacher.RAW_SIGNATURE]
+    rng = random.Random(11)
+    queries, good, bad = [], [], []
+    for _ in range(32):
+        query = rng.sample(WORDS, 3)
+        others = [w for w in WORDS if w not in query]
+        queries.append(" ".join(query))
+        good.append(" ".join(query + rng.sample(others, 1)))
+        bad.append(" ".join(rng.sample(others, 4)))
+    score = lambda titles: raw(query=tf.constant(queries), item_title=tf.constant(titles))["score"]
+    assert float(tf.reduce_mean(score(good))) > float(tf.reduce_mean(score(bad)))
+
+
+def test_best_epoch_is_restored_without_early_stop():
+    model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(1,))])
+    callback = teacher.RestoreBestEarlyStopping(monitor="val_loss", patience=5,
+                                                restore_best_weights=True)
+    callback.set_model(model)
+    callback.on_train_begin()
+    for epoch, val_loss in enumerate([1.0, 0.5, 0.7]):
+        model.layers[0].kernel.assign([[float(epoch)]])
+        callback.on_epoch_end(epoch, {"val_loss": val_loss})
+    callback.on_train_end()
+    assert float(model.layers[0].kernel[0, 0]) == 1.0  # Epoch 2's weights, not the last.
+
+
+# --- The pretrained path ------------------------------------------------------------
+
+def test_pretrained_teacher_builds_and_scores():
+    encoder = bert_checkpoint.load_pretrained_encoder(num_layers=1, max_sequence_length=32)
+    model = teacher.build_teacher(encoder, VOCAB, max_seq_length=32, query_max_tokens=8)
+    scores = model({"query": tf.constant(["cordless drill", "", "lipstick"]),
+                    "item_title": tf.constant(["DeWalt 20V cordless drill", "lamp", "Ruby Woo ✨"])},
+                   training=False).numpy()
+    assert scores.shape == (3,) and scores.dtype == np.float32
+    assert ((scores > 0) & (scores < 1)).all()
+    with pytest.raises(ValueError, match="positions"):
+        teacher.build_teacher(encoder, VOCAB, max_seq_length=64)
