@@ -34,6 +34,9 @@ def _add_run(subparsers) -> None:
     p.add_argument("--input", dest="dataset_input", help="the --dataset file (Home Depot: train_dev.csv or .zip)")
     p.add_argument("--output", default="runs/latest", help="run directory (default: runs/latest)")
     p.add_argument("--config", help="YAML or JSON file of pipeline settings (see pipeline/configs.py)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse the steps of an earlier run into the same --output whose inputs and settings "
+                        "are unchanged (TFX caching), e.g. to restart after a failure in labelling")
 
 
 def _add_generate(subparsers) -> None:
@@ -48,7 +51,7 @@ def _cmd_run(args) -> int:
 
     config = configs.load_config(args.config)
     outcome = local_runner.run(config, args.output, logs=args.logs, judgments=args.judgments,
-                               dataset=args.dataset, dataset_input=args.dataset_input)
+                               dataset=args.dataset, dataset_input=args.dataset_input, resume=args.resume)
     local_runner.print_summary(outcome)
     return outcome.exit_code
 

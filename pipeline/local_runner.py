@@ -46,6 +46,29 @@ def input_spec(path: str, what: str) -> InputSpec:
     return InputSpec(base=os.path.dirname(path), pattern=os.path.basename(path))
 
 
+def _publish(made: Dict[str, Any], target_dir: str) -> Dict[str, str]:
+    """Moves freshly made input files into place unless identical files are already there.
+
+    Keeping an unchanged file untouched keeps its ExampleGen fingerprint (which includes the
+    modification time), so `--resume` can reuse the steps that read it.
+    """
+    import filecmp
+    import shutil
+
+    os.makedirs(target_dir, exist_ok=True)
+    published = {}
+    for name, path in made.items():
+        if not isinstance(path, str) or not os.path.isfile(path):
+            continue
+        target = os.path.join(target_dir, os.path.basename(path))
+        if os.path.exists(target) and filecmp.cmp(path, target, shallow=False):
+            os.remove(path)
+        else:
+            shutil.move(path, target)
+        published[name] = target
+    return published
+
+
 def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments: Optional[str],
                    dataset: Optional[str], dataset_input: Optional[str],
                    echo: Callable[[str], None]) -> Dict[str, str]:
@@ -61,7 +84,8 @@ def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str],
         from pipeline import homedepot
 
         echo(f"Converting the Home Depot file {dataset_input} into canonical logs and judgments ...")
-        made = homedepot.convert(dataset_input, inputs_dir)
+        made = homedepot.convert(dataset_input, os.path.join(inputs_dir, ".staging"))
+        made.update(_publish(made, inputs_dir))
         # The adapter writes UTF-8 whatever the source encoding was.
         config.data.encoding = "utf-8"
         echo(f"  {made['rows']} rows -> {made['logs']}, {made['judgments']}")
@@ -77,7 +101,7 @@ def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str],
     spec = default_data.ShopSpec(**dataclasses.asdict(config.default_data))
     echo(f"Generating the embedded default shop data (seed {spec.seed}, {spec.num_queries} queries, "
          f"{spec.num_items} items) ...")
-    made = default_data.write(inputs_dir, spec)
+    made = _publish(default_data.write(os.path.join(inputs_dir, ".staging"), spec), inputs_dir)
     return {"logs": made["logs"], "judgments": made["judgments"]}
 
 
@@ -107,9 +131,20 @@ def _configure_logging(log_path: str) -> logging.Handler:
 
 def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, judgments: Optional[str] = None,
         dataset: Optional[str] = None, dataset_input: Optional[str] = None,
-        echo: Callable[[str], None] = print) -> RunOutcome:
+        echo: Callable[[str], None] = print, resume: bool = False) -> RunOutcome:
+    """Runs the pipeline into output_dir.
+
+    With `resume`, TFX's cache (in this output's ML Metadata) reuses every step whose inputs
+    and settings are unchanged, so a run that died in a late step (say, labelling) restarts
+    there instead of from scratch.
+    """
+    import copy
+
     from tfx import v1 as tfx
 
+    config = copy.deepcopy(config)  # Input preparation and --resume adjust it for this run only.
+    if resume:
+        config.enable_cache = True
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     paths = prepare_inputs(config, output_dir, logs, judgments, dataset, dataset_input, echo)

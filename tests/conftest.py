@@ -10,20 +10,15 @@ import pytest  # noqa: E402
 
 
 def read_examples(split_dir):
-    """All tf.Examples under a split directory, as plain dicts (bytes decoded, single values unwrapped)."""
+    """All tf.Examples under a split directory, as plain dicts (see components.example_codec)."""
     import tensorflow as tf
+
+    from components import example_codec
 
     records = []
     for path in sorted(glob.glob(os.path.join(split_dir, "*.gz"))):
         for raw in tf.data.TFRecordDataset(path, compression_type="GZIP").as_numpy_iterator():
-            example = tf.train.Example.FromString(raw)
-            record = {}
-            for name, feature in example.features.feature.items():
-                kind = feature.WhichOneof("kind")
-                values = list(getattr(feature, kind).value)
-                value = values[0] if len(values) == 1 else values
-                record[name] = value.decode("utf-8") if isinstance(value, bytes) else value
-            records.append(record)
+            records.append(example_codec.parse(raw))
     return records
 
 

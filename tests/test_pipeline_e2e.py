@@ -78,6 +78,9 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     assert len(labelled) == summary["inputs"]["logs"]["accepted"]
     assert all(0.0 <= r["teacher_score"] <= 1.0 for r in labelled)
     assert len({(r["query"], r["item_id"]) for r in labelled}) == len(labelled)
+    # Every judged pair is logged in the generated shop, so each judgment reaches its log example.
+    judged_pairs = [r for r in labelled if r["relevance"] >= 0]
+    assert len(judged_pairs) == summary["inputs"]["judgments"]["accepted"]
 
     # Progress names each step with its position and time.
     assert any(m.startswith("[1/12] ") and m.endswith("...") for m in messages)
@@ -107,6 +110,20 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
     relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}})
     outcome = local_runner.run(relaxed, str(tmp_path / "run2"), logs=logs, judgments=judgments, echo=quiet)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
+
+
+def test_resume_reuses_unchanged_steps(tmp_path):
+    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
+    config = configs.load_config(overrides={"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}}})
+    first = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
+    assert first.exit_code == local_runner.EXIT_OK, first.message
+    second = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
+    assert second.exit_code == local_runner.EXIT_OK, second.message
+    states = {node: info["state"] for node, info in second.summary["nodes"].items()}
+    assert states["TeacherTrainer"] == "CACHED" and states["TeacherLabeller"] == "CACHED", states
+    # Without --resume every step runs again.
+    third = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet)
+    assert third.summary["nodes"]["TeacherTrainer"]["state"] == "COMPLETE"
 
 
 def relkd(*args, cwd):

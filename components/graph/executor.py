@@ -56,6 +56,20 @@ def _fill_title(element):
         yield judgment
 
 
+NO_JUDGMENT = -1.0
+
+
+def _attach_relevance(element):
+    """Logged pairs carry their human judgment as `relevance` where one exists, else NO_JUDGMENT.
+
+    The student mixes a pointwise loss on these with the distillation loss.
+    """
+    _, grouped = element
+    judged = list(grouped["relevance"])
+    for row in grouped["log"]:
+        yield {**row, "relevance": float(judged[0]) if judged else NO_JUDGMENT}
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
@@ -91,13 +105,22 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                  | "WriteCappedHubs" >> beam.io.WriteToText(
                      os.path.join(stats_out.uri, CAPPED_HUBS_PREFIX), file_name_suffix=".jsonl"))
 
+            judgment_rows = {s: _read_split(pipeline, judgments, s, "Judgments") for s in judgment_splits}
+            relevance_by_pair = (
+                tuple(judgment_rows.values())
+                | "AllJudgments" >> beam.Flatten()
+                | "KeyJudgedPairs" >> beam.Map(lambda r: ((r["query"], r["item_id"]), r["relevance"])))
             for split, rows in log_rows.items():
+                rows = (
+                    {"log": rows | f"KeyLogPairs[{split}]" >> beam.Map(lambda r: ((r["query"], r["item_id"]), r)),
+                     "relevance": relevance_by_pair}
+                    | f"GroupJudged[{split}]" >> beam.CoGroupByKey()
+                    | f"AttachRelevance[{split}]" >> beam.FlatMap(_attach_relevance))
                 joined = rows | f"JoinLogs[{split}]" >> metapaths.JoinContexts(
                     contexts.neighbour_tables, config.max_order, label=f"JoinLogContexts[{split}]")
                 _write_split(joined, log_out, split, "Logs")
 
-            for split in judgment_splits:
-                rows = _read_split(pipeline, judgments, split, "Judgments")
+            for split, rows in judgment_rows.items():
                 keyed = rows | f"KeyJudgments[{split}]" >> beam.Map(lambda r: (r["item_id"], r))
                 with_titles = (
                     {"judgment": keyed, "title": contexts.item_titles}
