@@ -46,6 +46,39 @@ def _add_generate(subparsers) -> None:
     p.add_argument("--truth", action="store_true", help="also write truth.csv (hidden true relevance)")
 
 
+def _add_compile(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compile",
+        help="compile the pipeline for Kubeflow Pipelines v2 / Vertex AI Pipelines",
+        description=(
+            "Compiles the same pipeline `relkd run` executes into a pipeline spec for a cluster "
+            "(KubeflowV2DagRunner). OUT.json is a PipelineJob for Vertex AI; OUT.yaml the bare "
+            "PipelineSpec for kfp.Client(). Image, pipeline root, default inputs and Beam arguments "
+            "come from the config's kubeflow section (see README)."
+        ),
+    )
+    p.add_argument("--kubeflow", required=True, metavar="OUT",
+                   help="where to write the compiled pipeline (.json or .yaml; a gs:// path works too)")
+    p.add_argument("--config", help="YAML or JSON file of pipeline settings (see pipeline/configs.py)")
+    p.add_argument("--image", help="container image of every step (default: the config's kubeflow.image)")
+
+
+def _cmd_compile(args) -> int:
+    from kubeflow import runner
+
+    overrides = {"kubeflow": {"image": args.image}} if args.image else None
+    config = configs.load_config(args.config, overrides)
+    job = runner.compile_pipeline(config, args.kubeflow)
+    tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]
+    print(f"Compiled pipeline '{config.name}' ({len(tasks)} steps) for Kubeflow Pipelines v2 / Vertex AI: {args.kubeflow}")
+    print(f"  {'image':>24}: {config.kubeflow.image}")
+    print(f"  {'pipeline root':>24}: {config.kubeflow.pipeline_root}")
+    print(f"  {'beam args':>24}: {' '.join(config.kubeflow.beam_pipeline_args) or '(none)'}")
+    for p in runner.runtime_parameters(config):
+        print(f"  {p.name:>24}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from pipeline import local_runner
 
@@ -74,8 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
     _add_generate(subparsers)
+    _add_compile(subparsers)
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "generate": _cmd_generate}
+    commands = {"run": _cmd_run, "generate": _cmd_generate, "compile": _cmd_compile}
     try:
         return commands[args.command](args)
     except (UsageError, configs.ConfigError) as e:

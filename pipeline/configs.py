@@ -75,6 +75,57 @@ class TeacherSettings:
 
 
 @dataclasses.dataclass
+class KubeflowConfig:
+    """What `relkd compile --kubeflow` puts in the compiled pipeline (kubeflow/runner.py, README).
+
+    The `*_uri` values are only the defaults of runtime parameters: each run may replace them.
+    """
+
+    # Container image of every step: kubeflow/Dockerfile, pushed to a registry the cluster
+    # can pull from, e.g. us-docker.pkg.dev/PROJECT/REPO/relkd:0.1.0 (or `--image`).
+    image: str = "relkd:latest"
+    # Where the steps write artifacts, through TensorFlow's file system: gs:// (Vertex AI needs
+    # it) or a path mounted in every step; the image has no s3:// support.
+    pipeline_root: str = "gs://YOUR_BUCKET/relkd/pipeline_root"
+    # Default inputs (a directory or prefix plus a file pattern inside it).
+    logs_uri: str = "gs://YOUR_BUCKET/relkd/data/logs"
+    logs_pattern: str = "*"
+    judgments_uri: str = "gs://YOUR_BUCKET/relkd/data/judgments"
+    judgments_pattern: str = "*"
+    # Where schemas/*.pbtxt are inside the image (the installed `schemas` package; the
+    # Dockerfile checks it).
+    schema_dir: str = "/usr/local/lib/python3.11/site-packages/schemas"
+    # Beam arguments of every step on the cluster. The default runs Beam in each step's own
+    # container; for DataflowRunner or FlinkRunner see the README's worked examples.
+    beam_pipeline_args: List[str] = dataclasses.field(
+        default_factory=lambda: ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
+    )
+
+
+@dataclasses.dataclass
+class MySQLConfig:
+    """A shared MySQL ML Metadata store. The password is read from the environment variable
+    named by `password_env` when the run starts; it is never written in a config file."""
+
+    host: str = "localhost"
+    port: int = 3306
+    database: str = "relkd_mlmd"
+    user: str = "relkd"
+    password_env: str = "RELKD_MLMD_PASSWORD"
+
+
+@dataclasses.dataclass
+class MetadataConfig:
+    """Where `relkd run` records ML Metadata (pipeline/metadata.py)."""
+
+    # sqlite: a file in the run directory; mysql: a shared server (several users and runs).
+    backend: str = "sqlite"
+    # SQLite file; empty means <output>/metadata.sqlite.
+    sqlite_path: str = ""
+    mysql: MySQLConfig = dataclasses.field(default_factory=MySQLConfig)
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     name: str = PIPELINE_NAME
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -89,6 +140,8 @@ class PipelineConfig:
         default_factory=lambda: ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
     )
     enable_cache: bool = False
+    metadata: MetadataConfig = dataclasses.field(default_factory=MetadataConfig)
+    kubeflow: KubeflowConfig = dataclasses.field(default_factory=KubeflowConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +215,12 @@ def validate(config: PipelineConfig) -> PipelineConfig:
     for name in ("train_buckets", "eval_buckets", "test_buckets"):
         if getattr(config.splits, name) < 1:
             raise ConfigError(f"splits.{name} must be at least 1")
+    if config.metadata.backend not in ("sqlite", "mysql"):
+        raise ConfigError(f"metadata.backend must be sqlite or mysql, got {config.metadata.backend!r}")
+    if not 0 < config.metadata.mysql.port < 65536:
+        raise ConfigError(f"metadata.mysql.port must be 1..65535, got {config.metadata.mysql.port}")
+    if not config.kubeflow.image.strip():
+        raise ConfigError("kubeflow.image must name a container image")
     return config
 
 

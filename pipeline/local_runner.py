@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
-from pipeline import configs, run_summary
+from pipeline import configs, metadata, run_summary
 from pipeline.configs import PipelineConfig
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
@@ -156,7 +156,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         pipeline_root=pipeline_root,
         logs=input_spec(paths["logs"], "logs"),
         judgments=input_spec(paths["judgments"], "judgments"),
-        metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata_path),
+        metadata_connection_config=metadata.connection_config(config.metadata, metadata_path),
     )
     node_ids = [c.id for c in tfx_pipeline.components]
     file_handler = _configure_logging(log_path)
@@ -184,7 +184,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         logging.getLogger().removeHandler(reporter)
         file_handler.flush()
 
-    summary = run_summary.collect(metadata_path, config.name, node_ids)
+    summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids)
     summary.update({
         "status": "succeeded" if exit_code == EXIT_OK else ("data rejected" if exit_code == EXIT_DATA_REJECTED else "failed"),
         "error": error,
@@ -194,7 +194,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         "paths": {
             "output": output_dir, "logs input": os.path.abspath(paths["logs"]),
             "judgments input": os.path.abspath(paths["judgments"]), "pipeline root": pipeline_root,
-            "metadata": metadata_path, "log": log_path,
+            "metadata": metadata.describe(tfx_pipeline.metadata_connection_config), "log": log_path,
             **{f"{kind} quarantine": entry["quarantine_dir"]
                for kind, entry in summary["inputs"].items() if "quarantine_dir" in entry},
         },

@@ -6,7 +6,7 @@ are the runners' business.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
@@ -14,6 +14,7 @@ from tfx.dsl.components.base import base_node
 from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 
 from components.data_gate import DataValidationGate
+from components.epochs_trainer import EpochsTrainer
 from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
@@ -23,10 +24,34 @@ from schemas import schema_path
 
 @dataclasses.dataclass(frozen=True)
 class InputSpec:
-    """Where one input lives: a directory (or bucket prefix) and a file pattern inside it."""
+    """Where one input lives: a directory (or bucket prefix) and a file pattern inside it.
 
-    base: str
+    `base` may be a RuntimeParameter (the Kubeflow runner's `logs_uri` / `judgments_uri`).
+    """
+
+    base: Any
     pattern: str = "*"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunParameters:
+    """Values that replace the config's for one run; None keeps the config's value.
+
+    The local runner passes none (plain config values). The Kubeflow runner passes tfx
+    RuntimeParameters here, so a compiled pipeline takes them per run (kubeflow/runner.py).
+    """
+
+    max_quarantine_fraction: Any = None  # float: the data gate's quarantine limit
+    graph_max_order: Any = None  # int: metapath order k of the graph contexts
+    graph_top_n: Any = None  # int: neighbours kept per node and metapath
+    teacher_epochs: Any = None  # int: the teacher's maximum epochs
+
+
+NO_RUN_PARAMETERS = RunParameters()
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def split_config(config: PipelineConfig) -> example_gen_pb2.Output:
@@ -45,7 +70,9 @@ def split_config(config: PipelineConfig) -> example_gen_pb2.Output:
     )
 
 
-def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: InputSpec) -> Dict[str, base_node.BaseNode]:
+def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: InputSpec,
+                         run: RunParameters = NO_RUN_PARAMETERS,
+                         schema_dir: Optional[str] = None) -> Dict[str, base_node.BaseNode]:
     """ExampleGen -> StatisticsGen -> curated schema -> ExampleValidator for each input, then the gate."""
     rules = rows.RowRules.from_data_config(config.data)
     nodes: Dict[str, base_node.BaseNode] = {}
@@ -62,7 +89,7 @@ def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: Inp
         statistics_gen = tfx.components.StatisticsGen(
             examples=example_gen.outputs["examples"]).with_id(f"{prefix}StatisticsGen")
         schema_importer = tfx.components.ImportSchemaGen(
-            schema_file=schema_path(kind)).with_id(f"{prefix}SchemaImporter")
+            schema_file=schema_path(kind, schema_dir)).with_id(f"{prefix}SchemaImporter")
         example_validator = tfx.components.ExampleValidator(
             statistics=statistics_gen.outputs["statistics"],
             schema=schema_importer.outputs["schema"]).with_id(f"{prefix}ExampleValidator")
@@ -73,18 +100,21 @@ def ingestion_components(config: PipelineConfig, logs: InputSpec, judgments: Inp
         judgments_anomalies=nodes["JudgmentsExampleValidator"].outputs["anomalies"],
         logs_quarantine=nodes["LogsExampleGen"].outputs["quarantine"],
         judgments_quarantine=nodes["JudgmentsExampleGen"].outputs["quarantine"],
-        max_quarantine_fraction=config.data.max_quarantine_fraction,
+        max_quarantine_fraction=_given(run.max_quarantine_fraction, config.data.max_quarantine_fraction),
     ).with_id("DataValidationGate")
     return nodes
 
 
-def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.BaseNode],
+                     run: RunParameters = NO_RUN_PARAMETERS) -> Dict[str, base_node.BaseNode]:
     """The query-item graph and contexts joined onto logs and judgments, after the data gate."""
     graph = GraphContexts(
         logs=ingestion["LogsExampleGen"].outputs["examples"],
         judgments=ingestion["JudgmentsExampleGen"].outputs["examples"],
         data_report=ingestion["DataValidationGate"].outputs["report"],
         config=config.graph,
+        max_order=run.graph_max_order,
+        top_n=run.graph_top_n,
     ).with_id("GraphContexts")
     return {graph.id: graph}
 
@@ -92,12 +122,14 @@ def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.Base
 TEACHER_SCORE = "teacher_score"
 
 
-def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNode],
+                       run: RunParameters = NO_RUN_PARAMETERS) -> Dict[str, base_node.BaseNode]:
     """Fine-tune the BERT cross-encoder on the judgments, then label every logged pair with it."""
-    trainer = tfx.components.Trainer(
+    trainer = EpochsTrainer(
         run_fn="trainer.teacher.run_fn",
         examples=graph["GraphContexts"].outputs["judgment_examples"],
         custom_config=teacher_custom_config(config),
+        epochs=run.teacher_epochs,
     ).with_id("TeacherTrainer")
     labeller = tfx.components.BulkInferrer(
         examples=graph["GraphContexts"].outputs["log_examples"],
@@ -120,10 +152,15 @@ def create_pipeline(
     judgments: InputSpec,
     metadata_connection_config: Optional[metadata_store_pb2.ConnectionConfig] = None,
     beam_pipeline_args: Optional[List[str]] = None,
+    run_parameters: Optional[RunParameters] = None,
+    schema_dir: Optional[str] = None,
 ) -> tfx.dsl.Pipeline:
-    nodes = ingestion_components(config, logs, judgments)
-    nodes.update(graph_components(config, nodes))
-    nodes.update(teacher_components(config, nodes))
+    """The whole DAG. `run_parameters` and `schema_dir` (where schemas/*.pbtxt are for the
+    executors, e.g. inside the container image) are for cluster runners; locally both stay None."""
+    run = run_parameters or NO_RUN_PARAMETERS
+    nodes = ingestion_components(config, logs, judgments, run, schema_dir)
+    nodes.update(graph_components(config, nodes, run))
+    nodes.update(teacher_components(config, nodes, run))
     return tfx.dsl.Pipeline(
         pipeline_name=config.name,
         pipeline_root=pipeline_root,

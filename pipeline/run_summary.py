@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
@@ -72,8 +72,11 @@ def _output(nodes: Dict[str, Any], node_id: str, key: str) -> Optional[str]:
     return entries[0]["uri"] if entries else None
 
 
-def collect(metadata_path: str, pipeline_name: str, node_ids: List[str]) -> Dict[str, Any]:
-    store = metadata_store.MetadataStore(sqlite_connection(metadata_path))
+def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_name: str,
+            node_ids: List[str]) -> Dict[str, Any]:
+    """`metadata`: a SQLite file path or any ML Metadata connection (pipeline/metadata.py)."""
+    store = metadata_store.MetadataStore(
+        metadata if isinstance(metadata, metadata_store_pb2.ConnectionConfig) else sqlite_connection(metadata))
     nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id) for node_id in node_ids}
     summary: Dict[str, Any] = {"nodes": nodes, "inputs": {}}
     for kind in ("logs", "judgments"):

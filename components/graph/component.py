@@ -4,9 +4,10 @@ A Beam component (BaseBeamComponent), so `beam_pipeline_args` decide where it ru
 DirectRunner locally, DataflowRunner or FlinkRunner at scale, with the same code.
 """
 import json
-from typing import Optional
+from typing import Optional, Union
 
 from tfx.dsl.components.base import base_beam_component, executor_spec
+from tfx.orchestration.data_types import RuntimeParameter
 from tfx.types import channel, component_spec, standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
@@ -16,7 +17,12 @@ from components.graph.metapaths import GraphConfig
 
 
 class GraphContextsSpec(component_spec.ComponentSpec):
-    PARAMETERS = {executor.GRAPH_CONFIG_KEY: ExecutionParameter(type=str)}
+    PARAMETERS = {
+        executor.GRAPH_CONFIG_KEY: ExecutionParameter(type=str),
+        # Override graph_config's fields of the same name when set (runtime parameters on Kubeflow).
+        executor.MAX_ORDER_KEY: ExecutionParameter(type=int, optional=True),
+        executor.TOP_N_KEY: ExecutionParameter(type=int, optional=True),
+    }
     INPUTS = {
         executor.LOGS_KEY: ChannelParameter(type=standard_artifacts.Examples),
         executor.JUDGMENTS_KEY: ChannelParameter(type=standard_artifacts.Examples),
@@ -43,12 +49,17 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
     EXECUTOR_SPEC = executor_spec.BeamExecutorSpec(executor.Executor)
 
     def __init__(self, logs: channel.BaseChannel, judgments: channel.BaseChannel,
-                 config: GraphConfig, data_report: Optional[channel.BaseChannel] = None):
+                 config: GraphConfig, data_report: Optional[channel.BaseChannel] = None,
+                 max_order: Optional[Union[int, RuntimeParameter]] = None,
+                 top_n: Optional[Union[int, RuntimeParameter]] = None):
+        """`max_order` and `top_n`, when given (e.g. as RuntimeParameters), replace config's."""
         spec = GraphContextsSpec(
             logs=logs,
             judgments=judgments,
             data_report=data_report,
             graph_config=json.dumps(config.to_dict(), sort_keys=True),
+            max_order=max_order,
+            top_n=top_n,
             log_examples=channel.Channel(type=standard_artifacts.Examples),
             judgment_examples=channel.Channel(type=standard_artifacts.Examples),
             neighbour_tables=channel.Channel(type=artifacts.NeighbourTables),

@@ -23,6 +23,10 @@ JUDGMENT_EXAMPLES_KEY = "judgment_examples"
 NEIGHBOUR_TABLES_KEY = "neighbour_tables"
 GRAPH_STATISTICS_KEY = "graph_statistics"
 GRAPH_CONFIG_KEY = "graph_config"
+# Optional exec properties that override the same GraphConfig fields of `graph_config`: single
+# ints, so the Kubeflow runner can make them runtime parameters (a JSON string cannot hold one).
+MAX_ORDER_KEY = "max_order"
+TOP_N_KEY = "top_n"
 
 STATS_FILE = "stats.json"
 CAPPED_HUBS_PREFIX = "capped_hubs"
@@ -70,11 +74,20 @@ def _attach_relevance(element):
         yield {**row, "relevance": float(judged[0]) if judged else NO_JUDGMENT}
 
 
+def graph_config(exec_properties: Dict[str, Any]) -> metapaths.GraphConfig:
+    """`graph_config` (JSON) with the `max_order` / `top_n` exec properties, when set, over it."""
+    values = json.loads(exec_properties[GRAPH_CONFIG_KEY])
+    for key in (MAX_ORDER_KEY, TOP_N_KEY):
+        if exec_properties.get(key) is not None:
+            values[key] = int(exec_properties[key])
+    return metapaths.GraphConfig(**values)
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
-        config = metapaths.GraphConfig(**json.loads(exec_properties[GRAPH_CONFIG_KEY]))
+        config = graph_config(exec_properties)
         logs = artifact_utils.get_single_instance(input_dict[LOGS_KEY])
         judgments = artifact_utils.get_single_instance(input_dict[JUDGMENTS_KEY])
         log_out = artifact_utils.get_single_instance(output_dict[LOG_EXAMPLES_KEY])

@@ -1,0 +1,133 @@
+"""Compiles the relkd pipeline for Kubeflow Pipelines v2 and Vertex AI Pipelines.
+
+The DAG is the one `relkd run` executes locally (pipeline/pipeline.py); only the runner
+differs. `KubeflowV2DagRunner` turns it into a pipeline spec (schema 2.1.0) in which
+
+  * every step runs in the project's image (kubeflow/Dockerfile; `config.kubeflow.image`),
+    with the config's `kubeflow.beam_pipeline_args` (DirectRunner in the step's container by
+    default, or DataflowRunner / FlinkRunner: see the README);
+  * what users change per run is a pipeline parameter with the config's value as its default
+    (RUNTIME_PARAMETERS below): input locations, the graph's k and neighbour count, the
+    teacher's epochs and the data gate's quarantine limit;
+  * the curated schemas are read from where the image installs them (`kubeflow.schema_dir`),
+    and the trainer's `run_fn` is a module path of the installed project.
+
+Writing `*.json` gives a PipelineJob (Vertex AI: `aiplatform.PipelineJob(template_path=...)`);
+`*.yaml` gives the bare PipelineSpec that `kfp.Client().create_run_from_pipeline_package`
+wants. Both carry the parameters' defaults in the spec itself.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from pipeline.configs import PipelineConfig, teacher_custom_config
+from pipeline.pipeline import InputSpec, RunParameters, create_pipeline
+
+
+@dataclasses.dataclass(frozen=True)
+class Parameter:
+    """One runtime parameter: its name in the compiled pipeline, type, default and meaning."""
+
+    name: str
+    ptype: type
+    default: Any
+    help: str
+
+
+def runtime_parameters(config: PipelineConfig) -> List[Parameter]:
+    """The per-run knobs of the compiled pipeline, with the config's values as defaults."""
+    kf = config.kubeflow
+    return [
+        Parameter("logs_uri", str, kf.logs_uri,
+                  f"directory or prefix of the search logs (files matching '{kf.logs_pattern}')"),
+        Parameter("judgments_uri", str, kf.judgments_uri,
+                  f"directory or prefix of the human judgments (files matching '{kf.judgments_pattern}')"),
+        Parameter("max_quarantine_fraction", float, float(config.data.max_quarantine_fraction),
+                  "data gate: the run stops if more than this fraction of an input's rows is quarantined"),
+        Parameter("graph_max_order", int, int(config.graph.max_order),
+                  "highest metapath order k of the graph contexts (0..3)"),
+        Parameter("graph_top_n", int, int(config.graph.top_n),
+                  "neighbours kept per node and metapath"),
+        Parameter("teacher_epochs", int, int(teacher_custom_config(config)["epochs"]),
+                  "maximum epochs of the BERT teacher (early stopping may end it sooner)"),
+    ]
+
+
+def build_pipeline(config: PipelineConfig):
+    """The tfx Pipeline for a cluster: the local DAG with RuntimeParameters for the per-run knobs."""
+    from tfx import v1 as tfx
+
+    params = {p.name: tfx.dsl.experimental.RuntimeParameter(name=p.name, ptype=p.ptype, default=p.default)
+              for p in runtime_parameters(config)}
+    kf = config.kubeflow
+    return create_pipeline(
+        config,
+        pipeline_root=kf.pipeline_root,
+        logs=InputSpec(base=params["logs_uri"], pattern=kf.logs_pattern),
+        judgments=InputSpec(base=params["judgments_uri"], pattern=kf.judgments_pattern),
+        beam_pipeline_args=list(kf.beam_pipeline_args),
+        run_parameters=RunParameters(
+            max_quarantine_fraction=params["max_quarantine_fraction"],
+            graph_max_order=params["graph_max_order"],
+            graph_top_n=params["graph_top_n"],
+            teacher_epochs=params["teacher_epochs"],
+        ),
+        schema_dir=kf.schema_dir,
+    )
+
+
+def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) -> Dict[str, Any]:
+    """Compiles the pipeline; returns the PipelineJob as a dict and writes it to `output_path`.
+
+    `output_path` ending in .yaml/.yml gets the PipelineSpec as YAML (for the KFP client),
+    anything else the whole PipelineJob as JSON (for Vertex AI); gs:// paths work too.
+    """
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx import v1 as tfx
+
+    tfx_pipeline = build_pipeline(config)
+    parameters = runtime_parameters(config)
+    runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
+        config=tfx.orchestration.experimental.KubeflowV2DagRunnerConfig(
+            display_name=config.name,
+            default_image=config.kubeflow.image,
+            # Schema 2.1.0: typed parameters (NUMBER_INTEGER, ...) and defaults in the spec,
+            # what the KFP v2 backend and Vertex AI both read.
+            use_pipeline_spec_2_1=True,
+        ),
+        output_dir=".",
+    )
+    job_dict = runner.run(tfx_pipeline, parameter_values={p.name: p.default for p in parameters},
+                          write_out=False)
+
+    # The runner types the pipeline's parameters but leaves their defaults to runtimeConfig,
+    # which a KFP client ignores; put them in the spec as well, with the pipeline root.
+    spec = json_format.ParseDict(job_dict["pipelineSpec"], pipeline_spec_pb2.PipelineSpec())
+    for p in parameters:
+        json_format.ParseDict(p.default, spec.root.input_definitions.parameters[p.name].default_value)
+    spec.default_pipeline_root = config.kubeflow.pipeline_root
+    job_dict["pipelineSpec"] = json_format.MessageToDict(spec)
+
+    if output_path:
+        write(job_dict, output_path)
+    return job_dict
+
+
+def write(job_dict: Dict[str, Any], output_path: str) -> None:
+    from tfx.dsl.io import fileio
+
+    if output_path.endswith((".yaml", ".yml")):
+        text = ("# relkd pipeline spec for Kubeflow Pipelines v2 (kubeflow/runner.py)\n"
+                + yaml.safe_dump(job_dict["pipelineSpec"], sort_keys=True))
+    else:
+        text = json.dumps(job_dict, indent=2, sort_keys=True) + "\n"
+    parent = output_path.rsplit("/", 1)[0] if "/" in output_path else ""
+    if parent and not fileio.exists(parent):
+        fileio.makedirs(parent)
+    with fileio.open(output_path, "w") as f:
+        f.write(text)

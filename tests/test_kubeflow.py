@@ -1,0 +1,506 @@
+"""The Kubeflow Pipelines v2 / Vertex AI packaging: compiled spec, runtime parameters, image, metadata.
+
+Everything is checked against whatever `create_pipeline` returns, so a component added to the
+DAG later is covered without changing these tests.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pipeline import configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+TFX_ENTRYPOINT = ["python", "-m", "tfx.orchestration.kubeflow.v2.container.kubeflow_v2_run_executor"]
+CLUSTER_BEAM_ARGS = ["--runner=DataflowRunner", "--project=acme-ml", "--region=europe-west4",
+                     "--temp_location=gs://acme-ml/relkd/tmp", "--experiments=use_runner_v2"]
+LOCAL_BEAM_ARGS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
+
+
+def cluster_settings(schema_dir, beam_args=CLUSTER_BEAM_ARGS):
+    return {
+        "graph": {"max_order": 3, "top_n": 7},
+        "teacher": {"settings": {"epochs": 2}},
+        "data": {"max_quarantine_fraction": 0.02},
+        "enable_cache": True,
+        "kubeflow": {
+            "image": "europe-docker.pkg.dev/acme-ml/ml/relkd:1.2.3",
+            "pipeline_root": "gs://acme-ml/relkd/root",
+            "logs_uri": "gs://acme-ml/relkd/data/logs",
+            "logs_pattern": "*.csv",
+            "judgments_uri": "gs://acme-ml/relkd/data/judgments",
+            "schema_dir": schema_dir,
+            "beam_pipeline_args": list(beam_args),
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory):
+    """The pipeline compiled for a cluster config, written as JSON (Vertex) and YAML (KFP)."""
+    from kubeflow import runner
+    from schemas import SCHEMA_DIR
+
+    out = tmp_path_factory.mktemp("kubeflow")
+    config = configs.load_config(overrides=cluster_settings(SCHEMA_DIR))
+    job = runner.compile_pipeline(config, str(out / "pipeline.json"))
+    runner.compile_pipeline(config, str(out / "pipeline.yaml"))
+    return {"config": config, "job": job, "json": out / "pipeline.json", "yaml": out / "pipeline.yaml"}
+
+
+@pytest.fixture(scope="module")
+def runnable_job():
+    """Compiled with DirectRunner arguments, for running single tasks through TFX's container entrypoint."""
+    from kubeflow import runner
+    from schemas import SCHEMA_DIR
+
+    config = configs.load_config(overrides=cluster_settings(SCHEMA_DIR, LOCAL_BEAM_ARGS))
+    return runner.compile_pipeline(config)
+
+
+def _spec(job):
+    return job["pipelineSpec"]
+
+
+def _tasks(job):
+    return _spec(job)["root"]["dag"]["tasks"]
+
+
+def local_pipeline(config):
+    from pipeline.pipeline import InputSpec, create_pipeline
+
+    return create_pipeline(config, "/tmp/relkd-root", InputSpec("/data/logs"), InputSpec("/data/judgments"))
+
+
+# --- the compiled spec -------------------------------------------------------------------------
+
+def test_compiled_files_parse_into_the_pipeline_protos(compiled):
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    with open(compiled["json"]) as f:
+        job_dict = json.load(f)
+    assert job_dict == json.loads(json.dumps(compiled["job"]))
+    job = json_format.ParseDict(job_dict, pipeline_spec_pb2.PipelineJob())  # strict: no unknown fields
+    spec = json_format.ParseDict(job_dict["pipelineSpec"], pipeline_spec_pb2.PipelineSpec())
+    assert spec.schema_version == "2.1.0" and spec.sdk_version.startswith("tfx-")
+    assert spec.pipeline_info.name == "relkd" and job.display_name == "relkd"
+    assert spec.default_pipeline_root == job.runtime_config.gcs_output_directory == "gs://acme-ml/relkd/root"
+
+    with open(compiled["yaml"]) as f:
+        yaml_spec = yaml.safe_load(f)  # KFP's client wants the bare PipelineSpec
+    assert yaml_spec == job_dict["pipelineSpec"]
+    json_format.ParseDict(yaml_spec, pipeline_spec_pb2.PipelineSpec())
+
+
+def test_every_component_is_a_task_with_the_same_upstream_dependencies(compiled):
+    local = local_pipeline(compiled["config"])
+    expected = {c.id: sorted(n.id for n in c.upstream_nodes) for c in local.components}
+    tasks = _tasks(compiled["job"])
+    assert sorted(tasks) == sorted(expected)
+    assert {name: sorted(task.get("dependentTasks", [])) for name, task in tasks.items()} == expected
+    for name, task in tasks.items():
+        assert task["componentRef"]["name"] == name and task["taskInfo"]["name"] == name
+        assert task["cachingOptions"] == {"enableCache": True}
+    # The DAG as the README draws it, as a sanity check on the comparison itself.
+    assert expected["GraphContexts"] == ["DataValidationGate", "JudgmentsExampleGen", "LogsExampleGen"]
+
+
+def test_every_task_runs_the_configured_image_with_the_configured_beam_args(compiled):
+    spec = _spec(compiled["job"])
+    executors = spec["deploymentSpec"]["executors"]
+    assert sorted(executors) == sorted(c["executorLabel"] for c in spec["components"].values())
+    for label, executor in executors.items():
+        container = executor["container"]
+        assert container["image"] == "europe-docker.pkg.dev/acme-ml/ml/relkd:1.2.3", label
+        assert container["command"] == TFX_ENTRYPOINT, label
+        assert container["args"][-len(CLUSTER_BEAM_ARGS):] == CLUSTER_BEAM_ARGS, label
+
+
+def test_runtime_parameters_appear_with_their_defaults(compiled):
+    from kubeflow import runner
+
+    job = compiled["job"]
+    params = {p.name: p for p in runner.runtime_parameters(compiled["config"])}
+    expected_defaults = {"logs_uri": "gs://acme-ml/relkd/data/logs",
+                         "judgments_uri": "gs://acme-ml/relkd/data/judgments",
+                         "max_quarantine_fraction": 0.02, "graph_max_order": 3, "graph_top_n": 7,
+                         "teacher_epochs": 2}
+    assert {name: params[name].default for name in expected_defaults} == expected_defaults
+    kinds = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE"}
+    declared = _spec(job)["root"]["inputDefinitions"]["parameters"]
+    assert {name: (d["parameterType"], d["defaultValue"]) for name, d in declared.items()} == {
+        name: (kinds[p.ptype], p.default) for name, p in params.items()}
+    assert job["runtimeConfig"]["parameterValues"] == {name: p.default for name, p in params.items()}
+
+    # Which step reads which parameter, and every declared parameter is read somewhere.
+    consumers = {}
+    for task_name, task in _tasks(job).items():
+        for key, value in task.get("inputs", {}).get("parameters", {}).items():
+            if "componentInputParameter" in value:
+                consumers.setdefault(value["componentInputParameter"], set()).add(f"{task_name}.{key}")
+    assert sorted(consumers) == sorted(declared)  # none declared but unused
+    expected_consumers = {
+        "logs_uri": "LogsExampleGen.input_base",
+        "judgments_uri": "JudgmentsExampleGen.input_base",
+        "max_quarantine_fraction": "DataValidationGate.max_quarantine_fraction",
+        "graph_max_order": "GraphContexts.max_order",
+        "graph_top_n": "GraphContexts.top_n",
+        "teacher_epochs": "TeacherTrainer.epochs",
+    }
+    for name, consumer in expected_consumers.items():
+        assert consumer in consumers[name], name
+    # What is not a runtime parameter is compiled in from the config.
+    example_gen = _tasks(job)["LogsExampleGen"]["inputs"]["parameters"]
+    assert "*.csv" in example_gen["input_config"]["runtimeValue"]["constant"]
+
+
+def test_everything_the_spec_names_resolves_in_this_environment(compiled):
+    from kubeflow import image_check
+
+    found = image_check.referenced(compiled["job"])
+    assert ("TeacherTrainer", "trainer.teacher.run_fn") in found["functions"]
+    assert {path for _, path in found["files"]} == {
+        os.path.join(compiled["config"].kubeflow.schema_dir, f"{k}.pbtxt") for k in ("logs", "judgments")}
+    assert "components.Quarantine" in {path for _, path in found["classes"]}
+    assert image_check.problems(compiled["job"]) == []
+
+
+def test_custom_artifact_type_names_are_import_paths():
+    # Kubeflow V2 accepts a custom type only as `<module>.<Class>` and imports it back from there.
+    from tfx.utils import import_utils
+
+    from components import artifacts
+    from tfx.types.artifact import Artifact
+
+    custom = [v for v in vars(artifacts).values()
+              if isinstance(v, type) and issubclass(v, Artifact) and v.__module__ == artifacts.__name__]
+    assert custom
+    for cls in custom:
+        assert re.fullmatch(r"[a-z][a-z0-9-_]{2,20}\.[A-Z][a-zA-Z0-9-_]{2,49}", cls.TYPE_NAME), cls
+        assert import_utils.import_class_by_path(cls.TYPE_NAME) is cls
+
+
+def test_the_local_pipeline_is_unchanged_by_the_kubeflow_knobs():
+    from tfx.orchestration.data_types import RuntimeParameter
+
+    config = configs.load_config()
+    local = local_pipeline(config)
+    for component in local.components:
+        for name, value in component.exec_properties.items():
+            assert not isinstance(value, RuntimeParameter), (component.id, name)
+    by_id = {c.id: c for c in local.components}
+    assert by_id["GraphContexts"].exec_properties.get("max_order") is None
+    assert by_id["TeacherTrainer"].exec_properties.get("epochs") is None
+    assert by_id["DataValidationGate"].exec_properties["max_quarantine_fraction"] == config.data.max_quarantine_fraction
+    schema_file = by_id["LogsSchemaImporter"].exec_properties["schema_file"]
+    assert os.path.isfile(schema_file) and schema_file.startswith(REPO)
+
+
+# --- single tasks through TFX's container entrypoint, as the cluster runs them ----------------
+
+def run_task(job, task_name, workdir, parameter_values=None, inputs=None, replace=None):
+    """Runs one compiled task the way a Kubeflow v2 / Vertex AI launcher does.
+
+    The launcher fills the task's `{{$}}` placeholder with an ExecutorInput: parameter values
+    (constants, or pipeline parameters with their defaults), input artifacts and output
+    locations. `inputs` maps an input key to (uri, split_names); `replace` swaps constants.
+    Returns the executor's outputs as an ExecutorOutput dict.
+    """
+    from google.protobuf import json_format
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.orchestration.kubeflow.v2.container import kubeflow_v2_run_executor
+
+    spec = _spec(job)
+    task = spec["root"]["dag"]["tasks"][task_name]
+    component = spec["components"][task["componentRef"]["name"]]
+    container = spec["deploymentSpec"]["executors"][component["executorLabel"]]["container"]
+    pipeline_values = {**{k: v["defaultValue"] for k, v in spec["root"]["inputDefinitions"]["parameters"].items()},
+                       **(parameter_values or {})}
+    executor_input = pipeline_spec_pb2.ExecutorInput()
+    for key, value in task.get("inputs", {}).get("parameters", {}).items():
+        if "componentInputParameter" in value:
+            v = pipeline_values[value["componentInputParameter"]]
+        else:
+            v = value["runtimeValue"]["constant"]
+        v = (replace or {}).get(key, v)
+        json_format.ParseDict(v, executor_input.inputs.parameter_values[key])
+    for key, (uri, splits) in (inputs or {}).items():
+        artifact = executor_input.inputs.artifacts[key].artifacts.add()
+        artifact.type.instance_schema = component["inputDefinitions"]["artifacts"][key]["artifactType"]["instanceSchema"]
+        artifact.uri = uri
+        if splits:
+            artifact.metadata.update({"split_names": json.dumps(splits)})
+    for key, definition in component.get("outputDefinitions", {}).get("artifacts", {}).items():
+        artifact = executor_input.outputs.artifacts[key].artifacts.add()
+        artifact.type.instance_schema = definition["artifactType"]["instanceSchema"]
+        artifact.uri = str(workdir / task_name / key)
+        os.makedirs(artifact.uri, exist_ok=True)
+    executor_input.outputs.output_file = str(workdir / task_name / "executor_output.json")
+    argv = [json_format.MessageToJson(executor_input) if a == "{{$}}" else a for a in container["args"]]
+    args, beam_args = kubeflow_v2_run_executor._parse_flags(argv)
+    kubeflow_v2_run_executor._run_executor(args, beam_args)
+    with open(executor_input.outputs.output_file) as f:
+        return json.load(f)
+
+
+def _write_anomalies(path):
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+    os.makedirs(os.path.join(path, "Split-train"))
+    with open(os.path.join(path, "Split-train", "SchemaDiff.pb"), "wb") as f:
+        f.write(anomalies_pb2.Anomalies().SerializeToString())
+    return str(path), ["train"]
+
+
+def _write_quarantine(path, rows_in, quarantined):
+    os.makedirs(path)
+    with open(os.path.join(path, "summary.json"), "w") as f:
+        json.dump({"rows_in": rows_in, "accepted": rows_in - quarantined, "quarantined": quarantined,
+                   "quarantined_by_reason": {"empty_text": quarantined}}, f)
+    return str(path), None
+
+
+def test_the_gate_threshold_is_taken_per_run(runnable_job, tmp_path):
+    from components.data_gate import DataRejectedError
+
+    inputs = {"logs_anomalies": _write_anomalies(tmp_path / "la"),
+              "judgments_anomalies": _write_anomalies(tmp_path / "ja"),
+              "logs_quarantine": _write_quarantine(tmp_path / "lq", 100, 3),  # 3 % quarantined
+              "judgments_quarantine": _write_quarantine(tmp_path / "jq", 100, 0)}
+    with pytest.raises(DataRejectedError, match="above the limit of 2.00%"):  # the compiled default
+        run_task(runnable_job, "DataValidationGate", tmp_path / "default", inputs=inputs)
+    output = run_task(runnable_job, "DataValidationGate", tmp_path / "per_run", inputs=inputs,
+                      parameter_values={"max_quarantine_fraction": 0.05})
+    [report] = output["artifacts"]["report"]["artifacts"]
+    with open(os.path.join(report["uri"], "report.json")) as f:
+        verdict = json.load(f)
+    assert verdict["passed"] and verdict["max_quarantine_fraction"] == 0.05
+
+
+def test_input_location_is_taken_per_run_without_the_local_driver(runnable_job, tmp_path):
+    # On a cluster the ExampleGen runs without the local FileBasedDriver: input_base comes
+    # from the runtime parameter and the pattern from the compiled input_config.
+    data = tmp_path / "june"
+    data.mkdir()
+    lines = ["query,item_id,item_title,impressions,clicks"]
+    lines += [f"q{i},P{i},Item {i},10,{i % 3}" for i in range(40)] + [",P99,No query,5,1"]
+    (data / "logs.csv").write_text("\n".join(lines) + "\n")
+    (data / "ignored.txt").write_text("not matched by logs_pattern *.csv\n")
+    output = run_task(runnable_job, "LogsExampleGen", tmp_path / "run", parameter_values={"logs_uri": str(data)})
+    [quarantine] = output["artifacts"]["quarantine"]["artifacts"]
+    with open(os.path.join(quarantine["uri"], "summary.json")) as f:
+        summary = json.load(f)
+    assert (summary["rows_in"], summary["accepted"], summary["quarantined"]) == (41, 40, 1)
+    [examples] = output["artifacts"]["examples"]["artifacts"]
+    assert sorted(os.listdir(examples["uri"])) == ["Split-eval", "Split-test", "Split-train"]
+
+
+def _record_run_fn(fn_args):
+    """Stands in for trainer.teacher.run_fn: records what the module would get."""
+    os.makedirs(fn_args.serving_model_dir, exist_ok=True)
+    with open(os.path.join(fn_args.serving_model_dir, "custom_config.json"), "w") as f:
+        json.dump(fn_args.custom_config, f)
+
+
+def test_teacher_epochs_are_taken_per_run(runnable_job, tmp_path):
+    from pipeline.configs import teacher_custom_config
+    from schemas import SCHEMA_DIR
+
+    compiled_custom_config = teacher_custom_config(configs.load_config(overrides=cluster_settings(SCHEMA_DIR)))
+    examples = tmp_path / "examples"
+    for split in ("train", "eval"):
+        (examples / f"Split-{split}").mkdir(parents=True)
+    output = run_task(runnable_job, "TeacherTrainer", tmp_path / "run",
+                      parameter_values={"teacher_epochs": 7},
+                      inputs={"examples": (str(examples), ["train", "eval"])},
+                      replace={"run_fn": f"{__name__}._record_run_fn"})
+    [model] = output["artifacts"]["model"]["artifacts"]
+    with open(os.path.join(model["uri"], "Format-Serving", "custom_config.json")) as f:
+        custom_config = json.load(f)
+    # The rest of the compiled custom_config is kept; only epochs comes from the run.
+    assert compiled_custom_config["epochs"] == 2
+    assert custom_config == {**compiled_custom_config, "epochs": 7}
+
+
+def test_graph_overrides_replace_the_json_config():
+    from components.graph import executor
+    from components.graph.metapaths import GraphConfig
+
+    base = {executor.GRAPH_CONFIG_KEY: json.dumps(GraphConfig(max_order=2, top_n=10, hub_cap=50).to_dict())}
+    assert executor.graph_config(base) == GraphConfig(max_order=2, top_n=10, hub_cap=50)
+    overridden = executor.graph_config({**base, "max_order": 1, "top_n": 3})
+    assert (overridden.max_order, overridden.top_n, overridden.hub_cap) == (1, 3, 50)
+    with pytest.raises(ValueError, match="max_order"):
+        executor.graph_config({**base, "max_order": 9})
+
+
+def test_epochs_override_merges_into_custom_config():
+    from components.epochs_trainer import merged_exec_properties
+
+    props = {"custom_config": json.dumps({"epochs": 4, "num_layers": 2}), "run_fn": "m.f"}
+    assert merged_exec_properties(props) == props
+    merged = merged_exec_properties({**props, "epochs": 9})
+    assert "epochs" not in merged and json.loads(merged["custom_config"]) == {"epochs": 9, "num_layers": 2}
+    assert json.loads(merged_exec_properties({"custom_config": "null", "epochs": 1})["custom_config"]) == {"epochs": 1}
+
+
+# --- ML Metadata -------------------------------------------------------------------------------
+
+def test_sqlite_metadata_by_default(tmp_path):
+    from pipeline import metadata
+
+    config = configs.load_config()
+    connection = metadata.connection_config(config.metadata, str(tmp_path / "m.sqlite"))
+    assert connection.sqlite.filename_uri == str(tmp_path / "m.sqlite")
+    assert metadata.describe(connection) == str(tmp_path / "m.sqlite")
+
+
+def test_mysql_metadata_is_built_from_settings_and_the_password_from_the_environment(tmp_path):
+    from pipeline import metadata
+
+    path = tmp_path / "shared.yaml"
+    path.write_text("metadata:\n  backend: mysql\n  mysql:\n    host: mlmd.internal\n    port: 3307\n"
+                    "    database: relkd_prod\n    user: pipelines\n    password_env: MLMD_PW\n")
+    config = configs.load_config(str(path))
+    connection = metadata.connection_config(config.metadata, "/unused.sqlite", environ={"MLMD_PW": "s3cret"})
+    assert connection.WhichOneof("config") == "mysql"
+    m = connection.mysql
+    assert (m.host, m.port, m.database, m.user, m.password) == ("mlmd.internal", 3307, "relkd_prod", "pipelines", "s3cret")
+    assert metadata.describe(connection) == "mysql://pipelines@mlmd.internal:3307/relkd_prod"
+    assert "s3cret" not in json.dumps(config.to_dict())
+    with pytest.raises(configs.ConfigError, match="MLMD_PW"):
+        metadata.connection_config(config.metadata, "/unused.sqlite", environ={})
+
+
+@pytest.mark.parametrize("text,message", [
+    ("metadata:\n  backend: postgres\n", "metadata.backend"),
+    ("metadata:\n  mysql:\n    password: hunter2\n", "unknown setting 'metadata.mysql.password'"),
+    ("metadata:\n  mysql:\n    port: 0\n", "metadata.mysql.port"),
+    ("kubeflow:\n  image: ''\n", "kubeflow.image"),
+    ("kubeflow:\n  beam_pipeline_args: --runner=DataflowRunner\n", "must be a list"),
+])
+def test_bad_kubeflow_and_metadata_settings_are_rejected(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(configs.ConfigError, match=message):
+        configs.load_config(str(path))
+
+
+# --- the image and the installed project -------------------------------------------------------
+
+def _requirement(name):
+    with open(os.path.join(REPO, "requirements.txt")) as f:
+        for line in f:
+            if line.split("==")[0].strip().lower() == name:
+                return line.split("==")[1].strip()
+    raise AssertionError(f"{name} is not pinned in requirements.txt")
+
+
+def test_dockerfile_installs_the_pinned_stack_and_the_project():
+    with open(os.path.join(REPO, "kubeflow", "Dockerfile")) as f:
+        text = f.read()
+    instructions = re.sub(r"\\\n", " ", "\n".join(l for l in text.splitlines() if not l.lstrip().startswith("#")))
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11[-.\w]*$", instructions, re.M)
+    assert re.search(rf"^ARG BEAM_SDK_IMAGE=apache/beam_python3\.11_sdk:{re.escape(_requirement('apache-beam'))}$",
+                     instructions, re.M)
+    assert "COPY requirements.txt" in instructions
+    assert re.search(r"pip install [^&]*--no-deps --ignore-requires-python -r \S*requirements\.txt", instructions)
+    project_install = re.search(r"pip install ([^&]*)/tmp/relkd/src", instructions)
+    assert project_install and "--no-deps" in project_install.group(1) and "-e" not in project_install.group(1).split()
+    assert "RUN python -m kubeflow.image_check" in instructions
+    assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in instructions
+    # The official python:3.11 images install into this site-packages: the compiled schema paths.
+    assert configs.KubeflowConfig().schema_dir == "/usr/local/lib/python3.11/site-packages/schemas"
+    with open(os.path.join(REPO, "kubeflow", "Dockerfile.dockerignore")) as f:
+        ignored = f.read().split()
+    assert {".venv", "runs", ".git"} <= set(ignored)
+
+
+def test_relkd_compile_from_a_non_editable_install(tmp_path):
+    """Installs the project as the image does (not editable), then runs `relkd compile` from it."""
+    src, site = tmp_path / "src", tmp_path / "site"
+    src.mkdir()
+    shutil.copy(os.path.join(REPO, "setup.py"), src / "setup.py")
+    for package in ("pipeline", "components", "trainer", "schemas", "kubeflow"):
+        shutil.copytree(os.path.join(REPO, package), src / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", "--target", str(site), str(src)], check=True, timeout=120)
+    for path in ("schemas/logs.pbtxt", "schemas/judgments.pbtxt", "trainer/teacher.py",
+                 "components/epochs_trainer.py", "kubeflow/runner.py"):
+        assert (site / path).is_file(), path
+
+    settings = cluster_settings(str(site / "schemas"))
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(settings))
+    out = tmp_path / "out" / "pipeline.json"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [os.path.join(VENV_BIN, "relkd"), "compile", "--kubeflow", str(out), "--config", "cluster.yaml",
+         "--image", "registry.example/relkd:test"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Compiled pipeline 'relkd' (" in result.stdout and str(out) in result.stdout
+    assert "teacher_epochs: 2 (int, runtime parameter)" in result.stdout
+
+    with open(out) as f:
+        job = json.load(f)
+    images = {e["container"]["image"] for e in _spec(job)["deploymentSpec"]["executors"].values()}
+    assert images == {"registry.example/relkd:test"}
+    # Every module the spec names is a file of the installed project (or of an installed library),
+    # and the schema files are where the spec says.
+    from kubeflow import image_check
+
+    found = image_check.referenced(job)
+    for _, path in found["classes"] + found["functions"]:
+        top = path.split(".")[0]
+        if top in ("pipeline", "components", "trainer", "schemas", "kubeflow"):
+            module = path.rsplit(".", 1)[0].replace(".", "/")
+            assert (site / f"{module}.py").is_file() or (site / module / "__init__.py").is_file(), path
+    for _, path in found["files"]:
+        assert path.startswith(str(site)) and os.path.isfile(path), path
+
+    # And the CLI really ran from the installed copy.
+    where = subprocess.run([sys.executable, "-c", "import kubeflow, schemas; print(kubeflow.__file__, schemas.SCHEMA_DIR)"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.split() == [str(site / "kubeflow" / "__init__.py"), str(site / "schemas")]
+
+
+def test_relkd_compile_reports_config_errors(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kubeflow:\n  imagee: x\n")
+    from pipeline import cli
+
+    assert cli.main(["compile", "--kubeflow", str(tmp_path / "p.json"), "--config", str(bad)]) == 2
+    assert not (tmp_path / "p.json").exists()
+
+
+# --- the README's worked examples ---------------------------------------------------------------
+
+def _readme_kubeflow_yaml_blocks():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text.split("\n## Kubeflow Pipelines / Vertex AI\n", 1)[1].split("\n## ", 1)[0]
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", section, re.S)]
+
+
+def test_readme_configs_load_and_their_beam_arguments_parse(tmp_path):
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    blocks = _readme_kubeflow_yaml_blocks()
+    runners = set()
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"readme{i}.yaml"
+        path.write_text(yaml.safe_dump(block))
+        config = configs.load_config(str(path))  # every documented setting exists
+        args = config.kubeflow.beam_pipeline_args
+        known = PipelineOptions(args).get_all_options()
+        for arg in args:
+            assert arg.startswith("--") and arg[2:].split("=")[0] in known, arg
+        runners |= {a.split("=", 1)[1] for a in args if a.startswith("--runner=")}
+    assert {"DataflowRunner", "FlinkRunner"} <= runners
