@@ -126,6 +126,14 @@ class MetadataConfig:
 
 
 @dataclasses.dataclass
+class StudentSettings:
+    """The BERM student (trainer/student.py)."""
+
+    # Any key of trainer/student.py's custom_config (max_order defaults to graph.max_order).
+    settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
 class PipelineConfig:
     name: str = PIPELINE_NAME
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -134,6 +142,7 @@ class PipelineConfig:
     # Query-item graph and metapath contexts (components/graph/metapaths.py documents each knob).
     graph: GraphConfig = dataclasses.field(default_factory=GraphConfig)
     teacher: TeacherSettings = dataclasses.field(default_factory=TeacherSettings)
+    student: StudentSettings = dataclasses.field(default_factory=StudentSettings)
     # In-memory DirectRunner with one worker is the fastest choice for the small local data;
     # on a cluster pass e.g. --runner=DataflowRunner --project=... (see README).
     beam_pipeline_args: List[str] = dataclasses.field(
@@ -236,6 +245,21 @@ def teacher_custom_config(config: PipelineConfig) -> Dict[str, Any]:
         teacher.TeacherConfig.from_custom_config(custom)
     except ValueError as e:
         raise ConfigError(f"teacher.settings: {e}") from e
+    return custom
+
+
+def student_custom_config(config: PipelineConfig) -> Dict[str, Any]:
+    """The Trainer's custom_config for the student: the graph's order and the data's scale, then overrides."""
+    from trainer import student  # Heavy (TensorFlow Ranking); only needed when a pipeline is built.
+
+    custom = {"max_order": config.graph.max_order,
+              "relevance_min": config.data.relevance_min,
+              "relevance_max": config.data.relevance_max,
+              **config.student.settings}
+    try:
+        student.StudentConfig.from_custom_config(custom)
+    except ValueError as e:
+        raise ConfigError(f"student.settings: {e}") from e
     return custom
 
 

@@ -223,10 +223,11 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
     if graph:
         echo(f"{'graph':>10}: {graph['nodes']['query']} queries, {graph['nodes']['item']} items, "
              f"{graph['edges']['after_hub_cap']} edges, {graph['capped_hubs']['total']} hubs capped")
-    teacher = summary.get("teacher")
-    if teacher:
-        echo(f"{'teacher':>10}: {teacher['epochs']} epochs, eval loss {teacher.get('val_loss', '-')}, "
-             f"eval AUC {teacher.get('val_auc', '-')}")
+    for name in ("teacher", "student"):
+        metrics = summary.get(name)
+        if metrics:
+            shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if k.startswith("val_"))
+            echo(f"{name:>10}: {metrics['epochs']} epochs; last epoch on eval: {shown or '-'}")
     if outcome.message:
         echo("")
         echo(outcome.message)

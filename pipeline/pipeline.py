@@ -13,12 +13,13 @@ from tfx import v1 as tfx
 from tfx.dsl.components.base import base_node
 from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 
+from components.berm_exporter import BermServingExporter
 from components.data_gate import DataValidationGate
 from components.epochs_trainer import EpochsTrainer
 from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
-from pipeline.configs import PipelineConfig, teacher_custom_config
+from pipeline.configs import PipelineConfig, student_custom_config, teacher_custom_config
 from schemas import schema_path
 
 
@@ -145,6 +146,20 @@ def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNo
     return {trainer.id: trainer, labeller.id: labeller}
 
 
+def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+    """Distil the teacher's scores into the BERM student, then package BERM-O with the graph's tables."""
+    trainer = EpochsTrainer(
+        run_fn="trainer.student.run_fn",
+        examples=nodes["TeacherLabeller"].outputs["output_examples"],
+        custom_config=student_custom_config(config),
+    ).with_id("StudentTrainer")
+    exporter = BermServingExporter(
+        model=trainer.outputs["model"],
+        neighbour_tables=nodes["GraphContexts"].outputs["neighbour_tables"],
+    ).with_id("BermServingExporter")
+    return {trainer.id: trainer, exporter.id: exporter}
+
+
 def create_pipeline(
     config: PipelineConfig,
     pipeline_root: str,
@@ -161,6 +176,7 @@ def create_pipeline(
     nodes = ingestion_components(config, logs, judgments, run, schema_dir)
     nodes.update(graph_components(config, nodes, run))
     nodes.update(teacher_components(config, nodes, run))
+    nodes.update(student_components(config, nodes))
     return tfx.dsl.Pipeline(
         pipeline_name=config.name,
         pipeline_root=pipeline_root,

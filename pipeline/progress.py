@@ -59,14 +59,15 @@ class ProgressReporter(logging.Handler):
                        f"(total {_fmt(time.monotonic() - self._run_started)})")
 
     def _beat(self) -> None:
-        # Polls each second so the first heartbeat comes heartbeat_s after the step started,
-        # not on a clock that ignores when the step began.
-        announced = 0
+        # Polls each second so the first heartbeat comes heartbeat_s after the step started.
+        # The count is kept per step start: consecutive steps can begin within one poll.
+        step, announced = None, 0
         while not self._stop.wait(1.0):
             node, started = self._current, self._started
             if not node:
-                announced = 0
                 continue
+            if (node, started) != step:
+                step, announced = (node, started), 0
             elapsed = time.monotonic() - started
             due = int(elapsed // self._heartbeat_s)
             if due > announced:

@@ -97,12 +97,14 @@ def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_
             stats = json.load(f)
         summary["graph"] = {key: stats[key] for key in
                             ("nodes", "edges", "capped_hubs", "connected_components") if key in stats}
-    history = _output(nodes, "TeacherTrainer", "model_run")
-    if history and os.path.exists(os.path.join(history, "history.json")):
-        with open(os.path.join(history, "history.json")) as f:
-            epochs = json.load(f)
-        summary["teacher"] = {"epochs": len(epochs.get("loss", [])),
-                              **{k: round(v[-1], 4) for k, v in epochs.items() if v}}
+    for name, node_id in (("teacher", "TeacherTrainer"), ("student", "StudentTrainer")):
+        history = _output(nodes, node_id, "model_run")
+        if history and os.path.exists(os.path.join(history, "history.json")):
+            with open(os.path.join(history, "history.json")) as f:
+                epochs = json.load(f)
+            summary[name] = {"epochs": len(epochs.get("loss", [])),
+                             **{k: round(v[-1], 4) for k, v in epochs.items()
+                                if isinstance(v, list) and v and isinstance(v[-1], (int, float))}}
     gate = ((nodes.get("DataValidationGate") or {}).get("outputs") or {}).get("report")
     if gate:
         path = os.path.join(gate[0]["uri"], data_gate.REPORT_FILE)
@@ -133,10 +135,11 @@ def to_markdown(summary: Dict[str, Any]) -> str:
                   f"{graph['capped_hubs']['total']} hubs capped)",
                   f"- connected components: {components.get('num_components', '-')} "
                   f"(largest {components.get('largest_component_size', '-')} nodes)"]
-    teacher = summary.get("teacher")
-    if teacher:
-        lines += ["", "## Teacher", "", "| " + " | ".join(teacher) + " |", "|" + "---|" * len(teacher),
-                  "| " + " | ".join(str(v) for v in teacher.values()) + " |"]
+    for name in ("teacher", "student"):
+        metrics = summary.get(name)
+        if metrics:
+            lines += ["", f"## {name.capitalize()} (last epoch)", "", "| " + " | ".join(metrics) + " |",
+                      "|" + "---|" * len(metrics), "| " + " | ".join(str(v) for v in metrics.values()) + " |"]
     gate = summary.get("data_gate")
     if gate:
         lines += ["", "## Data validation gate", "", f"- passed: **{gate['passed']}**"]

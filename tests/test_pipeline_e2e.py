@@ -47,7 +47,8 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     from conftest import read_examples
 
     config = configs.load_config(overrides={
-        **TINY_SHOP, "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}}})
+        **TINY_SHOP, "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
+        "student": {"settings": {"epochs": 1}}})
     messages = []
     outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
@@ -62,7 +63,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     # The generator injects a few faults on purpose: they are counted, not dropped.
     assert summary["inputs"]["logs"]["quarantined"] > 0
     assert all(info and info["state"] == "COMPLETE" for info in summary["nodes"].values())
-    assert len(summary["nodes"]) == 12
+    assert len(summary["nodes"]) == 14
 
     # Graph: statistics, and contexts joined onto both inputs.
     assert summary["graph"]["nodes"]["query"] > 0 and summary["graph"]["edges"]["after_hub_cap"] > 0
@@ -82,9 +83,22 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     judged_pairs = [r for r in labelled if r["relevance"] >= 0]
     assert len(judged_pairs) == summary["inputs"]["judgments"]["accepted"]
 
+    # Student and BERM-O: the served model answers raw strings, unknown ids included.
+    import tensorflow as tf
+    from tfx.utils import path_utils
+
+    berm_o = tf.saved_model.load(path_utils.serving_model_path(
+        nodes["BermServingExporter"]["outputs"]["serving_model"][0]["uri"]))
+    known = labelled[0]
+    scores = berm_o.signatures["serve_raw"](
+        query=tf.constant([known["query"], "a query nobody typed"]),
+        item_id=tf.constant([known["item_id"], "NO-SUCH-ITEM"]),
+        item_title=tf.constant([known["item_title"], "Some Title 3ml"]))["score"].numpy()
+    assert scores.shape == (2,) and all(0.0 <= s <= 1.0 for s in scores)
+
     # Progress names each step with its position and time.
-    assert any(m.startswith("[1/12] ") and m.endswith("...") for m in messages)
-    assert any("TeacherLabeller done in" in m for m in messages)
+    assert any(m.startswith("[1/14] ") and m.endswith("...") for m in messages)
+    assert any("BermServingExporter done in" in m for m in messages)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
     assert os.path.exists(os.path.join(tmp_path, "run", "run_summary.md"))
@@ -114,7 +128,8 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
 
 def test_resume_reuses_unchanged_steps(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
-    config = configs.load_config(overrides={"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}}})
+    config = configs.load_config(overrides={"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
+                                            "student": {"settings": {"epochs": 1}}})
     first = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
     assert first.exit_code == local_runner.EXIT_OK, first.message
     second = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
@@ -135,7 +150,7 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
     result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[12/12] TeacherLabeller done in" in result.stdout
+    assert "[14/14] BermServingExporter done in" in result.stdout
     assert "logs: 120 rows in = 120 accepted + 0 quarantined" in result.stdout
     assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
     assert "Traceback" not in result.stderr

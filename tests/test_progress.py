@@ -28,3 +28,15 @@ def test_heartbeat_counts_from_the_start_of_the_step():
     beats = [line for line in lines if "still running" in line]
     assert len(beats) == 2
     assert all(float(b.split("(")[1].rstrip("s)")) >= 1.5 for b in beats)
+
+
+def test_heartbeat_restarts_for_a_step_that_follows_immediately():
+    lines = []
+    with ProgressReporter(["A", "B"], echo=lines.append, heartbeat_s=1.5) as reporter:
+        reporter.emit(record("Component A is running."))
+        time.sleep(3.5)
+        reporter.emit(record("Component A is finished."))
+        reporter.emit(record("Component B is running."))
+        time.sleep(2.5)
+        reporter.emit(record("Component B is finished."))
+    assert any(line.startswith("      B still running") for line in lines), lines

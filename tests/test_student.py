@@ -1,0 +1,468 @@
+"""trainer.student and trainer.berm_serving: the distilled student BERM and its BERM-O export.
+
+The synthetic shop: 40 queries of 3 words over 26 words; each query has 10
+logged items, 3 made for it (sharing 1, 2 or 3 of its words) and 7 drawn from
+a shared pool, so items recur across queries and the click graph is connected.
+The "teacher" is a deterministic function of word overlap. Graph contexts
+(orders 1 and 2, random-walk weights, top 5) are computed here exactly as the
+GraphContexts component defines them, joined onto the examples and written as
+neighbour tables with `metapaths.neighbour_record_to_tf_example`.
+"""
+import json
+import os
+import random
+import shutil
+from collections import defaultdict
+
+import numpy as np
+import pytest
+
+import tensorflow as tf  # noqa: E402
+from scipy import stats  # noqa: E402
+from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
+
+from components import example_codec  # noqa: E402
+from components.graph import metapaths  # noqa: E402
+from trainer import berm_layers  # noqa: E402
+from trainer import berm_serving  # noqa: E402
+from trainer import bert_checkpoint  # noqa: E402
+from trainer import student  # noqa: E402
+
+VOCAB_FILE = bert_checkpoint.vocab_file()
+assert VOCAB_FILE is not None, f"{bert_checkpoint.PRETRAINED_PIP_NAME} (the vocab) is not installed"
+
+WORDS = ("red blue green black white steel wood cordless drill hammer lamp chair table "
+         "paint brush door window garden hose saw screw nail light fan sink tile").split()
+TOP_N = 5
+TINY = dict(max_order=2, list_size=10, embedding_dim=16, hidden_dim=16, init_from_teacher_embeddings=False,
+            max_query_tokens=8, max_title_tokens=12, max_context_texts=TOP_N, max_context_tokens=8)
+EPOCHS = 5
+
+
+@pytest.fixture(scope="module")
+def vocab():
+    return berm_layers.read_vocab(VOCAB_FILE)
+
+
+def _tiny_student(vocab, **overrides):
+    config = student.StudentConfig.from_custom_config(dict(TINY, **overrides))
+    tf.keras.utils.set_random_seed(0)
+    return student.build_student(vocab, config.max_order, config.max_context_texts, config.max_query_tokens,
+                                 config.max_title_tokens, config.max_context_tokens, config.embedding_dim,
+                                 None, config.num_kernels, config.hidden_dim)
+
+
+# --- A tiny shop, its click graph and its teacher ------------------------------------
+
+def _shared(query, title):
+    return len(set(query.split()) & set(title.split()))
+
+
+def teacher_score(query, title):
+    return 0.05 + 0.9 * _shared(query, title) / 3
+
+
+def _top(weights):
+    """{node: weight} -> [(node, weight)] by weight desc, id asc, top N."""
+    return sorted(weights.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_N]
+
+
+def make_world(seed=3, num_queries=40):
+    rng = random.Random(seed)
+    titles = {f"B{i:03d}": " ".join(rng.sample(WORDS, 4)) for i in range(20)}
+    queries = []
+    while len(queries) < num_queries:
+        query = " ".join(rng.sample(WORDS, 3))
+        if query not in queries:
+            queries.append(query)
+    pool, pairs = list(titles), []
+    for qi, query in enumerate(queries):
+        words = query.split()
+        own = []
+        for shared in (1, 2, 3):
+            others = rng.sample([w for w in WORDS if w not in words], 4 - min(shared, 2))
+            item_words = words[:shared] + others
+            rng.shuffle(item_words)
+            item_id = f"Q{qi:02d}S{shared}"
+            titles[item_id] = " ".join(item_words)
+            own.append(item_id)
+        for item_id in own + rng.sample(pool, 7):
+            pairs.append((query, item_id))
+        pool += own
+    edge = {(q, i): 0.1 + _shared(q, titles[i]) + rng.uniform(0, 0.2) for q, i in pairs}
+    by_query, by_item = defaultdict(dict), defaultdict(dict)
+    for (q, i), w in edge.items():
+        by_query[q][i], by_item[i][q] = w, w
+    p_item = {q: {i: w / sum(ws.values()) for i, w in ws.items()} for q, ws in by_query.items()}
+    p_query = {i: {q: w / sum(ws.values()) for q, w in ws.items()} for i, ws in by_item.items()}
+    contexts = {}  # (side, node, order) -> [(neighbour id, text, weight)]
+    for q in by_query:
+        o2 = defaultdict(float)
+        for i, p in p_item[q].items():
+            for q2, p2 in p_query[i].items():
+                if q2 != q:
+                    o2[q2] += p * p2
+        contexts["query", q, 1] = [(i, titles[i], w) for i, w in _top(p_item[q])]
+        contexts["query", q, 2] = [(q2, q2, w) for q2, w in _top(o2)]
+    for i in by_item:
+        o2 = defaultdict(float)
+        for q, p in p_query[i].items():
+            for i2, p2 in p_item[q].items():
+                if i2 != i:
+                    o2[i2] += p * p2
+        contexts["item", i, 1] = [(q, q, w) for q, w in _top(p_query[i])]
+        contexts["item", i, 2] = [(i2, titles[i2], w) for i2, w in _top(o2)]
+    return {"titles": titles, "queries": queries, "pairs": pairs, "contexts": contexts}
+
+
+def pair_record(world, query, item_id, contexts=True, judged=False):
+    title = world["titles"][item_id]
+    record = {"query": query, "item_id": item_id, "item_title": title, "impressions": 10, "clicks": 1,
+              "purchases": 0, "period": "", "teacher_score": teacher_score(query, title),
+              "relevance": 1.0 + 2.0 * _shared(query, title) / 3 if judged else -1.0}
+    for side, letter, node in (("query", "q", query), ("item", "i", item_id)):
+        for order in (1, 2):
+            neighbours = world["contexts"].get((side, node, order), []) if contexts else []
+            record[f"{letter}_o{order}_ids"] = [n for n, _, _ in neighbours]
+            record[f"{letter}_o{order}_texts"] = [t for _, t, _ in neighbours]
+            record[f"{letter}_o{order}_weights"] = [w for _, _, w in neighbours]
+    return record
+
+
+def serialize(record):
+    return example_codec.to_example(record).SerializeToString()
+
+
+def write_records(path, serialized):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tf.io.TFRecordWriter(path, tf.io.TFRecordOptions(compression_type="GZIP")) as writer:
+        for record in serialized:
+            writer.write(record)
+
+
+def write_tables(world, directory):
+    records = []
+    for (side, node, order), neighbours in sorted(world["contexts"].items()):
+        if neighbours:
+            records.append(metapaths.neighbour_record_to_tf_example({
+                "side": side, "node_id": node, "metapath": metapaths.metapath_name(side, order),
+                "order": order, "neighbour_ids": [n for n, _, _ in neighbours],
+                "neighbour_texts": [t for _, t, _ in neighbours],
+                "neighbour_weights": [w for _, _, w in neighbours]}).SerializeToString())
+    write_records(os.path.join(directory, "tables-00000-of-00001.gz"), records)
+    with open(os.path.join(directory, "manifest.json"), "w") as f:
+        json.dump({"graph_config": {"max_order": 2, "top_n": TOP_N}}, f)
+    return len(records)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return make_world()
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory, world):
+    """run_fn once on the tiny shop (30 train / 10 eval queries); the tables copy is then deleted."""
+    root = tmp_path_factory.mktemp("student")
+    train_queries = set(world["queries"][:30])
+    rng = random.Random(5)
+    split = {"train": [], "eval": []}
+    for query, item_id in world["pairs"]:
+        record = pair_record(world, query, item_id, judged=rng.random() < 0.4)
+        split["train" if query in train_queries else "eval"].append(record)
+    for name, records in split.items():
+        write_records(str(root / f"Split-{name}" / "data.gz"), [serialize(r) for r in records])
+    tables = str(root / "tables_copy")
+    num_tables = write_tables(world, tables)
+    fn_args = FnArgs(
+        train_files=[str(root / "Split-train" / "*")], eval_files=[str(root / "Split-eval" / "*")],
+        serving_model_dir=str(root / "serving_model"), model_run_dir=str(root / "model_run"),
+        custom_config=dict(TINY, learning_rate=1e-2, epochs=EPOCHS, patience=EPOCHS, batch_size=4, seed=1,
+                           human_loss_weight=0.5, neighbour_tables_dir=tables))
+    history = student.run_fn(fn_args)
+    shutil.rmtree(tables)  # The exported model must not need them any more.
+    loaded = tf.saved_model.load(fn_args.serving_model_dir)
+    return {"fn_args": fn_args, "history": history, "loaded": loaded, "eval": split["eval"],
+            "num_tables": num_tables, "tables": tables}
+
+
+# --- Settings -----------------------------------------------------------------------
+
+def test_custom_config_defaults_and_typos():
+    config = student.StudentConfig.from_custom_config(None)
+    assert (config.max_order, config.list_size, config.embedding_dim, config.num_kernels) == (2, 20, 64, 11)
+    assert (config.max_query_tokens, config.max_title_tokens, config.max_context_texts,
+            config.max_context_tokens) == (16, 32, 10, 16)
+    assert config.init_from_teacher_embeddings and config.ranking_loss == "softmax_loss"
+    assert (config.human_loss_weight, config.relevance_min, config.relevance_max) == (0.0, 1.0, 3.0)
+    assert config.neighbour_tables_dir is None
+    assert student.StudentConfig.from_custom_config({"ndcg_topn": [3]}).ndcg_topn == (3,)
+    with pytest.raises(ValueError, match="max_ordr"):
+        student.StudentConfig.from_custom_config({"max_ordr": 1})
+    with pytest.raises(ValueError, match="ranking_loss"):
+        student.StudentConfig.from_custom_config({"ranking_loss": "hinge"})
+    with pytest.raises(ValueError, match="max_order"):
+        student.StudentConfig.from_custom_config({"max_order": 4})
+
+
+# --- Shapes, masks, padding, cold start -----------------------------------------------
+
+def _parsed(queries, titles, lists):
+    """Parsed-example dict; `lists[prefix]` is a list (per pair) of (text, weight) lists."""
+    parsed = {"query": tf.constant(queries), "item_title": tf.constant(titles)}
+    for prefix in student.context_prefixes(2):
+        rows = lists.get(prefix, [[] for _ in queries])
+        parsed[f"{prefix}_texts"] = tf.ragged.constant([[t for t, _ in r] for r in rows], tf.string)
+        parsed[f"{prefix}_weights"] = tf.ragged.constant([[w for _, w in r] for r in rows], tf.float32,
+                                                         ragged_rank=1)
+    return parsed
+
+
+RAGGED = {
+    "q_o1": [[], [("red steel drill", 0.5), ("blue lamp", 0.2)],
+             [(f"title {i}", 1.0 / (i + 1)) for i in range(8)]],
+    "i_o1": [[("red drill", 0.9)], [], [("lamp", 0.3), ("garden hose", 0.1), ("saw", 0.05)]],
+}
+
+
+def test_shapes_and_masks_with_ragged_neighbour_lists(vocab):
+    scorer = _tiny_student(vocab, max_context_texts=3)
+    features = student.string_features(
+        _parsed(["red drill", "blue lamp", "garden hose"], ["red steel drill", "lamp", "hose"], RAGGED), 2, 3)
+    assert features["q_o1_texts"].shape == (3, 3) and features["q_o1_weights"].shape == (3, 3)
+    np.testing.assert_array_equal(features["q_o1_length"], [0, 2, 3])  # 8 neighbours cut to C = 3.
+    np.testing.assert_array_equal(features["i_o1_length"], [1, 0, 3])
+    np.testing.assert_array_equal(features["q_o2_length"], [0, 0, 0])
+    assert features["q_o1_texts"].numpy()[1, 2] == b"" and features["q_o1_weights"].numpy()[1, 2] == 0.0
+    tokens = student.tokenize_features(scorer, features)
+    assert tokens["query_tokens"].shape[0] == 3 and tokens["query_tokens"].dtype == tf.int32
+    t = tokens["q_o1_tokens"].numpy()
+    assert t.shape[:2] == (3, 3) and (t[0] == 0).all() and (t[1, 2] == 0).all() and (t[1, :2, 0] != 0).all()
+    logits = scorer(features)
+    assert logits.shape == (3,) and logits.dtype == tf.float32 and np.isfinite(logits.numpy()).all()
+    # Serialized examples without any context feature parse to empty contexts.
+    example = example_codec.to_example({"query": "red drill", "item_title": "drill"}).SerializeToString()
+    parsed = tf.io.parse_example(tf.constant([example]), student.serving_feature_spec(2))
+    empty = student.string_features(parsed, 2, 3)
+    assert all(int(empty[f"{p}_length"][0]) == 0 for p in student.context_prefixes(2))
+
+
+def test_attention_ignores_padding(vocab):
+    scorer = _tiny_student(vocab, max_context_texts=4)
+    features = student.string_features(
+        _parsed(["red drill", "blue lamp", "garden hose"], ["red steel drill", "lamp", "hose"], RAGGED), 2, 4)
+    reference = scorer(features).numpy()
+    noisy = dict(features)
+    for prefix in student.context_prefixes(2):
+        pad = ~tf.sequence_mask(features[f"{prefix}_length"], 4)
+        noisy[f"{prefix}_texts"] = tf.where(pad, tf.constant("screw nail window tile paint brush"),
+                                            features[f"{prefix}_texts"])
+        noisy[f"{prefix}_weights"] = tf.where(pad, 1e6, features[f"{prefix}_weights"])
+    np.testing.assert_allclose(scorer(noisy).numpy(), reference, rtol=0, atol=1e-6)
+    # Whereas a real neighbour does count.
+    changed = dict(features, i_o1_texts=tf.tensor_scatter_nd_update(
+        features["i_o1_texts"], [[0, 0]], tf.constant(["paint brush"])))
+    assert abs(scorer(changed).numpy()[0] - reference[0]) > 1e-6
+
+
+def test_cold_start_pair_gets_the_zero_order_score(vocab):
+    scorer = _tiny_student(vocab)
+    token_scorer = scorer.get_layer(student.TOKEN_SCORER)
+    zero_order = student.zero_order_scorer(token_scorer)
+    queries, titles = ["red drill", "garden hose", "café lámpara"], ["red steel drill", "blue lamp", ""]
+    cold = student.tokenize_features(scorer, student.string_features(_parsed(queries, titles, {}), 2, TOP_N))
+    expected = zero_order({k: cold[k] for k in ("query_tokens", "title_tokens")}).numpy()
+    np.testing.assert_allclose(token_scorer(cold).numpy(), expected, rtol=0, atol=1e-6)
+    # The same pairs with context score differently (so the comparison above means something).
+    warm = student.string_features(_parsed(queries, titles, {"i_o1": [[("red drill", 0.9)]] * 3}), 2, TOP_N)
+    assert np.abs(scorer(warm).numpy() - expected).max() > 1e-4
+    # max_order = 0 (the k = 0 ablation) is exactly the 0-order path: its only inputs are the texts.
+    ablation = _tiny_student(vocab, max_order=0)
+    assert sorted(ablation.input) == ["item_title", "query"]
+    assert ablation(student.string_features(_parsed(queries, titles, {}), 0, TOP_N)).shape == (3,)
+    serving = berm_serving.build_serving_model(ablation, None)
+    ablation_tokens = student.tokenize_features(ablation, {"query": tf.constant(queries),
+                                                           "item_title": tf.constant(titles)})
+    np.testing.assert_allclose(
+        serving.serve_raw(tf.constant(queries), tf.constant(["P1"] * 3), tf.constant(titles))["score"],
+        tf.sigmoid(ablation.get_layer(student.TOKEN_SCORER)(ablation_tokens)), rtol=0, atol=1e-6)
+    assert serving.manifest["max_order"] == 0
+
+
+# --- Grouping per query and the ranking loss -----------------------------------------
+
+def test_group_by_query_makes_single_query_lists():
+    queries = ["red drill", "blue lamp"] * 7  # Interleaved.
+    examples = tf.data.Dataset.from_tensor_slices({
+        "query": tf.constant(queries), "_teacher_label": tf.linspace(0.0, 1.0, 14),
+        "_human_label": tf.fill([14], -1.0), "x": tf.range(14)})
+    lists = list(student.group_by_query(examples, list_size=4).as_numpy_iterator())
+    assert len(lists) == 4  # 7 per query -> a full list of 4 and a padded one of 3, twice.
+    seen = []
+    for lst in lists:
+        assert lst["query"].shape == (4,)
+        real = lst["_teacher_label"] >= 0
+        assert len(set(lst["query"][real])) == 1
+        assert (lst["query"][~real] == b"").all()
+        seen += list(lst["x"][real])
+    assert sorted(seen) == list(range(14))
+    assert sorted(int((lst["_teacher_label"] >= 0).sum()) for lst in lists) == [3, 3, 4, 4]
+
+
+def test_training_batches_hold_one_query_per_list(tmp_path, vocab, world):
+    q1, q2 = world["queries"][:2]
+    items = {q: [i for qq, i in world["pairs"] if qq == q] for q in (q1, q2)}
+    interleaved = [pair_record(world, q, items[q][k]) for k in range(6) for q in (q1, q2)]
+    write_records(str(tmp_path / "data.gz"), [serialize(r) for r in interleaved])
+    scorer = _tiny_student(vocab)
+    config = student.StudentConfig.from_custom_config(dict(TINY, list_size=4, batch_size=8))
+    features, labels = next(iter(student.make_dataset([str(tmp_path / "*")], scorer, config, training=True)))
+    teacher = labels["teacher"].numpy()
+    assert teacher.shape == (4, 4) and features["q_o1_tokens"].shape[:3] == (4, 4, TOP_N)
+    tokens = features["query_tokens"].numpy()
+    by_query = {}
+    for lst in range(4):
+        real = teacher[lst] >= 0
+        assert len({tuple(t) for t in tokens[lst][real]}) == 1  # One query per list.
+        assert (tokens[lst][~real] == 0).all()
+        by_query.setdefault(tuple(tokens[lst][real][0]), []).extend(sorted(teacher[lst][real]))
+    expected = {q: sorted(r["teacher_score"] for r in interleaved if r["query"] == q) for q in (q1, q2)}
+    np.testing.assert_allclose(sorted(sorted(v) for v in by_query.values()), sorted(expected.values()), atol=1e-6)
+    # The listwise loss is a mean over lists, padding ignored: per-list losses average to the batch loss.
+    logits = tf.random.stateless_normal(teacher.shape, seed=[1, 2])
+    for name in student.RANKING_LOSSES:
+        loss = student.ranking_loss(name)
+        per_list = [float(loss(teacher[i:i + 1], logits[i:i + 1])) for i in range(4)]
+        assert float(loss(teacher, logits)) == pytest.approx(np.mean(per_list), rel=1e-5), name
+
+
+# --- Distillation through run_fn ------------------------------------------------------
+
+def _ndcg(gains, scores, k=5):
+    order = np.argsort(-np.asarray(scores), kind="stable")[:k]
+    ideal = np.sort(gains)[::-1][:k]
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    return (np.asarray(gains)[order] * discount[:len(order)]).sum() / (ideal * discount[:len(ideal)]).sum()
+
+
+def test_tiny_student_distils_the_teacher(distilled):
+    history = distilled["history"].history
+    assert len(history["loss"]) == EPOCHS
+    assert history["loss"][-1] < history["loss"][0]
+    assert {"teacher_ndcg_5", "teacher_ndcg_10", "teacher_auc", "human_auc", "val_teacher_ndcg_5",
+            "val_loss", "teacher_pointwise_loss", "human_loss"} <= set(history)
+    with open(os.path.join(distilled["fn_args"].model_run_dir, student.HISTORY_FILE)) as f:
+        assert json.load(f)["loss"] == pytest.approx(history["loss"])
+    records = distilled["eval"]
+    scores = distilled["loaded"].signatures["serving_default"](
+        examples=tf.constant([serialize(r) for r in records]))["score"].numpy()
+    teacher = np.array([r["teacher_score"] for r in records])
+    rho = stats.spearmanr(scores, teacher).correlation
+    assert rho > 0.5, rho
+    rng = np.random.default_rng(0)
+    ndcg, shuffled = [], []
+    for query in {r["query"] for r in records}:
+        idx = [i for i, r in enumerate(records) if r["query"] == query]
+        ndcg.append(_ndcg(teacher[idx], scores[idx]))
+        shuffled.append(np.mean([_ndcg(teacher[idx], rng.permutation(len(idx))) for _ in range(20)]))
+    assert np.mean(ndcg) > np.mean(shuffled) + 0.1, (np.mean(ndcg), np.mean(shuffled))
+
+
+# --- The export -------------------------------------------------------------------------
+
+def test_export_signatures_and_manifest(distilled, world):
+    loaded, model_dir = distilled["loaded"], distilled["fn_args"].serving_model_dir
+    assert set(loaded.signatures) == {"serving_default", student.RAW_SIGNATURE}
+    default = loaded.signatures["serving_default"]
+    assert list(default.structured_input_signature[1]) == ["examples"]
+    assert default.structured_input_signature[1]["examples"].dtype == tf.string
+    raw = loaded.signatures[student.RAW_SIGNATURE]
+    assert sorted(raw.structured_input_signature[1]) == ["item_id", "item_title", "query"]
+    assert all(spec.dtype == tf.string and spec.shape.as_list() == [None]
+               for spec in raw.structured_input_signature[1].values())
+    assert list(raw.structured_outputs) == ["score"] and raw.structured_outputs["score"].dtype == tf.float32
+    manifest = berm_serving.read_manifest(model_dir)
+    assert manifest["max_order"] == 2 and manifest["max_context_texts"] == TOP_N
+    tables = manifest["tables"]
+    assert tables["nodes"] == {"query": len(world["queries"]), "item": len({i for _, i in world["pairs"]})}
+    assert sum(tables["records"].values()) == distilled["num_tables"]
+    assert len(tables["source_files"]) == 1 and len(tables["source_files"][0]["sha256"]) == 64
+    assert manifest["student_config"]["neighbour_tables_dir"] == distilled["tables"]
+
+
+def test_serve_raw_answers_raw_strings_and_unknown_ids(distilled, world):
+    loaded = distilled["loaded"]
+    serve_raw, serve_examples = loaded.signatures[student.RAW_SIGNATURE], loaded.signatures["serving_default"]
+    records = distilled["eval"][:40] + [pair_record(world, q, i) for q, i in world["pairs"][:20]]
+    raw = serve_raw(query=tf.constant([r["query"] for r in records]),
+                    item_id=tf.constant([r["item_id"] for r in records]),
+                    item_title=tf.constant([r["item_title"] for r in records]))["score"].numpy()
+    by_example = serve_examples(examples=tf.constant([serialize(r) for r in records]))["score"].numpy()
+    assert raw.shape == (60,) and ((raw > 0) & (raw < 1)).all()
+    # Known pairs: the in-model tables give exactly the contexts the examples carry.
+    np.testing.assert_allclose(raw, by_example, rtol=0, atol=1e-5)
+
+    known_query, known_item = records[0]["query"], records[0]["item_id"]
+    title = records[0]["item_title"]
+    queries = ["never seen query", known_query, "never seen query", f"  {known_query} ", "", "café ñandú 💡"]
+    item_ids = ["NO-SUCH-ITEM", "NO-SUCH-ITEM", known_item, known_item, "", "NO-SUCH-ITEM"]
+    got = serve_raw(query=tf.constant(queries), item_id=tf.constant(item_ids),
+                    item_title=tf.constant([title] * 6))["score"].numpy()
+    assert got.shape == (6,) and np.isfinite(got).all()
+    # Unknown query and item: the cold-start path = an example without any context.
+    cold = [pair_record(world, q, known_item, contexts=False) | {"item_title": title, "query": q}
+            for q in (queries[0], queries[4], queries[5])]
+    partial = pair_record(world, known_query, known_item)
+    for key in ("i_o1_texts", "i_o1_weights", "i_o2_texts", "i_o2_weights"):
+        partial[key] = []  # Known query, unknown item: only the query's contexts.
+    item_only = pair_record(world, known_query, known_item)
+    for key in ("q_o1_texts", "q_o1_weights", "q_o2_texts", "q_o2_weights"):
+        item_only[key] = []
+    item_only["query"] = queries[0]
+    expected = serve_examples(examples=tf.constant(
+        [serialize(r) for r in (cold[0], partial, item_only, cold[1], cold[2])]))["score"].numpy()
+    np.testing.assert_allclose(got[[0, 1, 2, 4, 5]], expected, rtol=0, atol=1e-5)
+    assert got[3] == pytest.approx(by_example[0], abs=1e-5)  # Surrounding spaces are stripped.
+
+
+def test_separate_component_rebuilds_berm_o_from_the_export(distilled, world, tmp_path):
+    """A later component: re-load the exported scorer, build BERM-O with (new) tables, export."""
+    scorer = berm_serving.load_scorer(distilled["fn_args"].serving_model_dir)
+    tables = str(tmp_path / "tables")
+    write_tables(world, tables)
+    serving = berm_serving.build_serving_model(scorer, tables)
+    records = distilled["eval"][:10]
+    args = [tf.constant([r[k] for r in records]) for k in ("query", "item_id", "item_title")]
+    expected = distilled["loaded"].signatures[student.RAW_SIGNATURE](
+        query=args[0], item_id=args[1], item_title=args[2])["score"].numpy()
+    np.testing.assert_allclose(serving.serve_raw(*args)["score"].numpy(), expected, rtol=0, atol=1e-5)
+    assert serving.manifest["tables"]["fingerprint"] == \
+        berm_serving.read_manifest(distilled["fn_args"].serving_model_dir)["tables"]["fingerprint"]
+
+
+def test_neighbour_tables_reject_inconsistent_records(tmp_path):
+    bad = metapaths.neighbour_record_to_tf_example({
+        "side": "query", "node_id": "red drill", "metapath": "q-i", "order": 2, "neighbour_ids": ["P1"],
+        "neighbour_texts": ["red drill"], "neighbour_weights": [1.0]})
+    write_records(str(tmp_path / "tables-0.gz"), [bad.SerializeToString()])
+    with pytest.raises(ValueError, match="metapath"):
+        berm_serving.read_neighbour_tables(str(tmp_path), 2, 5)
+    with pytest.raises(FileNotFoundError):
+        berm_serving.read_neighbour_tables(str(tmp_path / "missing"), 2, 5)
+
+
+# --- The pretrained-embedding path ------------------------------------------------------
+
+def test_student_with_teacher_embeddings_builds_and_scores():
+    if bert_checkpoint.find_pretrained_dir() is None:
+        pytest.skip(f"{bert_checkpoint.PRETRAINED_PIP_NAME} weights are not installed")
+    config = student.StudentConfig.from_custom_config(dict(TINY, init_from_teacher_embeddings=True))
+    scorer = student.student_from_config(config)
+    embedding = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    assert embedding.pretrained.shape == (30522, 384) and not embedding.pretrained.trainable
+    assert embedding.kernel.shape == (384, 16) and embedding.kernel.trainable
+    assert float(tf.reduce_max(tf.abs(embedding.pretrained))) > 0  # The teacher's weights, loaded.
+    params = student.count_params(scorer)
+    assert params["non_trainable"] == 30522 * 384
+    logits = scorer(student.string_features(_parsed(["cordless drill"], ["dewalt cordless drill"], {}), 2, TOP_N))
+    assert logits.shape == (1,) and np.isfinite(logits.numpy()).all()

@@ -1,0 +1,382 @@
+"""Keras layers of the student BERM (Liu et al., EMNLP 2022), one job per layer.
+
+Like TF Models' `official.nlp.modeling.layers`, each layer does one thing and is
+serialisable (`get_config`), so a saved student can be re-loaded with
+`tf.keras.models.load_model` (see `trainer.berm_serving.load_scorer`):
+
+  * `WordPieceTokens`: raw strings (any shape) -> WordPiece ids, in the graph.
+  * `PaddingMask`: ids -> bool mask of real tokens (id 0 is [PAD]).
+  * `TokenEmbedding`: ids -> vectors; a plain trainable table, or the teacher's
+    frozen WordPiece embeddings through a trainable projection.
+  * `MaskedMeanPooling`: the cheap text encoder (mean of real token vectors).
+  * `InteractionKernelPooling`: K-NRM kernel pooling of the cosine interaction
+    matrix between a centre text and other texts -> relevance features.
+  * `NeighbourAttention`: graph attention over a node's (padded) neighbours:
+    learned score plus the log path weight, padding excluded.
+  * `OrderFusion`: attention over the available orders' relevance logits.
+
+Conventions: token id 0 is padding everywhere; a neighbour list is a dense
+[batch, C] (texts, weights) pair plus its true `length` per row, so slots at
+positions >= length are padding whatever they hold. Layers never let a
+padded value reach their output (they use `tf.where`, not multiplication, so
+even NaN or inf in padding is harmless).
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_text as text
+
+from trainer import text_encoding
+
+PAD_ID = 0
+_NEG_INF = -1e9
+
+
+def _as_float_mask(mask: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+    return tf.cast(mask, dtype)
+
+
+def masked_softmax(scores: tf.Tensor, mask: tf.Tensor) -> tf.Tensor:
+    """Softmax over the last axis restricted to `mask`; an all-masked row gives zeros."""
+    scores = tf.where(mask, scores, tf.fill(tf.shape(scores), tf.constant(_NEG_INF, scores.dtype)))
+    scores = scores - tf.stop_gradient(tf.reduce_max(scores, axis=-1, keepdims=True))
+    exp = tf.where(mask, tf.exp(scores), tf.zeros_like(scores))
+    total = tf.reduce_sum(exp, axis=-1, keepdims=True)
+    return tf.math.divide_no_nan(exp, total)
+
+
+def read_vocab(vocab_file: str) -> List[str]:
+    """WordPiece vocab file -> tokens in id order."""
+    with tf.io.gfile.GFile(vocab_file, "r") as f:
+        return [line.rstrip("\n").rstrip("\r") for line in f]
+
+
+_TOKENIZERS: Dict[Tuple[str, ...], text.FastBertTokenizer] = {}
+
+
+def _fast_tokenizer(vocab: Tuple[str, ...]) -> text.FastBertTokenizer:
+    """One FastBertTokenizer (and one model buffer) per vocab, shared by all layers."""
+    if vocab not in _TOKENIZERS:
+        _TOKENIZERS[vocab] = text.FastBertTokenizer(
+            vocab=list(vocab), token_out_type=tf.int32, unknown_token="[UNK]",
+            lower_case_nfd_strip_accents=False)
+    return _TOKENIZERS[vocab]
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class WordPieceTokens(tf.keras.layers.Layer):
+    """Raw strings -> WordPiece ids, padded with 0: tf.string [...] -> int32 [..., T].
+
+    Text is normalised as the teacher does it (`text_encoding.normalize_text`:
+    HF-compatible lower-casing and accent stripping, control characters deleted,
+    invalid UTF-8 replaced), then split by tensorflow_text's `FastBertTokenizer`
+    (~15x faster than the classic `BertTokenizer` on short texts). No special
+    tokens are added. `T` is the longest text of the batch, cut to `max_tokens`
+    (and at least 1, so an all-empty batch still has a token axis).
+
+    The vocabulary itself (not a path) is the layer's config, so a saved model
+    re-loads without the original vocab file; layers with the same vocab share
+    one tokenizer.
+    """
+
+    def __init__(self, vocab: Sequence[str], max_tokens: int = 32, lower_case: bool = True,
+                 max_chars: Optional[int] = 1024, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        self._vocab = tuple(vocab)
+        if not self._vocab or self._vocab[PAD_ID] != "[PAD]" or "[UNK]" not in self._vocab:
+            raise ValueError("vocab must hold [UNK] and have [PAD] at id 0 (a BERT WordPiece vocab)")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self._lower_case = lower_case
+        self._max_chars = max_chars
+        self._tokenizer = _fast_tokenizer(self._vocab)
+
+    @classmethod
+    def from_vocab_file(cls, vocab_file: str, **kwargs) -> "WordPieceTokens":
+        return cls(read_vocab(vocab_file), **kwargs)
+
+    @property
+    def vocab(self) -> Tuple[str, ...]:
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def call(self, texts: tf.Tensor) -> tf.Tensor:
+        texts = tf.convert_to_tensor(texts)
+        if texts.dtype != tf.string:
+            raise TypeError(f"WordPieceTokens expects tf.string, got {texts.dtype}")
+        shape = tf.shape(texts)
+        flat = text_encoding.normalize_text(tf.reshape(texts, [-1]), self._lower_case,
+                                            self._max_chars)
+        ids = self._tokenizer.tokenize(flat)[:, :self.max_tokens]
+        dense = ids.to_tensor(default_value=PAD_ID)
+        dense = tf.pad(dense, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(dense)[1])]])
+        out = tf.reshape(dense, tf.concat([shape, tf.shape(dense)[1:]], axis=0))
+        return tf.ensure_shape(out, texts.shape.concatenate([None]))
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), vocab=list(self._vocab), max_tokens=self.max_tokens,
+                    lower_case=self._lower_case, max_chars=self._max_chars)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class PaddingMask(tf.keras.layers.Layer):
+    """Token ids -> bool mask, True for real tokens (id != 0)."""
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        return tf.not_equal(ids, PAD_ID)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class TokenEmbedding(tf.keras.layers.Layer):
+    """Token ids [...] -> vectors [..., embedding_dim].
+
+    Two modes:
+      * `pretrained_dim=None`: a plain trainable [vocab_size, embedding_dim] table.
+      * `pretrained_dim=P`: a frozen [vocab_size, P] table (the teacher's WordPiece
+        embeddings, loaded with `set_pretrained`) followed by a trainable affine
+        projection to `embedding_dim`, initialised by `set_pretrained` to the
+        table's top principal directions (centred), so that cosine similarities
+        start close to the teacher's. Only the batch's distinct ids are projected.
+    """
+
+    def __init__(self, vocab_size: int, embedding_dim: int, pretrained_dim: Optional[int] = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.embedding_dim = embedding_dim
+        self.pretrained_dim = pretrained_dim
+
+    def build(self, input_shape):
+        if self.pretrained_dim is None:
+            self.embeddings = self.add_weight(
+                "embeddings", shape=[self.vocab_size, self.embedding_dim],
+                initializer=tf.keras.initializers.RandomNormal(stddev=0.1), trainable=True)
+        else:
+            self.pretrained = self.add_weight(
+                "pretrained", shape=[self.vocab_size, self.pretrained_dim],
+                initializer="zeros", trainable=False)
+            self.kernel = self.add_weight(
+                "projection_kernel", shape=[self.pretrained_dim, self.embedding_dim],
+                initializer="glorot_uniform", trainable=True)
+            self.bias = self.add_weight("projection_bias", shape=[self.embedding_dim],
+                                        initializer="zeros", trainable=True)
+        super().build(input_shape)
+
+    def set_pretrained(self, matrix: np.ndarray) -> None:
+        """Loads the frozen table and sets the projection to its PCA directions."""
+        if self.pretrained_dim is None:
+            raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
+        matrix = np.asarray(matrix, dtype=np.float32)
+        if matrix.shape != (self.vocab_size, self.pretrained_dim):
+            raise ValueError(f"pretrained embeddings have shape {matrix.shape}, expected "
+                             f"{(self.vocab_size, self.pretrained_dim)}")
+        if not self.built:
+            self.build(tf.TensorShape([None]))
+        mean = matrix.mean(axis=0)
+        _, _, vt = np.linalg.svd(matrix - mean, full_matrices=False)
+        kernel = vt[:self.embedding_dim].T  # [P, D]; D <= P
+        if kernel.shape[1] < self.embedding_dim:  # embedding_dim > P: pad with random directions
+            extra = np.random.default_rng(0).normal(
+                scale=1.0 / np.sqrt(self.pretrained_dim),
+                size=(self.pretrained_dim, self.embedding_dim - kernel.shape[1]))
+            kernel = np.concatenate([kernel, extra], axis=1)
+        self.pretrained.assign(matrix)
+        self.kernel.assign(kernel.astype(np.float32))
+        self.bias.assign(-(mean @ kernel).astype(np.float32))
+
+    def call(self, ids: tf.Tensor) -> tf.Tensor:
+        ids = tf.cast(ids, tf.int32)
+        if self.pretrained_dim is None:
+            return tf.gather(self.embeddings, ids)
+        flat = tf.reshape(ids, [-1])
+        unique, index = tf.unique(flat)
+        projected = tf.matmul(tf.gather(self.pretrained, unique), self.kernel) + self.bias
+        out = tf.gather(projected, index)
+        return tf.reshape(out, tf.concat([tf.shape(ids), [self.embedding_dim]], axis=0))
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), vocab_size=self.vocab_size,
+                    embedding_dim=self.embedding_dim, pretrained_dim=self.pretrained_dim)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class MaskedMeanPooling(tf.keras.layers.Layer):
+    """Mean of the real token vectors: ([..., T, D], mask [..., T]) -> [..., D] (0 if none)."""
+
+    def call(self, inputs: Tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        vectors, mask = inputs
+        mask = tf.expand_dims(mask, -1)
+        total = tf.reduce_sum(tf.where(mask, vectors, tf.zeros_like(vectors)), axis=-2)
+        count = tf.reduce_sum(_as_float_mask(mask, vectors.dtype), axis=-2)
+        return tf.math.divide_no_nan(total, count)
+
+
+def kernel_centres(num_kernels: int) -> Tuple[List[float], List[float]]:
+    """K-NRM kernels: an exact-match kernel (mu 1, sigma 1e-3) and K-1 soft ones.
+
+    The soft kernels' centres split [-1, 1] into K-1 equal bins (11 kernels:
+    0.9, 0.7, ..., -0.9) with sigma half a bin.
+    """
+    if num_kernels < 2:
+        raise ValueError(f"num_kernels must be >= 2, got {num_kernels}")
+    width = 2.0 / (num_kernels - 1)
+    mus = [1.0] + [1.0 - width / 2 - i * width for i in range(num_kernels - 1)]
+    sigmas = [1e-3] + [width / 2] * (num_kernels - 1)
+    return mus, sigmas
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class InteractionKernelPooling(tf.keras.layers.Layer):
+    """Word-level interaction of a centre text with other texts, read by RBF kernels.
+
+    Inputs `(centre, centre_mask, other, other_mask)`:
+      centre [N, Tc, D], centre_mask [N, Tc]; other [N, To, D] with mask [N, To]
+      (one other text per row) or [N, M, To, D] with mask [N, M, To].
+    Output [N, K] or [N, M, K]: for each kernel k, the mean over the centre's real
+    tokens i of log1p(sum over the other's real tokens j of
+    exp(-(cos(c_i, o_j) - mu_k)^2 / (2 sigma_k^2))) (K-NRM soft-TF, with log1p so
+    that an empty other text gives 0 rather than log(0)).
+    """
+
+    def __init__(self, num_kernels: int = 11, **kwargs):
+        super().__init__(**kwargs)
+        self.num_kernels = num_kernels
+        mus, sigmas = kernel_centres(num_kernels)
+        self._mus = tf.constant(mus, tf.float32)
+        self._inverse_two_variances = tf.constant([1.0 / (2.0 * s * s) for s in sigmas], tf.float32)
+
+    def call(self, inputs: Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        centre, centre_mask, other, other_mask = inputs
+        single = other.shape.rank == 3
+        if single:
+            other = other[:, tf.newaxis]
+            other_mask = other_mask[:, tf.newaxis]
+        centre = tf.math.l2_normalize(centre, axis=-1, epsilon=1e-12)
+        other = tf.math.l2_normalize(other, axis=-1, epsilon=1e-12)
+        cosine = tf.einsum("nid,nmjd->nmij", centre, other)  # [N, M, Tc, To]
+        # A padded token of the other text gets a cosine so far from every kernel
+        # centre that all its kernel values are exactly 0 (cheaper than masking
+        # the K-times larger kernel tensor, and safe from NaN in padding).
+        cosine = tf.where(other_mask[:, :, tf.newaxis, :], cosine, tf.constant(-1e3, cosine.dtype))
+        kernels = tf.exp(-tf.square(cosine[..., tf.newaxis] - self._mus)
+                         * self._inverse_two_variances)  # [N, M, Tc, To, K]
+        per_token = tf.math.log1p(tf.reduce_sum(kernels, axis=3))  # [N, M, Tc, K]
+        cmask = centre_mask[:, tf.newaxis, :, tf.newaxis]  # [N, 1, Tc, 1]
+        total = tf.reduce_sum(tf.where(cmask, per_token, tf.zeros_like(per_token)), axis=2)
+        count = tf.reduce_sum(tf.cast(cmask, per_token.dtype), axis=2)
+        features = tf.math.divide_no_nan(total, count)  # [N, M, K]
+        return features[:, 0] if single else features
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), num_kernels=self.num_kernels)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class NeighbourAttention(tf.keras.layers.Layer):
+    """Graph attention over a node's neighbours; padding never takes part.
+
+    Inputs `(centre, neighbours, values, weights, lengths)`:
+      centre [N, Dc] (the pair's own text, encoded), neighbours [N, C, Dn] (each
+      neighbour text, encoded), values [N, C, F] (what is aggregated, e.g. the
+      kernel features of centre vs neighbour), weights [N, C] (path weights from
+      the graph component), lengths [N] (real neighbours; slots >= length are
+      padding).
+    Score of neighbour j: v^T tanh(W_c c + W_n n_j + W_v f_j + b) + lambda *
+    log(max(w_j, weight_floor)), lambda trainable (starts at 1). Softmax over
+    the real neighbours only.
+    Outputs `(attended [N, F], has_context [N, 1])`: the attention-weighted sum
+    of values (zeros for a node without neighbours) and 1.0 iff length > 0.
+    With `return_attention=True` the attention weights [N, C] come third.
+    """
+
+    def __init__(self, attention_dim: int = 32, weight_floor: float = 1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.attention_dim = attention_dim
+        self.weight_floor = weight_floor
+        self._centre = tf.keras.layers.Dense(attention_dim, use_bias=True, name="centre")
+        self._neighbour = tf.keras.layers.Dense(attention_dim, use_bias=False, name="neighbour")
+        self._value = tf.keras.layers.Dense(attention_dim, use_bias=False, name="value")
+        self._score = tf.keras.layers.Dense(1, use_bias=False, name="score")
+
+    def build(self, input_shape):
+        self.log_weight_scale = self.add_weight("log_weight_scale", shape=[],
+                                                initializer="ones", trainable=True)
+        super().build(input_shape)
+
+    def call(self, inputs, return_attention: bool = False):
+        centre, neighbours, values, weights, lengths = inputs
+        slots = tf.shape(weights)[1]
+        mask = tf.sequence_mask(tf.reshape(tf.cast(lengths, tf.int32), [-1]), slots)  # [N, C]
+        # Padding is replaced before any arithmetic, so no value of it can leak.
+        mask3 = mask[..., tf.newaxis]
+        neighbours = tf.where(mask3, neighbours, tf.zeros_like(neighbours))
+        values = tf.where(mask3, values, tf.zeros_like(values))
+        weights = tf.where(mask, weights, tf.ones_like(weights))
+        hidden = tf.tanh(self._centre(centre)[:, tf.newaxis, :] + self._neighbour(neighbours)
+                         + self._value(values))
+        scores = tf.squeeze(self._score(hidden), -1)
+        scores += self.log_weight_scale * tf.math.log(tf.maximum(weights, self.weight_floor))
+        attention = masked_softmax(scores, mask)
+        attended = tf.reduce_sum(attention[..., tf.newaxis] * values, axis=1)
+        has_context = tf.cast(tf.reduce_any(mask, axis=1, keepdims=True), attended.dtype)
+        if return_attention:
+            return attended, has_context, attention
+        return attended, has_context
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), attention_dim=self.attention_dim,
+                    weight_floor=self.weight_floor)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class OrderFusion(tf.keras.layers.Layer):
+    """Attention over relevance orders: one logit from the available orders' logits.
+
+    Inputs `(vectors, logits, context_available)`: vectors, a list of M tensors
+    [N, H] (component 0 is the 0-order query-title relevance, the others the
+    k-order components); logits [N, M], each component's own relevance logit;
+    context_available [N, M - 1], 1.0 where context component c >= 1 has at
+    least one neighbour (omitted when M == 1). Component 0 is always available.
+    Gate score of component c: u^T tanh(W [v_c; v_0] + b) + prior_c; the
+    fused logit [N] is the sum of the logits weighted by the softmax of the
+    gate scores over the available components. A pair without any context
+    (cold start) therefore gets exactly component 0's logit: the 0-order path.
+    With `return_gates=True` the gates [N, M] come second.
+    """
+
+    def __init__(self, gate_dim: int = 32, **kwargs):
+        super().__init__(**kwargs)
+        self.gate_dim = gate_dim
+        self._hidden = tf.keras.layers.Dense(gate_dim, activation="tanh", name="gate_hidden")
+        self._score = tf.keras.layers.Dense(1, use_bias=False, name="gate_score")
+
+    def build(self, input_shape):
+        num_components = len(input_shape[0])
+        self.prior = self.add_weight("prior", shape=[num_components], initializer="zeros",
+                                     trainable=True)
+        super().build(input_shape)
+
+    def call(self, inputs, return_gates: bool = False):
+        vectors, logits = inputs[0], inputs[1]
+        base = vectors[0]
+        pairs = tf.stack([tf.concat([v, base], axis=-1) for v in vectors], axis=1)  # [N, M, 2H]
+        scores = tf.squeeze(self._score(self._hidden(pairs)), -1) + self.prior  # [N, M]
+        always = tf.ones_like(logits[:, :1], dtype=tf.bool)
+        available = (tf.concat([always, tf.cast(inputs[2], tf.bool)], axis=1)
+                     if len(inputs) > 2 else always)
+        gates = masked_softmax(scores, available)
+        fused = tf.reduce_sum(tf.where(available, gates * logits, tf.zeros_like(logits)), axis=1)
+        if return_gates:
+            return fused, gates
+        return fused
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), gate_dim=self.gate_dim)

@@ -1,0 +1,414 @@
+"""BERM-O: the student as a self-contained SavedModel that scores raw (query, item) pairs.
+
+A trained student (`trainer.student.build_student`) needs each pair's graph
+context. At serving time only `query`, `item_id` and `item_title` arrive, so
+BERM-O carries the graph inside the model:
+
+  * `read_neighbour_tables(dir)` reads the GraphContexts `neighbour_tables`
+    output: gzipped TFRecords of tf.Example, one per (side, node, metapath),
+    with `side`, `node_id`, `metapath`, `order`, `neighbour_ids`,
+    `neighbour_texts`, `neighbour_weights`
+    (`components.graph.metapaths.neighbour_record_to_tf_example`).
+  * `NeighbourTables` turns them into lookup tables: per side a
+    `tf.lookup.StaticHashTable` node id -> row (unknown -> row 0, which is
+    empty); per (side, order) int32 [rows, C] indices into a table of distinct
+    neighbour texts (0 = padding) and float32 [rows, C] path weights; and the
+    distinct texts already WordPiece-tokenised at export time by the model's
+    own `context_wordpiece` layer (int32 [texts, T]). So serving gathers
+    instead of tokenising 4 x C neighbour texts per pair. The arrays are
+    non-trainable variables and the node keys constants of the SavedModel:
+    the tables are versioned with the model.
+  * `build_serving_model(scorer, neighbour_tables_dir)` -> `BermServing`, a
+    tf.Module with the two signatures; `export_serving_model` writes it and
+    `assets.extra/berm_manifest.json` (table sizes, max_order, the source
+    files' sha256, a fingerprint of the tables).
+  * The export is a Keras SavedModel of the string scorer (the tables and
+    signatures hang off it), so `load_scorer(dir)` gives the trained Keras
+    scorer back: a later component can rebuild BERM-O with newer tables
+    without retraining (`export_serving_model(load_scorer(d), out, tables)`).
+
+Signatures (both return `{"score": tf.float32 [None]}`, sigmoid of the logit):
+  * `serving_default`: `examples` tf.string [None], serialized tf.Example with
+    `query`, `item_title` and the `q_o{k}_*`/`i_o{k}_*` context features
+    (missing ones are empty): the contexts come from the example.
+  * `serve_raw`: `query`, `item_id`, `item_title` tf.string [None]. The query
+    and the item id (whitespace-stripped, otherwise exact) are looked up in the
+    tables; an unknown one has no neighbours, and a pair with neither takes the
+    cold-start (0-order) path. For a pair whose example carries the tables'
+    contexts both signatures give the same score.
+
+Graph ids are the raw logged strings (see `metapaths.normalise_log_row`), so
+the lookup is exact: "Red Drill" and "red drill" are different queries.
+Size: the node keys are graph constants (the GraphDef limit of 2 GB allows
+tens of millions of keys); the arrays are variables (no limit beyond memory):
+about 8 * C bytes per (node, order) plus 4 * T bytes per distinct text.
+Like the teacher's, the graph uses tensorflow_text ops (FastBertNormalize,
+FastWordpieceTokenizeWithOffsets, NormalizeUTF8): the model server needs them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from trainer import student
+
+MANIFEST_FILE = "berm_manifest.json"
+FORMAT_VERSION = 1
+SIDES = ("query", "item")
+_LETTERS = {"query": "q", "item": "i"}
+_READ_BATCH = 1024
+_TOKENIZE_BATCH = 4096
+
+_TABLE_SPEC = {
+    "side": tf.io.FixedLenFeature([], tf.string),
+    "node_id": tf.io.FixedLenFeature([], tf.string),
+    "metapath": tf.io.FixedLenFeature([], tf.string, default_value=""),
+    "order": tf.io.FixedLenFeature([], tf.int64),
+    "neighbour_texts": tf.io.RaggedFeature(tf.string),
+    "neighbour_weights": tf.io.RaggedFeature(tf.float32),
+}
+
+
+def metapath_name(side: str, order: int) -> str:
+    """("query", 2) -> "q-i-q" (as components.graph.metapaths names them)."""
+    letters, other = [_LETTERS[side]], {"q": "i", "i": "q"}
+    for _ in range(order):
+        letters.append(other[letters[-1]])
+    return "-".join(letters)
+
+
+# --- Reading the graph component's tables ---------------------------------------------
+
+@dataclasses.dataclass
+class NeighbourTablesData:
+    """Neighbour tables in arrays (row 0 and text 0 are padding).
+
+    Attributes:
+      max_order, max_context_texts: what the arrays cover (C = max_context_texts).
+      keys: per side, the node ids; node keys[side][r] has row r + 1.
+      neighbours: per "{side}_o{k}", int32 [len(keys[side]) + 1, C]: 1 + the index
+        in `texts` of each neighbour, 0 for padding; rows are left-aligned, in the
+        graph's order (weight descending).
+      weights: per "{side}_o{k}", float32 [len(keys[side]) + 1, C], 0 padding.
+      texts: the distinct neighbour texts.
+      records: records read per "{side}_o{k}" (orders above max_order are skipped).
+      source_files: [{"name", "bytes", "sha256"}] of the files read.
+    """
+
+    max_order: int
+    max_context_texts: int
+    keys: Dict[str, List[str]]
+    neighbours: Dict[str, np.ndarray]
+    weights: Dict[str, np.ndarray]
+    texts: List[str]
+    records: Dict[str, int]
+    source_files: List[Dict[str, Any]]
+
+    @classmethod
+    def empty(cls, max_order: int, max_context_texts: int) -> "NeighbourTablesData":
+        width = max(max_context_texts, 1)
+        names = [f"{side}_o{k}" for side in SIDES for k in range(1, max_order + 1)]
+        return cls(max_order, max_context_texts, {side: [] for side in SIDES},
+                   {n: np.zeros([1, width], np.int32) for n in names},
+                   {n: np.zeros([1, width], np.float32) for n in names}, [],
+                   {n: 0 for n in names}, [])
+
+    def fingerprint(self) -> str:
+        """sha256 of the table contents (keys, neighbours, weights, texts)."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps([self.max_order, self.max_context_texts, self.keys,
+                                  self.texts]).encode("utf-8"))
+        for name in sorted(self.neighbours):
+            digest.update(name.encode("utf-8"))
+            digest.update(np.ascontiguousarray(self.neighbours[name]).tobytes())
+            digest.update(np.ascontiguousarray(self.weights[name]).tobytes())
+        return digest.hexdigest()
+
+    def summary(self) -> Dict[str, Any]:
+        return {
+            "max_order": self.max_order,
+            "max_context_texts": self.max_context_texts,
+            "nodes": {side: len(self.keys[side]) for side in SIDES},
+            "records": dict(self.records),
+            "distinct_neighbour_texts": len(self.texts),
+            "fingerprint": self.fingerprint(),
+            "source_files": list(self.source_files),
+        }
+
+
+def _table_files(directory: str) -> List[str]:
+    files = sorted(f for f in tf.io.gfile.glob(os.path.join(directory, "*"))
+                   if not tf.io.gfile.isdir(f) and not f.endswith(".json"))
+    if not files:
+        raise FileNotFoundError(f"no neighbour table files in {directory}")
+    return files
+
+
+def _file_info(path: str) -> Dict[str, Any]:
+    digest, size = hashlib.sha256(), 0
+    with tf.io.gfile.GFile(path, "rb") as f:
+        while True:
+            chunk = f.read(1 << 20)
+            if not chunk:
+                break
+            digest.update(chunk)
+            size += len(chunk)
+    return {"name": os.path.basename(path), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
+                          ) -> NeighbourTablesData:
+    """Reads a GraphContexts `neighbour_tables` folder (every non-JSON file in it).
+
+    Lists longer than `max_context_texts` keep their first entries (the graph
+    sorts by weight); orders above `max_order` are skipped.
+
+    Raises:
+      FileNotFoundError: no table files.
+      ValueError: an unknown side, an order outside 1..3, a metapath that does
+        not match side and order, or the same (side, node, order) twice.
+    """
+    files = _table_files(directory)
+    lists: Dict[str, Dict[str, Tuple[List[str], List[float]]]] = {
+        f"{side}_o{k}": {} for side in SIDES for k in range(1, max_order + 1)}
+    records = {name: 0 for name in lists}
+    for path in files:
+        dataset = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
+        for batch in dataset.batch(_READ_BATCH).map(lambda s: tf.io.parse_example(s, _TABLE_SPEC)):
+            texts, weights = batch["neighbour_texts"].to_list(), batch["neighbour_weights"].to_list()
+            for i, (side, node, metapath, order) in enumerate(zip(
+                    batch["side"].numpy(), batch["node_id"].numpy(), batch["metapath"].numpy(),
+                    batch["order"].numpy())):
+                side, node, metapath = side.decode(), node.decode("utf-8"), metapath.decode()
+                order = int(order)
+                if side not in SIDES:
+                    raise ValueError(f"{path}: unknown side {side!r} for node {node!r}")
+                if not 1 <= order <= 3:
+                    raise ValueError(f"{path}: order {order} outside 1..3 for {side} {node!r}")
+                if metapath and metapath != metapath_name(side, order):
+                    raise ValueError(f"{path}: metapath {metapath!r} does not match side {side} "
+                                     f"and order {order}")
+                if order > max_order:
+                    continue
+                name = f"{side}_o{order}"
+                if node in lists[name]:
+                    raise ValueError(f"{path}: {side} node {node!r} has two order-{order} records")
+                n = min(len(texts[i]), len(weights[i]), max_context_texts)
+                lists[name][node] = ([t.decode("utf-8") for t in texts[i][:n]],
+                                     [float(w) for w in weights[i][:n]])
+                records[name] += 1
+    data = NeighbourTablesData.empty(max_order, max_context_texts)
+    data.records = records
+    data.source_files = [_file_info(f) for f in files]
+    text_index: Dict[str, int] = {}
+    for side in SIDES:
+        names = [f"{side}_o{k}" for k in range(1, max_order + 1)]
+        keys = sorted({node for name in names for node in lists[name]})
+        row = {node: r + 1 for r, node in enumerate(keys)}
+        data.keys[side] = keys
+        for name in names:
+            neighbours = np.zeros([len(keys) + 1, data.neighbours[name].shape[1]], np.int32)
+            weights = np.zeros(neighbours.shape, np.float32)
+            for node, (texts, node_weights) in lists[name].items():
+                for j, (text, weight) in enumerate(zip(texts, node_weights)):
+                    if text not in text_index:
+                        text_index[text] = len(text_index) + 1
+                    neighbours[row[node], j] = text_index[text]
+                    weights[row[node], j] = weight
+            data.neighbours[name], data.weights[name] = neighbours, weights
+    data.texts = sorted(text_index, key=text_index.get)
+    for name, count in records.items():
+        if not count:
+            logging.warning("BERM-O: no %s records in %s; that context is always empty", name,
+                            directory)
+    return data
+
+
+# --- In-model tables ------------------------------------------------------------------
+
+def tokenize_texts(tokenizer: Optional[tf.keras.layers.Layer], texts: Sequence[str]) -> np.ndarray:
+    """int32 [len(texts) + 1, T]: row 0 padding, row i + 1 the tokens of texts[i]."""
+    chunks = [np.zeros([1, 1], np.int32)]
+    if texts and tokenizer is None:
+        raise ValueError("neighbour texts need a tokenizer")
+    for start in range(0, len(texts), _TOKENIZE_BATCH):
+        chunks.append(tokenizer(tf.constant(texts[start:start + _TOKENIZE_BATCH])).numpy())
+    width = max(c.shape[1] for c in chunks)
+    return np.concatenate([np.pad(c, [[0, 0], [0, width - c.shape[1]]]) for c in chunks])
+
+
+class NeighbourTables(tf.Module):
+    """The neighbour tables inside the model: node ids -> context token features."""
+
+    def __init__(self, data: NeighbourTablesData, tokenizer: Optional[tf.keras.layers.Layer],
+                 name: str = "berm_tables"):
+        super().__init__(name=name)
+        self.max_order = data.max_order
+        self.index = {}
+        for side in SIDES:
+            keys, rows = list(data.keys[side]), list(range(1, len(data.keys[side]) + 1))
+            if "" not in keys:  # The empty id is never a node; a table cannot be empty.
+                keys.append("")
+                rows.append(0)
+            self.index[side] = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
+                                                    tf.constant(rows, tf.int64)),
+                default_value=tf.constant(0, tf.int64))
+        self.neighbours = {n: tf.Variable(a, trainable=False, name=f"{n}_neighbours")
+                           for n, a in data.neighbours.items()}
+        self.weights = {n: tf.Variable(a, trainable=False, name=f"{n}_weights")
+                        for n, a in data.weights.items()}
+        self.text_tokens = tf.Variable(tokenize_texts(tokenizer, data.texts), trainable=False,
+                                       name="text_tokens")
+
+    def lookup(self, query: tf.Tensor, item_id: tf.Tensor) -> Dict[str, tf.Tensor]:
+        """Context inputs of the token scorer (`{prefix}_tokens/_weights/_length`)."""
+        rows = {"query": self.index["query"].lookup(tf.strings.strip(query)),
+                "item": self.index["item"].lookup(tf.strings.strip(item_id))}
+        features = {}
+        for prefix in student.context_prefixes(self.max_order):
+            side, order = student.prefix_side_and_order(prefix)
+            name = f"{side}_o{order}"
+            indices = tf.gather(self.neighbours[name], rows[side])  # [N, C]
+            tokens = tf.gather(self.text_tokens, indices)  # [N, C, T], left-aligned
+            # Keep only the token columns some text of the batch uses (>= 1):
+            # query neighbours are much shorter than the longest title.
+            width = tf.maximum(1, tf.reduce_max(tf.reduce_sum(tf.cast(tokens != 0, tf.int32), -1)))
+            features[f"{prefix}_tokens"] = tokens[:, :, :width]
+            features[f"{prefix}_weights"] = tf.gather(self.weights[name], rows[side])
+            features[f"{prefix}_length"] = tf.reduce_sum(tf.cast(indices > 0, tf.int32), axis=1)
+        return features
+
+
+class BermServing(tf.Module):
+    """The student with its neighbour tables; `signatures` are what gets exported."""
+
+    def __init__(self, scorer: tf.keras.Model, tables: NeighbourTables, manifest: Mapping[str, Any]):
+        super().__init__(name="berm_serving")
+        self.scorer = scorer
+        self.tables = tables
+        # A JSON string: a dict attribute would become a tracked (and unserialisable) wrapper.
+        self._manifest_json = json.dumps(dict(manifest), sort_keys=True)
+        settings = student.scorer_settings(scorer)
+        self._max_order = settings["max_order"]
+        self._max_context_texts = settings["max_context_texts"]
+        self._spec = student.serving_feature_spec(self._max_order)
+        self.serve_examples = tf.function(
+            self._serve_examples,
+            input_signature=[tf.TensorSpec([None], tf.string, name=student.EXAMPLES_KEY)])
+        self.serve_raw = tf.function(
+            self._serve_raw,
+            input_signature=[tf.TensorSpec([None], tf.string, name=student.QUERY_KEY),
+                             tf.TensorSpec([None], tf.string, name=student.ITEM_ID_KEY),
+                             tf.TensorSpec([None], tf.string, name=student.TITLE_KEY)])
+
+    def _serve_examples(self, examples):
+        parsed = tf.io.parse_example(examples, self._spec)
+        features = student.string_features(parsed, self._max_order, self._max_context_texts)
+        return {student.SCORE_KEY: tf.sigmoid(self.scorer(features, training=False))}
+
+    def _serve_raw(self, query, item_id, item_title):
+        features = self.tables.lookup(query, item_id)
+        features[student.QUERY_TOKENS_KEY] = self.scorer.get_layer(student.QUERY_WORDPIECE)(query)
+        features[student.TITLE_TOKENS_KEY] = self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title)
+        logit = self.scorer.get_layer(student.TOKEN_SCORER)(features, training=False)
+        return {student.SCORE_KEY: tf.sigmoid(logit)}
+
+    @property
+    def manifest(self) -> Dict[str, Any]:
+        return json.loads(self._manifest_json)
+
+    @property
+    def signatures(self) -> Dict[str, Any]:
+        return {tf.saved_model.DEFAULT_SERVING_SIGNATURE_DEF_KEY:
+                    self.serve_examples.get_concrete_function(),
+                student.RAW_SIGNATURE: self.serve_raw.get_concrete_function()}
+
+
+def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[str] = None,
+                        extra_manifest: Optional[Mapping[str, Any]] = None) -> BermServing:
+    """BERM-O from a trained string scorer and the graph component's neighbour tables.
+
+    Args:
+      scorer: a `student.build_student` model (trained in this process, or
+        re-loaded with `load_scorer` from an earlier export).
+      neighbour_tables_dir: GraphContexts `neighbour_tables` folder; None gives
+        empty tables (serve_raw then always takes the 0-order path).
+      extra_manifest: more JSON-serialisable entries for the manifest.
+    """
+    settings = student.scorer_settings(scorer)
+    if neighbour_tables_dir is None or settings["max_order"] == 0:
+        data = NeighbourTablesData.empty(settings["max_order"], settings["max_context_texts"])
+        if neighbour_tables_dir is None and settings["max_order"] > 0:
+            logging.warning("BERM-O: no neighbour_tables_dir: serve_raw scores every pair "
+                            "with the 0-order (cold-start) path")
+    else:
+        data = read_neighbour_tables(neighbour_tables_dir, settings["max_order"],
+                                     settings["max_context_texts"])
+    tokenizer = (scorer.get_layer(student.CONTEXT_WORDPIECE) if settings["max_order"] > 0 else None)
+    tables = NeighbourTables(data, tokenizer)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "signatures": {"serving_default": ["examples"],
+                       student.RAW_SIGNATURE: [student.QUERY_KEY, student.ITEM_ID_KEY,
+                                               student.TITLE_KEY]},
+        "max_order": settings["max_order"],
+        "max_context_texts": settings["max_context_texts"],
+        "neighbour_tables_dir": neighbour_tables_dir,
+        "tables": data.summary(),
+        "text_tokens_shape": list(tables.text_tokens.shape),
+    }
+    manifest.update(extra_manifest or {})
+    return BermServing(scorer, tables, manifest)
+
+
+def export_serving_model(scorer: tf.keras.Model, serving_model_dir: str,
+                         neighbour_tables_dir: Optional[str] = None,
+                         extra_manifest: Optional[Mapping[str, Any]] = None) -> BermServing:
+    """Builds BERM-O and writes it (SavedModel + assets.extra/berm_manifest.json)."""
+    serving = build_serving_model(scorer, neighbour_tables_dir, extra_manifest)
+    save_serving_model(serving, serving_model_dir)
+    return serving
+
+
+def save_serving_model(serving: BermServing, serving_model_dir: str) -> None:
+    """Writes `serving` as a Keras SavedModel of its scorer with the BERM-O signatures.
+
+    The scorer is the root (so `load_scorer` can re-load it as a Keras model);
+    the tables are saved with it through its `berm_serving` attribute.
+    """
+    scorer = serving.scorer
+    scorer.berm_serving = serving  # Tracks the tables from the root.
+    # save_traces=False: every layer is rebuilt from its config on re-load, and
+    # saving skips tracing each layer's call (half the export time).
+    scorer.save(serving_model_dir, save_format="tf", include_optimizer=False,
+                signatures=serving.signatures, save_traces=False)
+    extra = os.path.join(serving_model_dir, "assets.extra")
+    tf.io.gfile.makedirs(extra)
+    with tf.io.gfile.GFile(os.path.join(extra, MANIFEST_FILE), "w") as f:
+        json.dump(serving.manifest, f, indent=2, sort_keys=True)
+    logging.info("BERM-O: exported to %s (tables %s)", serving_model_dir,
+                 json.dumps(serving.manifest["tables"]["nodes"]))
+
+
+def read_manifest(serving_model_dir: str) -> Dict[str, Any]:
+    with tf.io.gfile.GFile(os.path.join(serving_model_dir, "assets.extra", MANIFEST_FILE)) as f:
+        return json.load(f)
+
+
+def load_scorer(serving_model_dir: str) -> tf.keras.Model:
+    """The Keras string scorer of an exported student (for `build_serving_model`).
+
+    A later component can thus rebuild BERM-O with newer neighbour tables:
+    `export_serving_model(load_scorer(model_dir), out_dir, tables_dir)`.
+    """
+    from trainer import berm_layers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+
+    return tf.keras.models.load_model(serving_model_dir, compile=False)
