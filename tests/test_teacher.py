@@ -207,3 +207,86 @@ def test_pretrained_teacher_builds_and_scores():
     assert ((scores > 0) & (scores < 1)).all()
     with pytest.raises(ValueError, match="positions"):
         teacher.build_teacher(encoder, VOCAB, max_seq_length=64)
+
+
+# --- Pooling and head calibration ---------------------------------------------------
+
+def test_sequence_pooling_ignores_padding():
+    sequence = tf.constant([[[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]],
+                            [[5.0, 6.0], [7.0, 8.0], [9.0, 10.0]]])
+    mask = tf.constant([[1, 1, 0], [1, 1, 1]], tf.int32)
+    mean = teacher.SequencePooling("mean")(sequence, mask).numpy()
+    np.testing.assert_allclose(mean, [[2.0, 3.0], [7.0, 8.0]])
+    cls = teacher.SequencePooling("cls")(sequence, mask).numpy()
+    np.testing.assert_allclose(cls, [[1.0, 2.0], [5.0, 6.0]])
+    np.testing.assert_allclose(teacher.SequencePooling("mean")(sequence, tf.zeros_like(mask)), 0.0)
+    with pytest.raises(ValueError, match="mode"):
+        teacher.SequencePooling("max")
+
+
+def test_segment_pair_features_compare_query_and_title_means():
+    # [CLS] q [SEP] | t [SEP] | pad: u = mean of type-0 tokens, v = of type-1 tokens.
+    sequence = tf.constant([[[1.0, 0.0], [1.0, 2.0], [1.0, 1.0], [0.0, 3.0], [0.0, 1.0], [9.0, 9.0]]])
+    mask = tf.constant([[1, 1, 1, 1, 1, 0]], tf.int32)
+    type_ids = tf.constant([[0, 0, 0, 1, 1, 1]], tf.int32)
+    got = teacher.SegmentPairFeatures()(sequence, mask, type_ids).numpy()
+    u, v = np.array([1.0, 1.0]), np.array([0.0, 2.0])
+    cosine = u @ v / np.linalg.norm(u) / np.linalg.norm(v)
+    np.testing.assert_allclose(got[0], np.concatenate([[cosine], u * v, np.abs(u - v)]), atol=1e-6)
+
+
+def test_pooling_option_is_validated_and_every_pooling_builds():
+    assert teacher.TeacherConfig().pooling == "mean"
+    with pytest.raises(ValueError, match="pooling"):
+        teacher.TeacherConfig.from_custom_config({"pooling": "max"})
+    texts = {"query": tf.constant(["red drill", "lamp"]),
+             "item_title": tf.constant(["red cordless drill", "garden hose"])}
+    for pooling in teacher.POOLINGS:
+        config = teacher.TeacherConfig(tiny_encoder=TINY_ENCODER, max_seq_length=16,
+                                       query_max_tokens=8, pooling=pooling, dropout=0.0)
+        model = teacher.teacher_from_config(config, head_bias=0.5)
+        assert model.get_layer(teacher.HEAD_LAYER).get_weights()[1][0] == pytest.approx(0.5)
+        scores = model(texts, training=False).numpy()
+        assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all(), pooling
+        has_pooling_layer = any(layer.name == f"{pooling}_pooling" for layer in model.layers)
+        assert has_pooling_layer == (pooling != "pooler"), pooling
+
+
+def test_head_calibration_predicts_the_mean_target():
+    rng = random.Random(3)
+    pairs = _judged_pairs(rng, 64)
+    features = {"query": tf.constant([q for q, _, _ in pairs]),
+                "item_title": tf.constant([t for _, t, _ in pairs])}
+    dataset = tf.data.Dataset.from_tensor_slices(
+        (features, tf.zeros([len(pairs)]))).batch(16)
+    for pooling in ("mean", "segments"):
+        config = teacher.TeacherConfig(tiny_encoder=TINY_ENCODER, max_seq_length=16,
+                                       query_max_tokens=8, pooling=pooling, dropout=0.0)
+        model = teacher.teacher_from_config(config)
+        got = teacher.calibrate_head(model, dataset, mean_target=0.7, batches=4)
+        logits = tf.keras.Model(model.input, model.get_layer(teacher.HEAD_LAYER).output)
+        mean_logit = float(tf.reduce_mean(logits(features, training=False)))
+        assert mean_logit == pytest.approx(teacher.target_logit(0.7), abs=1e-4), pooling
+        assert ("cosine_weight" in got) == (pooling == "segments")
+        if pooling == "segments":
+            kernel = model.get_layer(teacher.HEAD_LAYER).get_weights()[0]
+            assert kernel[0, 0] == pytest.approx(got["cosine_weight"]) and got["cosine_weight"] > 1
+
+
+def test_target_stats_and_logit(tmp_path):
+    pattern = _write_split(str(tmp_path), "train", [("a", "b", 1.0), ("c", "d", 3.0), ("e", "f", 2.5)])
+    stats = teacher.target_stats([pattern], 1.0, 3.0)
+    assert stats["count"] == 3 and stats["mean_target"] == pytest.approx((0.0 + 1.0 + 0.75) / 3)
+    assert teacher.target_logit(0.5) == pytest.approx(0.0)
+    assert teacher.target_logit(1.0) == pytest.approx(np.log(0.999 / 0.001))
+
+
+def test_segment_pair_dropout_spares_the_cosine():
+    sequence = tf.random.stateless_normal([4, 6, 8], seed=[1, 2])
+    mask = tf.ones([4, 6], tf.int32)
+    type_ids = tf.constant([[0, 0, 0, 1, 1, 1]] * 4, tf.int32)
+    layer = teacher.SegmentPairFeatures(dropout=0.5)
+    clean = layer(sequence, mask, type_ids, training=False).numpy()
+    noisy = layer(sequence, mask, type_ids, training=True).numpy()
+    np.testing.assert_allclose(noisy[:, 0], clean[:, 0], atol=1e-6)
+    assert (noisy[:, 1:] == 0).any() and not np.allclose(noisy[:, 1:], clean[:, 1:])
