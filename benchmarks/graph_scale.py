@@ -1,20 +1,53 @@
 """Scale benchmark of components.graph.metapaths.ComputeNeighbourContexts on DirectRunner.
 
 Generates synthetic search logs whose query and item popularity follow bounded power laws
-(deterministic per seed and shard), runs the graph build for each requested size in a
-fresh child process, and reports wall time, throughput and peak memory::
+(deterministic per seed and shard; the shards are generated inside the pipeline), runs the
+graph build for each requested size in a fresh child process, and reports wall time,
+throughput and peak memory, as JSON (``--out``) and as a Markdown table::
 
-    python benchmarks/graph_scale.py --edges 1e4 1e5 --mode in_memory --k 2 --out results.json
+    python benchmarks/graph_scale.py --edges 1e4 1e5 1e6 --mode in_memory --k 2 --out results.json
+    python benchmarks/graph_scale.py --edges 1e6 --mode multi_processing --workers 2 --max-rss-mb 9500
 
 Why a child process per size: peak RSS is only meaningful per run, and multi_processing
 workers are grandchildren. The parent samples the RSS of the whole child process tree with
-psutil (sum over processes, every 50 ms) and also records the child's own
-``getrusage`` high-water marks (``RUSAGE_SELF`` and, for worker processes that have been
-reaped, ``RUSAGE_CHILDREN``, which is the largest single worker).
+psutil (sum over processes, every 50 ms) and its CPU time (user + system, summed over every
+process seen), and also records the child's own ``getrusage`` high-water marks
+(``RUSAGE_SELF`` and, for worker processes that have been reaped, ``RUSAGE_CHILDREN``,
+which is the largest single worker). ``baseline`` is the child's RSS after its imports,
+just before the pipeline starts (Beam, and whatever importing ``components`` pulls in),
+plus, in multi_processing mode, one fresh worker interpreter's import RSS per worker
+(measured by the parent, outside the tree), so ``peak - baseline`` is what the run itself
+cost. CPU seconds are the robust number on a busy machine; wall seconds are what a user
+waits. ``--max-rss-mb`` / ``--timeout`` kill a run (the child and its workers) whose tree
+grows past that many MB or runs too long; it is reported as a failed row.
 
+Sizes scale the graph with the log (``_sizes``: rows/4 queries, rows/3 items), so the
+degree distribution keeps its shape and cost should grow about linearly; the table lists
+CPU microseconds per edge and KB per edge above baseline to make that easy to check.
 ``--edges`` is the number of generated log rows (= requested edges before aggregation);
-pairs repeated across rows are summed by the pipeline, so the distinct edge count (from
-``graph_stats``) is reported too and throughput is given for both.
+pairs repeated across rows are summed by the pipeline, so "edges/s" uses the distinct edge
+count (from ``graph_stats``); the JSON also has rows/s.
+
+Reference results (k=2, hub_cap 100, top_n 10, 4 component rounds; 2-core VM, Python
+3.11, Beam 2.56; importing ``components`` loads TensorFlow, hence the ~610 MB baseline per
+process; the 1e7 multi_processing run was stopped by ``--max-rss-mb 9500``):
+
+| rows | distinct edges | mode | workers | wall s | edges/s | peak RSS MB (tree) | CPU us/edge | KB/edge above baseline |
+|---:|---:|---|---:|---:|---:|---:|---:|---:|
+| 1e4 | 7,731 | in_memory | 1 | 2.3 | 3,342 | 675 | 754 | 8.47 |
+| 1e5 | 72,316 | in_memory | 1 | 6.8 | 10,608 | 865 | 138 | 3.59 |
+| 1e6 | 671,766 | in_memory | 1 | 44.1 | 15,224 | 1,827 | 68 | 1.85 |
+| 3e6 | 1,936,993 | in_memory | 1 | 120.9 | 16,019 | 3,541 | 63 | 1.55 |
+| 1e7 | 6,182,856 | in_memory | 1 | 377.1 | 16,394 | 7,726 | 60 | 1.18 |
+| 1e5 | 72,316 | multi_processing | 2 | 9.9 | 7,307 | 2,568 | 260 | 10.39 |
+| 1e6 | 671,766 | multi_processing | 2 | 33.7 | 19,934 | 4,739 | 88 | 4.43 |
+| 3e6 | 1,936,993 | multi_processing | 2 | 86.4 | 22,431 | 7,337 | 76 | 2.91 |
+| 1e7 | - | multi_processing | 2 | >234 | - | >9,506 | - | - |
+
+(Before the graph build was restructured: 1e4 7.9 s / 781 MB, 1e5 44.0 s / 1,395 MB,
+1,643 edges/s.) multi_processing pays one baseline per worker and the runner process still
+holds every shuffle, so it is faster but needs about 2-2.5x the memory of in_memory; 1e7
+projects to ~13-19 GB there, versus 7.7 GB in_memory.
 """
 from __future__ import annotations
 
@@ -82,6 +115,12 @@ def _sizes(edges: int):
     return max(10, edges // 4), max(10, edges // 3)
 
 
+def _own_cpu_s() -> float:
+    """User + system seconds of this process and its reaped children."""
+    usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return sum(u.ru_utime + u.ru_stime for u in usage)
+
+
 # --------------------------------------------------------------------------------------
 # Child: one pipeline run
 # --------------------------------------------------------------------------------------
@@ -98,12 +137,16 @@ def _child(args) -> None:
     num_queries, num_items = _sizes(edges)
     shards = [(s, min(ROWS_PER_SHARD, edges - s * ROWS_PER_SHARD))
               for s in range(math.ceil(edges / ROWS_PER_SHARD))]
+    import psutil
+
     config = GraphConfig(max_order=args.k, top_n=args.top_n, hub_cap=args.hub_cap,
                          order3_beam_width=args.beam_width,
                          compute_components=not args.no_components)
     options = PipelineOptions([f"--direct_num_workers={args.workers}",
                                f"--direct_running_mode={args.mode}"])
     out_dir = tempfile.mkdtemp(prefix="graph_scale_")
+    baseline_rss = psutil.Process().memory_info().rss
+    cpu_start = _own_cpu_s()
     start = time.perf_counter()
     with beam.Pipeline(options=options) as p:
         rows = (p
@@ -121,6 +164,7 @@ def _child(args) -> None:
          | "WriteCount" >> beam.io.WriteToText(os.path.join(out_dir, "tables"),
                                                shard_name_template="", num_shards=1))
     wall = time.perf_counter() - start
+    cpu = _own_cpu_s() - cpu_start
     with open(os.path.join(out_dir, "stats")) as f:
         stats = json.loads(f.read())
     with open(os.path.join(out_dir, "tables")) as f:
@@ -138,6 +182,8 @@ def _child(args) -> None:
         "wall_s": wall,
         "rows_per_s": edges / wall,
         "edges_per_s": stats["edges"]["total"] / wall,
+        "child_cpu_s": cpu,
+        "baseline_rss_mb": baseline_rss / 2 ** 20,
         "child_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "largest_worker_maxrss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
@@ -148,7 +194,8 @@ def _child(args) -> None:
 # --------------------------------------------------------------------------------------
 # Parent: one child per size, RSS sampling, report
 # --------------------------------------------------------------------------------------
-def _tree_rss(proc) -> int:
+def _sample_tree(proc, cpu_by_pid: Dict[int, float]) -> int:
+    """RSS of ``proc`` and all its descendants now; updates each one's CPU seconds."""
     import psutil
 
     total = 0
@@ -158,10 +205,40 @@ def _tree_rss(proc) -> int:
         return 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            with p.oneshot():
+                total += p.memory_info().rss
+                times = p.cpu_times()
+            cpu_by_pid[p.pid] = max(cpu_by_pid.get(p.pid, 0.0), times.user + times.system)
         except psutil.Error:
             pass
     return total
+
+
+def _worker_import_rss(env) -> int:
+    """RSS of a fresh interpreter after the imports a multi_processing worker does (Beam's
+    worker, and ``components`` to unpickle the graph's DoFns, which may pull in
+    TensorFlow); run outside the measured process tree."""
+    code = ("import resource, apache_beam.runners.worker.sdk_worker_main, "
+            "components.graph.metapaths, graph_scale; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                         text=True, env=env).stdout
+    return int(out.split()[-1]) * 1024
+
+
+def _kill_tree(proc) -> None:
+    """Kills the child we started and its descendants (by pid)."""
+    import psutil
+
+    try:
+        procs = proc.children(recursive=True) + [proc]
+    except psutil.Error:
+        procs = [proc]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
 
 
 def _run_size(edges: int, args) -> Dict:
@@ -176,39 +253,65 @@ def _run_size(edges: int, args) -> Dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, HERE, env.get("PYTHONPATH")) if p)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    worker_baseline = _worker_import_rss(env) if args.mode == "multi_processing" else 0
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env)
     ps = psutil.Process(proc.pid)
-    peak = 0
+    peak, cpu_by_pid, failure = 0, {}, None
     while proc.poll() is None:
-        peak = max(peak, _tree_rss(ps))
-        if args.timeout and time.perf_counter() - start > args.timeout:
-            proc.kill()
+        peak = max(peak, _sample_tree(ps, cpu_by_pid))
+        elapsed = time.perf_counter() - start
+        if args.timeout and elapsed > args.timeout:
+            failure = f"timed out after {args.timeout:.0f}s"
+        elif args.max_rss_mb and peak > args.max_rss_mb * 2 ** 20:
+            failure = f"killed at {peak / 2 ** 20:,.0f} MB RSS (limit {args.max_rss_mb:,} MB) after {elapsed:.0f}s"
+        if failure:
+            _kill_tree(ps)
             proc.wait()
-            raise RuntimeError(f"{edges} edges: timed out after {args.timeout}s")
+            break
         time.sleep(0.05)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{edges} edges: child failed with exit code {proc.returncode}")
+    result = {"rows": edges, "mode": args.mode, "workers": args.workers, "k": args.k,
+              "hub_cap": args.hub_cap, "beam_width": args.beam_width, "top_n": args.top_n,
+              "peak_tree_rss_mb": peak / 2 ** 20, "tree_cpu_s": sum(cpu_by_pid.values()),
+              "process_wall_s": time.perf_counter() - start}
+    if failure is None and proc.returncode != 0:
+        failure = f"child failed with exit code {proc.returncode}"
+    if failure is not None:
+        result["failed"] = failure
+        return result
     with open(child_out) as f:
-        result = json.load(f)
+        result.update(json.load(f))
     os.unlink(child_out)
-    result.update(mode=args.mode, workers=args.workers, k=args.k, hub_cap=args.hub_cap,
-                  beam_width=args.beam_width,
-                  top_n=args.top_n, peak_tree_rss_mb=peak / 2 ** 20,
-                  process_wall_s=time.perf_counter() - start)
+    result["worker_baseline_rss_mb"] = worker_baseline / 2 ** 20
+    result["tree_baseline_rss_mb"] = result["baseline_rss_mb"] + args.workers * result["worker_baseline_rss_mb"] \
+        if args.mode == "multi_processing" else result["baseline_rss_mb"]
     return result
 
 
 def markdown_table(results: List[Dict]) -> str:
-    header = ("| rows | distinct edges | k | beam | mode | workers | wall s | edges/s | rows/s "
-              "| peak RSS MB (tree) | table rows | capped hubs |")
-    lines = [header, "|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    """rows, distinct edges, mode, workers, k, wall s, edges/s, peak RSS (tree), then CPU
+    seconds (tree), baseline RSS (tree: after imports, per process), CPU us per edge, KB
+    per edge above baseline, table rows, capped hubs."""
+    header = ("| rows | distinct edges | mode | workers | k | wall s | edges/s | peak RSS MB (tree) "
+              "| CPU s (tree) | baseline RSS MB (tree) | CPU us/edge | KB/edge above baseline "
+              "| table rows | capped hubs |")
+    lines = [header, "|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
+        if "failed" in r:
+            lines.append(
+                f"| {r['rows']:,} | - | {r['mode']} | {r['workers']} | {r['k']} "
+                f"| >{r['process_wall_s']:.0f} | - | >{r['peak_tree_rss_mb']:,.0f} "
+                f"| >{r['tree_cpu_s']:.0f} | - | - | - | - | {r['failed']} |")
+            continue
+        edges = r["distinct_edges"] or 1
+        baseline = r.get("tree_baseline_rss_mb", r["baseline_rss_mb"])
+        above = r["peak_tree_rss_mb"] - baseline
         lines.append(
-            f"| {r['rows']:,} | {r['distinct_edges']:,} | {r['k']} | {r['beam_width'] or '-'} "
-            f"| {r['mode']} | {r['workers']} "
-            f"| {r['wall_s']:.1f} | {r['edges_per_s']:,.0f} | {r['rows_per_s']:,.0f} "
-            f"| {r['peak_tree_rss_mb']:,.0f} | {r['table_rows']:,} | {r['capped_hubs']:,} |")
+            f"| {r['rows']:,} | {r['distinct_edges']:,} | {r['mode']} | {r['workers']} | {r['k']} "
+            f"| {r['wall_s']:.1f} | {r['edges_per_s']:,.0f} | {r['peak_tree_rss_mb']:,.0f} "
+            f"| {r['tree_cpu_s']:.1f} | {baseline:,.0f} "
+            f"| {r['tree_cpu_s'] / edges * 1e6:,.0f} | {above * 1024 / edges:.2f} "
+            f"| {r['table_rows']:,} | {r['capped_hubs']:,} |")
     return "\n".join(lines)
 
 
@@ -227,6 +330,8 @@ def main(argv=None) -> None:
     parser.add_argument("--no-components", action="store_true")
     parser.add_argument("--seed", type=int, default=20221207)
     parser.add_argument("--timeout", type=float, default=0, help="seconds per size, 0 = none")
+    parser.add_argument("--max-rss-mb", type=int, default=0,
+                        help="kill a run whose process tree RSS exceeds this (MB), 0 = none")
     parser.add_argument("--out", default="", help="write results as JSON here")
     parser.add_argument("--child-edges", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
@@ -247,6 +352,9 @@ def main(argv=None) -> None:
         result = _run_size(edges, args)
         print(json.dumps(result, sort_keys=True), flush=True)
         results.append(result)
+        if args.out:  # keep what finished if a later size fails or is interrupted
+            with open(args.out, "w") as f:
+                json.dump(results, f, indent=2, sort_keys=True)
     print()
     print(markdown_table(results))
     if args.out:

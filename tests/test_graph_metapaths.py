@@ -129,6 +129,21 @@ def random_rows(seed=7, n_rows=160, n_queries=25, n_items=30) -> List[dict]:
 
 RANDOM_CONFIG = GraphConfig(max_order=3, top_n=3, hub_cap=4, min_edge_weight=0.05, cc_rounds=2)
 
+# Item "m" reaches b through both q1 and q2, but b is only third in each query's list, so
+# its title is not shipped with the query lists (only the top_n + 1 = 2 heaviest are): the
+# i-q-i table of m must still carry b's title (looked up). Weights ("clicks"):
+#   q1: m 10, a 6, b 5    q2: m 10, c 6, b 5   -> from m: b 2 * 1/2 * 5/21 beats a, c 6/42
+TITLE_LOOKUP_ROWS = [
+    row("q1", "m", 10, "Em"), row("q1", "a", 6, "Ay"), row("q1", "b", 5, "Bee"),
+    row("q2", "m", 10, "Em"), row("q2", "c", 6, "Sea"), row("q2", "b", 5, "Bee"),
+]
+TITLE_LOOKUP_CONFIG = GraphConfig(max_order=3, top_n=1, weight_scheme="clicks")
+
+# Connected components with the numbers of rounds the implementation special-cases
+# (rounds 1-3 ride on the graph stages, 4+ on extra exchanges; 1 and 2 are the "chain"
+# and "random" scenarios).
+ROUNDS_SCENARIOS = (3, 4, 5)
+
 JOIN_EXAMPLES = [
     {"query": "q1", "item_id": "a", "label": 1},
     {"query": "q1", "item_id": "a", "label": 0},
@@ -200,6 +215,10 @@ def results(tmp_path_factory):
         "random": (random_rows(), RANDOM_CONFIG),
         "random_beam": (random_rows(), dataclass_replace(RANDOM_CONFIG, order3_beam_width=1)),
         "chain": (CHAIN_ROWS, GraphConfig(max_order=1, weight_scheme="clicks", cc_rounds=1)),
+        "title_lookup": (TITLE_LOOKUP_ROWS, TITLE_LOOKUP_CONFIG),
+        **{f"rounds{r}": (random_rows(), dataclass_replace(RANDOM_CONFIG, cc_rounds=r))
+           for r in ROUNDS_SCENARIOS},
+        "rounds_k1": (random_rows(), dataclass_replace(RANDOM_CONFIG, max_order=1, cc_rounds=3)),
     }
     return run_scenarios(str(tmp_path_factory.mktemp("graph")), scenarios,
                          options=["--direct_num_workers=1"], join=("hand", JOIN_EXAMPLES, 3))
@@ -572,3 +591,85 @@ def test_determinism_across_workers_and_modes(results, tmp_path, monkeypatch):
         a = sorted(json.dumps(r, sort_keys=True) for r in single[output])
         b = sorted(json.dumps(r, sort_keys=True) for r in multi[output])
         assert a == b, output
+
+
+# --------------------------------------------------------------------------------------
+# Added with the scale work: paths the implementation takes only in some cases
+# --------------------------------------------------------------------------------------
+def bfs_components(edges):
+    """(number of components, largest size) of the bipartite graph on (query, item) edges."""
+    neighbours = {}
+    for q, i in edges:
+        neighbours.setdefault(("q", q), set()).add(("i", i))
+        neighbours.setdefault(("i", i), set()).add(("q", q))
+    seen, sizes = set(), []
+    for node in neighbours:
+        if node in seen:
+            continue
+        frontier, size = [node], 0
+        seen.add(node)
+        while frontier:
+            size += 1
+            for nb in neighbours[frontier.pop()]:
+                if nb not in seen:
+                    seen.add(nb)
+                    frontier.append(nb)
+        sizes.append(size)
+    return len(sizes), max(sizes, default=0)
+
+
+def test_titles_outside_the_shipped_top_are_looked_up(results):
+    tables = tables_by_key(results["title_lookup"]["neighbour_tables"])
+    record = tables[("item", "i-q-i", "m")]
+    assert record["neighbour_ids"] == ["b"] and record["neighbour_texts"] == ["Bee"]
+    assert record["neighbour_weights"] == pytest.approx([5 / 21])
+    expected = reference_tables(TITLE_LOOKUP_ROWS, TITLE_LOOKUP_CONFIG)
+    expected.pop("_edges")
+    assert set(tables) == set(expected)
+    for key, (ids, texts, weights) in expected.items():
+        assert tables[key]["neighbour_ids"] == ids, key
+        assert tables[key]["neighbour_texts"] == texts, key
+        assert tables[key]["neighbour_weights"] == pytest.approx(weights, rel=1e-12), key
+
+
+@pytest.mark.parametrize("scenario", [f"rounds{r}" for r in ROUNDS_SCENARIOS] + ["rounds_k1"])
+def test_connected_components_any_number_of_rounds(results, scenario):
+    config = RANDOM_CONFIG if scenario != "rounds_k1" else dataclass_replace(RANDOM_CONFIG, max_order=1)
+    edges = reference_tables(random_rows(), config)["_edges"]
+    stats = results[scenario]["graph_stats"][0]
+    num, largest = bfs_components(edges)
+    assert num > 1
+    assert stats["connected_components"]["num_components"] == num
+    assert stats["connected_components"]["largest_component_size"] == largest
+    # Everything but the echoed config is the same as with the default scenario's rounds.
+    strip = lambda s: {k: v for k, v in s.items() if k not in ("config", "connected_components")}
+    assert strip(stats) == strip(results["random"]["graph_stats"][0])
+    if scenario != "rounds_k1":
+        dump = lambda records: sorted(json.dumps(r, sort_keys=True) for r in records)
+        assert dump(results[scenario]["neighbour_tables"]) == dump(results["random"]["neighbour_tables"])
+
+
+def test_row_fast_path_matches_normalise_log_row():
+    rng = random.Random(5)
+    values = [0, 3, -2, 2 ** 60 + 1, 7.0, 2.5, "4", b"5", [6], None, True, ""]
+    texts = ["q", "", b"bytes", 12, 1.0, None, ["listed"], "é"]
+    fn = mp._NormaliseRowFn()
+    for _ in range(400):
+        r = {"query": rng.choice(texts), "item_id": rng.choice(texts),
+             "item_title": rng.choice(texts), "impressions": rng.choice(values),
+             "clicks": rng.choice(values)}
+        if rng.random() < 0.7:
+            r["purchases"] = rng.choice(values)
+        try:
+            want = mp.normalise_log_row(r)
+        except (TypeError, ValueError):
+            with pytest.raises((TypeError, ValueError)):
+                list(fn.process(r))
+            continue
+        got = list(fn.process(r))
+        assert len(got) == 1
+        if want["query"] and want["item_id"]:
+            assert got[0] == (want["query"], (want["item_id"], want["impressions"], want["clicks"],
+                                              want["purchases"], want["item_title"]))
+        else:
+            assert got[0].tag == mp._NormaliseRowFn.INVALID and got[0].value == want

@@ -45,18 +45,31 @@ Pipeline, in order
    other side of the graph (q->i->q'->i' may end at an item that q clicked directly); it
    is kept, since that is a genuinely different, corroborating path.
 
-   Order 2 enumerates the 2-paths (at most ``hub_cap**2`` per start node) with a join on
-   the middle node. Order 3 groups those 2-paths by (start, mid2), remembering the
-   share of each first hop, and takes the third step once per (start, mid2, end) rather
-   than once per path: a third step onto one of the remembered first-hop nodes uses the
-   exact sum of the other shares (that is the i' != i exclusion). Exact order 3 can
-   still cost ``hub_cap**3`` per start node; ``order3_beam_width`` bounds it by keeping
-   only the heaviest order-2 nodes of each start (an approximation, off by default).
+   Order 2 of a start node is summed where the start node is grouped: each middle node
+   sends its whole (capped) neighbour list, with its transition probabilities, to each
+   of its neighbours, which adds up P(mid|start) * P(end|mid) per end node in memory
+   (at most ``hub_cap**2`` terms per start node). Order 3 groups the 2-paths by
+   (start, mid2), remembering the share of each first hop, and takes the third step once
+   per (start, mid2, end) rather than once per path: a third step onto one of the
+   remembered first-hop nodes uses the exact sum of the other shares (that is the
+   i' != i exclusion). Exact order 3 can still cost ``hub_cap**3`` per start node;
+   ``order3_beam_width`` bounds it by keeping only the heaviest order-2 nodes of each
+   start (an approximation, off by default).
 5. **Top-N**: neighbours sorted by weight descending, then by id ascending.
 
-Determinism: integer sums are exact, floating sums use Shewchuk's exact partials and are
-rounded once (:class:`_ExactSumFn`), every top-N / title / label choice uses a total order,
-so outputs do not depend on bundle boundaries, worker count or arrival order.
+Shuffles: pairs are aggregated with a per-query ``CombinePerKey`` (1.), then the graph
+goes query -> item (weights and query caps; item titles, caps, order 1, item lists) ->
+query (order 1 and 2 of queries, query lists) -> item (order 2 of items): each kept edge
+is crossed once per direction, carrying both the neighbour lists and the labels of the
+connected-components propagation (see ``graph_stats``). Neighbour lists travel as packed
+bytes. The query -> item lists (sum over queries of degree**2 entries, the largest
+exchange) carry titles only for each query's ``top_n + 1`` heaviest items; an item whose
+top-N includes another item gets that title from a small lookup join.
+
+Determinism: integer sums are exact, floating sums are exact and rounded once
+(``math.fsum``, or Shewchuk's partials in :class:`_ExactSumFn`), every top-N / title /
+label choice uses a total order, so outputs do not depend on bundle boundaries, worker
+count or arrival order.
 
 Outputs of :class:`ComputeNeighbourContexts` (a :class:`NeighbourContexts` named tuple,
 also indexable by name)
@@ -74,9 +87,11 @@ item: ``i-q`` (1), ``i-q-i`` (2), ``i-q-i-q`` (3). Lists are parallel and sorted
 :func:`_finalise_stats` for the keys. Degree quantiles are exact nearest-rank quantiles,
 computed from a histogram of degree values (memory: number of distinct degrees).
 Connected components are computed on the final (capped) graph with ``cc_rounds`` rounds of
-min-label propagation followed by an exact union-find over the label pairs still in
-conflict (usually few after a few rounds; memory is the number of such labels, which for
-pathological long chains can approach the number of nodes), so the count is exact.
+min-label propagation (rounds 1-3 ride on the graph's own query/item exchanges, later ones
+take one exchange per two rounds) followed by an exact union-find over the label pairs
+still in conflict (usually few after a few rounds; memory is the number of such labels,
+which for pathological long chains can approach the number of nodes), so the count is
+exact.
 
 ``capped_hubs``: ``{"side", "node_id", "original_degree", "kept_degree"}`` per capped node.
 
@@ -94,8 +109,11 @@ related items). Missing contexts give empty lists, so every example has every ke
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import math
+import pickle
+import zlib
 from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -324,18 +342,62 @@ def neighbour_record_to_tf_example(record: Mapping[str, Any]):
 # Tagged outputs defeat Beam's output type inference; declare Any.
 @beam.typehints.with_output_types(Any)
 class _NormaliseRowFn(beam.DoFn):
+    """Log row -> ``(query, (item_id, impressions, clicks, purchases, item_title))``
+    (:func:`normalise_log_row` semantics; plain ``str``/``int`` dict rows take a fast path
+    that gives the same values). Rows without a query or item go to ``INVALID``."""
+
     INVALID = "invalid"
 
     def __init__(self):
         self._invalid = Metrics.counter(_METRICS_NS, "invalid_log_rows")
 
     def process(self, element: Any):
+        if type(element) is dict:  # pylint: disable=unidiomatic-typecheck
+            keyed = _fast_row(element)
+            if keyed is not None and keyed[0] and keyed[1][0]:
+                yield keyed
+                return
         row = normalise_log_row(element)
         if not row["query"] or not row["item_id"]:
             self._invalid.inc()
             yield pvalue.TaggedOutput(self.INVALID, row)
             return
-        yield row
+        yield (row["query"],
+               (row["item_id"], row["impressions"], row["clicks"], row["purchases"], row["item_title"]))
+
+
+_EXACT_INT = 2 ** 53  # ints below this survive _as_count's int(float(v)) unchanged
+
+
+def _fast_count(value: Any) -> Optional[int]:
+    if value is None:
+        return 0
+    if type(value) is int and -_EXACT_INT < value < _EXACT_INT:  # pylint: disable=unidiomatic-typecheck
+        return value if value > 0 else 0
+    return None
+
+
+def _fast_row(row: dict) -> Optional[Tuple]:
+    """:class:`_NormaliseRowFn`'s output for a dict row whose fields are already
+    ``str``/``int``/None, or None when the general path is needed (values identical to
+    normalise_log_row)."""
+    get = row.get
+    query, item, title = get("query"), get("item_id"), get("item_title")
+    if title is None:
+        title = ""
+    if type(query) is not str or type(item) is not str or type(title) is not str:  # pylint: disable=unidiomatic-typecheck
+        return None
+    impressions, clicks, purchases = get("impressions"), get("clicks"), get("purchases")
+    # Common case inline: non-negative exact ints are their own counts.
+    if not (type(impressions) is int and 0 <= impressions < _EXACT_INT):  # pylint: disable=unidiomatic-typecheck
+        impressions = _fast_count(impressions)
+    if not (type(clicks) is int and 0 <= clicks < _EXACT_INT):  # pylint: disable=unidiomatic-typecheck
+        clicks = _fast_count(clicks)
+    if not (type(purchases) is int and 0 <= purchases < _EXACT_INT):  # pylint: disable=unidiomatic-typecheck
+        purchases = _fast_count(purchases)
+    if impressions is None or clicks is None or purchases is None:
+        return None
+    return query, (item, impressions, clicks, purchases, title)
 
 
 # --------------------------------------------------------------------------------------
@@ -358,7 +420,8 @@ def _msum_add(partials: List[float], x: float) -> None:
 
 class _ExactSumFn(beam.CombineFn):
     """Sums (text, weight) values exactly; the result is the correctly rounded sum whatever
-    the order of inputs and merges. The text (identical for one key) is kept as the min."""
+    the order of inputs and merges (equal to ``math.fsum`` of all the weights). The text
+    (identical for one key) is kept as the min."""
 
     def create_accumulator(self):
         return [None, []]
@@ -394,93 +457,77 @@ def _state_rank_key(element: Tuple[str, float, Tuple]):
     return (-element[1], element[0])
 
 
-class _TopNFn(beam.CombineFn):
-    """Top-n tuples under ``key`` (a total order on one key's values; default
-    :func:`_rank_key` for (id, text, weight)); accumulators never exceed 2n."""
-
-    def __init__(self, n: int, key=_rank_key):
-        self._n = n
-        self._key = key
-
-    def _trim(self, acc):
-        acc.sort(key=self._key)
-        del acc[self._n:]
-        return acc
-
-    def create_accumulator(self):
-        return []
-
-    def add_input(self, acc, element):
-        acc.append(tuple(element))
-        if len(acc) >= 2 * self._n:
-            self._trim(acc)
-        return acc
-
-    def merge_accumulators(self, accumulators):
-        merged = []
-        for acc in accumulators:
-            merged.extend(acc)
-        return self._trim(merged)
-
-    def compact(self, acc):
-        return self._trim(acc)
-
-    def extract_output(self, acc):
-        return self._trim(list(acc))
+def _cap_key(edge: Tuple[str, float]):
+    """Order in which a node keeps its (neighbour, weight, ...) edges when capped."""
+    return (-edge[1], edge[0])
 
 
-class _CountAndTopFn(beam.CombineFn):
-    """(degree, the cap heaviest (neighbour, weight)) of a node, without materialising its
-    full adjacency: this is what keeps a million-edge hub from blowing up a worker."""
+def _top(candidates, n: int, key):
+    """``sorted(candidates, key=key)[:n]`` without sorting everything."""
+    if len(candidates) <= n:
+        return sorted(candidates, key=key)
+    return heapq.nsmallest(n, candidates, key=key)
 
-    def __init__(self, cap: int):
-        self._cap = cap
 
-    @staticmethod
-    def _key(element):
-        return (-element[1], element[0])
+def _merge_titles(titles, rows, other, other_rows):
+    """Merges two title tallies; a tally is a title (all its rows had it) or a dict
+    {title: rows}, so the common single-title pair costs one string."""
+    if other is None:
+        return titles
+    if titles is None:
+        return other if other.__class__ is str else dict(other)
+    if titles.__class__ is str:
+        if other.__class__ is str and other == titles:
+            return titles
+        titles = {titles: rows}
+    else:
+        titles = dict(titles)
+    if other.__class__ is str:
+        titles[other] = titles.get(other, 0) + other_rows
+    else:
+        for title, count in other.items():
+            titles[title] = titles.get(title, 0) + count
+    return titles
 
-    def _trim(self, top):
-        top.sort(key=self._key)
-        del top[self._cap:]
-        return top
+
+class _QueryPairsFn(beam.CombineFn):
+    """Per query: {item: (impressions, clicks, purchases, rows, titles)} summed over the
+    query's log rows (element-wise integer sums; titles: see :func:`_merge_titles`).
+    Inputs are (item, impressions, clicks, purchases, title) rows. Keyed by query rather
+    than by pair so that the pairs arrive grouped for capping without another shuffle; a
+    query's accumulator holds one entry per distinct item it was logged with."""
 
     def create_accumulator(self):
-        return [0, []]
+        return {}
 
     def add_input(self, acc, element):
-        acc[0] += 1
-        acc[1].append(tuple(element))
-        if len(acc[1]) >= 2 * self._cap:
-            self._trim(acc[1])
+        item, impressions, clicks, purchases, title = element
+        counts = acc.get(item)
+        if counts is None:
+            acc[item] = (impressions, clicks, purchases, 1, title)
+        else:
+            titles = counts[4]
+            if titles.__class__ is not str or titles != title:
+                titles = _merge_titles(titles, counts[3], title, 1)
+            acc[item] = (counts[0] + impressions, counts[1] + clicks, counts[2] + purchases,
+                         counts[3] + 1, titles)
         return acc
 
     def merge_accumulators(self, accumulators):
-        count, top = 0, []
+        accumulators = iter(accumulators)
+        merged = next(accumulators, None)
+        if merged is None:
+            return {}
         for acc in accumulators:
-            count += acc[0]
-            top.extend(acc[1])
-        return [count, self._trim(top)]
-
-    def extract_output(self, acc):
-        return acc[0], self._trim(list(acc[1]))
-
-
-class _SumCountsFn(beam.CombineFn):
-    """Element-wise integer sum of (impressions, clicks, purchases, rows)."""
-
-    def create_accumulator(self):
-        return (0, 0, 0, 0)
-
-    def add_input(self, acc, element):
-        return tuple(a + b for a, b in zip(acc, element))
-
-    def merge_accumulators(self, accumulators):
-        totals = [0, 0, 0, 0]
-        for acc in accumulators:
-            for j, value in enumerate(acc):
-                totals[j] += value
-        return tuple(totals)
+            for item, other in acc.items():
+                counts = merged.get(item)
+                if counts is None:
+                    merged[item] = other
+                else:
+                    merged[item] = (counts[0] + other[0], counts[1] + other[1],
+                                    counts[2] + other[2], counts[3] + other[3],
+                                    _merge_titles(counts[4], counts[3], other[4], other[3]))
+        return merged
 
     def extract_output(self, acc):
         return acc
@@ -491,46 +538,17 @@ def _title_key(candidate: Tuple[str, int]):
     return (title == "", -rows, title)
 
 
-class _BestTitleFn(beam.CombineFn):
-    """Most frequent non-empty (title, rows); ties -> lexicographically smallest title."""
-
-    def create_accumulator(self):
-        return None
-
-    def add_input(self, acc, element):
-        element = tuple(element)
-        return element if acc is None or _title_key(element) < _title_key(acc) else acc
-
-    def merge_accumulators(self, accumulators):
-        best = None
-        for acc in accumulators:
-            if acc is not None and (best is None or _title_key(acc) < _title_key(best)):
-                best = acc
-        return best
-
-    def extract_output(self, acc):
-        return "" if acc is None else acc[0]
-
-
-class _DegreeSummaryFn(beam.CombineFn):
-    """Exact degree distribution summary from a histogram of degree values."""
-
-    def create_accumulator(self):
-        return {}
-
-    def add_input(self, acc, degree):
-        acc[degree] = acc.get(degree, 0) + 1
-        return acc
-
-    def merge_accumulators(self, accumulators):
-        merged: Dict[int, int] = {}
-        for acc in accumulators:
-            for degree, count in acc.items():
-                merged[degree] = merged.get(degree, 0) + count
-        return merged
-
-    def extract_output(self, acc):
-        return degree_summary(acc)
+def _best_title(tallies) -> str:
+    """Most frequent non-empty title over (rows, titles) tallies of one item's pairs;
+    ties -> lexicographically smallest title ("" if the item never had one)."""
+    counts: Dict[str, int] = {}
+    for rows, titles in tallies:
+        if titles.__class__ is str:
+            counts[titles] = counts.get(titles, 0) + rows
+        else:
+            for title, count in titles.items():
+                counts[title] = counts.get(title, 0) + count
+    return min(counts.items(), key=_title_key)[0] if counts else ""
 
 
 def degree_summary(histogram: Mapping[int, int]) -> Dict[str, Any]:
@@ -565,6 +583,76 @@ def degree_summary(histogram: Mapping[int, int]) -> Dict[str, Any]:
     return {"count": n, "min": degrees[0], "median": quantiles["median"],
             "p90": quantiles["p90"], "p99": quantiles["p99"], "max": degrees[-1],
             "mean": total / n, "log2_histogram": log2_histogram}
+
+
+# Node stat elements emitted by the graph stages (one small tuple per node and stage).
+_QUERY_STAT, _ITEM_STAT, _QUERY_FINAL_STAT = 0, 1, 2
+
+
+class _NodeStatsFn(beam.CombineFn):
+    """All per-node counts of ``graph_stats`` in one pass over one tuple per node and stage:
+
+    ``(_QUERY_STAT, rows, pairs, degree)`` per query of the log (``degree`` after the min
+    weight, 0 if every pair was dropped), ``(_ITEM_STAT, degree, final_degree)`` per item
+    with an edge and ``(_QUERY_FINAL_STAT, final_degree)`` per query with a kept edge.
+    Integer histograms only, so the result is exact whatever the merge order; edge counts
+    and capped-hub counts follow from them (a node is capped iff its degree > hub_cap).
+    """
+
+    def __init__(self, hub_cap: int, partial: bool = False, merge: bool = False):
+        self._cap = hub_cap
+        self._partial = partial  # output the accumulator (to be merged)
+        self._merge = merge  # inputs are partial accumulators
+
+    def create_accumulator(self):
+        return [0, 0, {}, {}, {}, {}]  # rows, pairs, query/item degree, query/item final degree
+
+    def add_input(self, acc, element):
+        if self._merge:
+            return self.merge_accumulators([acc, element])
+        kind = element[0]
+        if kind == _QUERY_STAT:
+            acc[0] += element[1]
+            acc[1] += element[2]
+            if element[3]:
+                acc[2][element[3]] = acc[2].get(element[3], 0) + 1
+        elif kind == _ITEM_STAT:
+            acc[3][element[1]] = acc[3].get(element[1], 0) + 1
+            if element[2]:
+                acc[5][element[2]] = acc[5].get(element[2], 0) + 1
+        else:
+            acc[4][element[1]] = acc[4].get(element[1], 0) + 1
+        return acc
+
+    def merge_accumulators(self, accumulators):
+        merged = self.create_accumulator()
+        for acc in accumulators:
+            merged[0] += acc[0]
+            merged[1] += acc[1]
+            for j in range(2, 6):
+                target = merged[j]
+                for degree, count in acc[j].items():
+                    target[degree] = target.get(degree, 0) + count
+        return merged
+
+    def extract_output(self, acc):
+        if self._partial:
+            return acc
+        rows, pairs, query, item, query_final, item_final = acc
+        edges = lambda hist: sum(d * c for d, c in hist.items())  # pylint: disable=unnecessary-lambda-assignment
+        capped = lambda hist: sum(c for d, c in hist.items() if d > self._cap)  # pylint: disable=unnecessary-lambda-assignment
+        return {
+            "num_log_rows": rows,
+            "edges.total": pairs,
+            "edges.after_min_weight": edges(query),
+            "edges.after_hub_cap": edges(item_final),
+            f"degree.{QUERY}": degree_summary(query),
+            f"degree.{ITEM}": degree_summary(item),
+            f"degree_after_hub_cap.{QUERY}": degree_summary(query_final),
+            f"degree_after_hub_cap.{ITEM}": degree_summary(item_final),
+            f"capped_hubs.{QUERY}": capped(query),
+            f"capped_hubs.{ITEM}": capped(item),
+        }
 
 
 class _UnionFindFn(beam.CombineFn):
@@ -649,19 +737,6 @@ class _CollectStatsFn(beam.CombineFn):
 # --------------------------------------------------------------------------------------
 # Small element functions (module level so they pickle by reference)
 # --------------------------------------------------------------------------------------
-def _pair_counts(row):
-    return (row["query"], row["item_id"]), (row["impressions"], row["clicks"], row["purchases"], 1)
-
-
-def _to_edge(pair, config):
-    (query, item), (impressions, clicks, purchases, _) = pair
-    return query, item, edge_weight(impressions, clicks, purchases, config)
-
-
-def _keep_edge(edge, min_weight):
-    return edge[2] > 0 and edge[2] >= min_weight
-
-
 def _tag(element, tag):
     return element[0], (tag, element[1])
 
@@ -675,155 +750,35 @@ def _lookup(tagged_values):
 
 
 def _tagged_join(label: str, lookup, main):
-    """Groups ``lookup`` (few values per key, tag 0) with ``main`` (tag 1) by key.
+    """Groups ``lookup`` (few values per key, tag 0) with ``main`` (tag 1) by key; either
+    may be a PCollection or a list of them.
 
     A Flatten+GroupByKey rather than CoGroupByKey: consumers scan the grouped iterable
     twice (find the lookup value, then stream the main values), so on Dataflow a hot key's
     values are paged from the shuffle instead of being materialised in lists.
     """
-    return (
-        (lookup | f"{label}TagLookup" >> beam.Map(_tag, 0),
-         main | f"{label}TagMain" >> beam.Map(_tag, 1))
-        | f"{label}Flatten" >> beam.Flatten()
-        | f"{label}Group" >> beam.GroupByKey())
+    def parts(pcolls, tag, name):
+        pcolls = pcolls if isinstance(pcolls, (list, tuple)) else [pcolls]
+        return [pcoll | f"{label}Tag{name}{j or ''}" >> beam.Map(_tag, tag)
+                for j, pcoll in enumerate(pcolls)]
+
+    return (parts(lookup, 0, "Lookup") + parts(main, 1, "Main")
+            | f"{label}Flatten" >> beam.Flatten()
+            | f"{label}Group" >> beam.GroupByKey())
 
 
-# --------------------------------------------------------------------------------------
-# Graph construction transforms
-# --------------------------------------------------------------------------------------
-@beam.ptransform_fn
-def _AggregatePairs(rows):  # pylint: disable=invalid-name
-    """((query, item), (impressions, clicks, purchases, rows)) summed over periods."""
-    return (rows
-            | "PairCounts" >> beam.Map(_pair_counts)
-            | "SumPairCounts" >> beam.CombinePerKey(_SumCountsFn()))
+# Neighbour lists travel between stages as one opaque byte string per node (pickled
+# parallel tuples ``(ids, probabilities[, texts])`` sorted by id): a node's list is sent to
+# each of its neighbours, and bytes are copied by the coders instead of re-encoded and
+# re-decoded object by object. Query-side lists carry the item titles; item-side lists
+# carry query ids, which are their own texts.
+def _pack(*columns) -> bytes:
+    return pickle.dumps(columns, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-@beam.ptransform_fn
-def _ChooseItemTitles(rows):  # pylint: disable=invalid-name
-    """(item_id, title): the most frequent title, smallest on ties (see module docstring)."""
-    return (rows
-            | "ItemTitle" >> beam.Map(lambda row: ((row["item_id"], row["item_title"]), 1))
-            | "CountTitles" >> beam.CombinePerKey(sum)
-            | "KeyByItem" >> beam.Map(lambda kv: (kv[0][0], (kv[0][1], kv[1])))
-            | "BestTitle" >> beam.CombinePerKey(_BestTitleFn()))
+_unpack = pickle.loads
 
 
-# Tagged outputs defeat Beam's output type inference; declare Any.
-@beam.typehints.with_output_types(Any)
-class _EmitCappedFn(beam.DoFn):
-    CAPPED = "capped"
-    DEGREE = "degree"
-
-    def __init__(self, side: str, cap: int):
-        self._side = side
-        self._cap = cap
-        self._capped = Metrics.counter(_METRICS_NS, f"capped_{side}_hubs")
-
-    def process(self, element):
-        node, (degree, top) = element
-        yield pvalue.TaggedOutput(self.DEGREE, degree)
-        if degree > self._cap:
-            self._capped.inc()
-            yield pvalue.TaggedOutput(self.CAPPED, {
-                "side": self._side, "node_id": node,
-                "original_degree": degree, "kept_degree": len(top)})
-        for neighbour, weight in top:
-            pair = (node, neighbour) if self._side == QUERY else (neighbour, node)
-            yield pair, weight
-
-
-def _both_kept(element):
-    (query, item), weights = element
-    weights = list(weights)
-    if len(weights) == 2:
-        yield query, item, weights[0]
-
-
-class _CapHubs(beam.PTransform):
-    """Caps every node to its ``cap`` heaviest edges; an edge survives if both ends keep it.
-
-    Returns a dict: ``edges`` (query, item, weight), ``capped_hubs`` records and the
-    pre-cap degree of every node per side (``degrees_query``, ``degrees_item``).
-    """
-
-    def __init__(self, cap: int, label: Optional[str] = None):
-        super().__init__(label)
-        self._cap = cap
-
-    def expand(self, edges):
-        kept, capped, degrees = [], [], {}
-        for side in SIDES:
-            name = side.capitalize()
-            if side == QUERY:
-                keyed = edges | f"KeyBy{name}" >> beam.Map(lambda e: (e[0], (e[1], e[2])))
-            else:
-                keyed = edges | f"KeyBy{name}" >> beam.Map(lambda e: (e[1], (e[0], e[2])))
-            split = (keyed
-                     | f"{name}DegreeAndTop" >> beam.CombinePerKey(_CountAndTopFn(self._cap))
-                     | f"{name}Cap" >> beam.ParDo(_EmitCappedFn(side, self._cap)).with_outputs(
-                         _EmitCappedFn.CAPPED, _EmitCappedFn.DEGREE, main="kept"))
-            kept.append(split.kept)
-            capped.append(split[_EmitCappedFn.CAPPED])
-            degrees[f"degrees_{side}"] = split[_EmitCappedFn.DEGREE]
-        final = (kept
-                 | "FlattenKept" >> beam.Flatten()
-                 | "GroupKept" >> beam.GroupByKey()
-                 | "KeptByBoth" >> beam.FlatMap(_both_kept))
-        return dict(edges=final, capped_hubs=capped | "FlattenCapped" >> beam.Flatten(), **degrees)
-
-
-def _normalised(neighbours):
-    """Sorted (id, P, text) from (id, weight, text); P = weight / exact total."""
-    neighbours = sorted(neighbours)
-    total = math.fsum(weight for _, weight, _ in neighbours)
-    return [(nid, weight / total, text) for nid, weight, text in neighbours]
-
-
-# Tagged outputs defeat Beam's output type inference; declare Any.
-@beam.typehints.with_output_types(Any)
-class _ItemAdjacencyFn(beam.DoFn):
-    TO_QUERY = "to_query"
-
-    def process(self, element):
-        item, tagged = element
-        title = _lookup(tagged)
-        title = "" if title is None else title
-        edges = [(value[0], value[1], value[0]) for tag, value in tagged if tag == 1]
-        if not edges:
-            return
-        yield item, _normalised(edges)
-        for query, weight, _ in edges:
-            yield pvalue.TaggedOutput(self.TO_QUERY, (query, (item, weight, title)))
-
-
-def _query_adjacency(element):
-    query, neighbours = element
-    return query, _normalised(neighbours)
-
-
-class _BuildAdjacency(beam.PTransform):
-    """Random-walk adjacency per side: (node, [(neighbour, P(neighbour|node), text)])
-    sorted by neighbour id. Item titles are attached here, once per edge."""
-
-    def __init__(self, titles, label: Optional[str] = None):
-        super().__init__(label)
-        self._titles = titles
-
-    def expand(self, edges):
-        by_item = edges | "EdgesByItem" >> beam.Map(lambda e: (e[1], (e[0], e[2])))
-        items = (_tagged_join("ItemTitles", self._titles, by_item)
-                 | "ItemAdjacency" >> beam.ParDo(_ItemAdjacencyFn()).with_outputs(
-                     _ItemAdjacencyFn.TO_QUERY, main="adjacency"))
-        queries = (items[_ItemAdjacencyFn.TO_QUERY]
-                   | "GroupByQuery" >> beam.GroupByKey()
-                   | "QueryAdjacency" >> beam.Map(_query_adjacency))
-        return {QUERY: queries, ITEM: items.adjacency}
-
-
-# --------------------------------------------------------------------------------------
-# Metapath expansion
-# --------------------------------------------------------------------------------------
 def _table_record(side, order, node, neighbours):
     return {
         "side": side, "node_id": node, "metapath": metapath_name(side, order), "order": order,
@@ -833,120 +788,458 @@ def _table_record(side, order, node, neighbours):
     }
 
 
-def _order_one_record(element, side, top_n):
-    node, adjacency = element
-    ranked = sorted(((nid, text, p) for nid, p, text in adjacency), key=_rank_key)[:top_n]
-    return _table_record(side, 1, node, ranked)
+def _rank(sums, top_n):
+    """The top-N (-weight, end) of {end: weight | [weight, ...]} path weights (several
+    weights are summed exactly). Ends are unique, so (-weight, end) is the total order of
+    :func:`_rank_key`."""
+    fsum = math.fsum
+    ranked = [(-(fsum(value) if value.__class__ is list else value), end)
+              for end, value in sums.items()]
+    if len(ranked) > 4096:
+        return heapq.nsmallest(top_n, ranked)
+    ranked.sort()
+    del ranked[top_n:]
+    return ranked
 
 
-def _initial_states(element):
-    """Order-1 walk states keyed by the node reached: (cur, (start, prev, weight, text))."""
-    start, adjacency = element
-    for neighbour, p, text in adjacency:
-        yield neighbour, (start, start, p, text)
+def _ranked_record(side, order, node, ranked, texts):
+    """Table record from :func:`_rank` output; ``texts`` maps ends to texts (None: the id
+    is the text)."""
+    ids = [end for _, end in ranked]
+    return {
+        "side": side, "node_id": node, "metapath": metapath_name(side, order), "order": order,
+        "neighbour_ids": ids,
+        "neighbour_texts": list(ids) if texts is None else [texts[end] for end in ids],
+        "neighbour_weights": [-negative for negative, _ in ranked],
+    }
 
 
-class _ExtendPathsFn(beam.DoFn):
-    """One non-backtracking random-walk step: states at ``cur`` x adjacency of ``cur``
-    (used for order 2, where "non-backtracking" means "not back to the start")."""
+def _two_step_states(sums_via, start, beam_width):
+    """Order-2 walk states of ``start`` keyed by the node reached:
+    (mid2, (start, total, ((mid1, weight), ...) sorted)), optionally the beam_width best."""
+    states = []
+    for mid2, via in sums_via.items():
+        via = tuple(sorted(via))
+        states.append((mid2, math.fsum(weight for _, weight in via), via))
+    if beam_width:
+        states = _top(states, beam_width, _state_rank_key)
+    return [(mid2, (start, total, via)) for mid2, total, via in states]
 
-    def __init__(self):
+
+# --------------------------------------------------------------------------------------
+# Graph construction and expansion
+# --------------------------------------------------------------------------------------
+class _Tags:
+    TITLES = "titles"
+    STATS = "stats"
+    CAPPED = "capped"
+    TABLES = "tables"
+    CC_LABELS = "cc_labels"
+    CC_PAIRS = "cc_pairs"
+    CC_STATE = "cc_state"
+    CC_MESSAGES = "cc_messages"
+    ADJACENCY = "adjacency"
+    STATES = "states"
+    PENDING = "pending"
+    TITLE_REQUESTS = "title_requests"
+
+
+def _capped_record(side, node, degree, kept):
+    return {"side": side, "node_id": node, "original_degree": degree, "kept_degree": kept}
+
+
+def _top_edges(edges, cap):
+    """The ``cap`` edges a node keeps (by _cap_key) in one pass, in memory O(cap)."""
+    top = []
+    for edge in edges:
+        top.append(edge)
+        if len(top) >= 2 * cap:
+            top.sort(key=_cap_key)
+            del top[cap:]
+    top.sort(key=_cap_key)
+    del top[cap:]
+    return top
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _CapQueriesFn(beam.DoFn):
+    """Per query: its aggregated pairs ({item: counts}, :class:`_QueryPairsFn`). Weighs
+    them, drops light edges, counts the query's degree, picks the ``hub_cap`` edges it keeps
+    and sends every pair to its item as (item, (query, weight, kept_by_query, rows,
+    titles)); weight is None for a dropped pair (which still counts towards the item's
+    title)."""
+
+    def __init__(self, config: GraphConfig):
+        self._config = config
+        self._cap = config.hub_cap
+        self._min_weight = config.min_edge_weight
+        self._capped = Metrics.counter(_METRICS_NS, f"capped_{QUERY}_hubs")
+
+    def process(self, element):
+        query, counts = element
+        config, min_weight = self._config, self._min_weight
+        pairs = []
+        rows = degree = 0
+        for item, (impressions, clicks, purchases, n, titles) in counts.items():
+            weight = edge_weight(impressions, clicks, purchases, config)
+            rows += n
+            if weight > 0 and weight >= min_weight:
+                degree += 1
+            else:
+                weight = None
+            pairs.append((item, weight, n, titles))
+        yield pvalue.TaggedOutput(_Tags.STATS, (_QUERY_STAT, rows, len(pairs), degree))
+        kept = None
+        if degree > self._cap:
+            kept = {item for item, _ in _top_edges(
+                ((item, weight) for item, weight, _, _ in pairs if weight is not None), self._cap)}
+            self._capped.inc()
+            yield pvalue.TaggedOutput(_Tags.CAPPED, _capped_record(QUERY, query, degree, len(kept)))
+        for item, weight, n, titles in pairs:
+            yield item, (query, weight, weight is not None and (kept is None or item in kept),
+                         n, titles)
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _ItemNodeFn(beam.DoFn):
+    """Per item: all its pairs (query, weight | None, kept_by_query, rows, titles). Chooses
+    the item's title, caps the item, keeps the edges both ends kept, and emits the item's
+    order-1 table, its neighbour list (for order 3 through it) and, to each kept query,
+    (query, (item, weight, title, packed item neighbour list))."""
+
+    def __init__(self, config: GraphConfig):
+        self._cap = config.hub_cap
+        self._top_n = config.top_n
+        self._max_order = config.max_order
+        self._rounds = config.cc_rounds if config.compute_components else 0
+        self._capped = Metrics.counter(_METRICS_NS, f"capped_{ITEM}_hubs")
+
+    def process(self, element):
+        item, pairs = element
+        title = _best_title((pair[3], pair[4]) for pair in pairs)
+        yield pvalue.TaggedOutput(_Tags.TITLES, (item, title))
+        degree = 0
+        for pair in pairs:
+            if pair[1] is not None:
+                degree += 1
+        if not degree:
+            return
+        edges = (pair for pair in pairs if pair[1] is not None)
+        if degree > self._cap:
+            top = _top_edges(edges, self._cap)
+            self._capped.inc()
+            yield pvalue.TaggedOutput(_Tags.CAPPED, _capped_record(ITEM, item, degree, len(top)))
+        else:
+            top = edges
+        kept = sorted((edge[0], edge[1]) for edge in top if edge[2])
+        yield pvalue.TaggedOutput(_Tags.STATS, (_ITEM_STAT, degree, len(kept)))
+        if not kept:
+            return
+        ids = tuple(query for query, _ in kept)
+        total = math.fsum(weight for _, weight in kept)
+        probs = tuple(weight / total for _, weight in kept)
+        if self._max_order >= 1:
+            yield pvalue.TaggedOutput(_Tags.TABLES, _table_record(
+                ITEM, 1, item, _top(list(zip(ids, ids, probs)), self._top_n, _rank_key)))
+        packed = None
+        if self._max_order >= 2:
+            packed = _pack(ids, probs)
+            if self._max_order >= 3:
+                yield pvalue.TaggedOutput(_Tags.ADJACENCY, (item, packed))
+        label = None
+        if self._rounds:
+            # Components, round 1 for the item (it hears itself and its queries).
+            heard = {"q" + query for query in ids}
+            heard.add("i" + item)
+            label = min(heard)
+            if self._rounds == 1:
+                yield from _final_label(heard)
+        for query, weight in kept:
+            yield query, (item, weight, title, packed, label)
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _QueryNodeFn(beam.DoFn):
+    """Per query: its kept edges (item, weight, title, packed item list). Emits the q-i and
+    q-i-q tables (order 2 summed per end node here, from the items' neighbour lists), the
+    order-2 states for q-i-q-i, and to each item (item, (query, weight, packed query
+    list)) for the item side's order 2, on the item's shard output (_list_shard_tag)."""
+
+    def __init__(self, config: GraphConfig):
+        self._top_n = config.top_n
+        self._max_order = config.max_order
+        self._beam_width = config.order3_beam_width
+        self._rounds = config.cc_rounds if config.compute_components else 0
+        self._to_items = _needs_item_lists(config)
         self._paths = Metrics.counter(_METRICS_NS, "walk_paths")
 
     def process(self, element):
-        cur, tagged = element
-        adjacency = _lookup(tagged)
-        if not adjacency:
+        query, edges = element
+        edges = sorted(edges, key=_first)
+        yield pvalue.TaggedOutput(_Tags.STATS, (_QUERY_FINAL_STAT, len(edges)))
+        ids = tuple(edge[0] for edge in edges)
+        total = math.fsum(edge[1] for edge in edges)
+        probs = tuple(edge[1] / total for edge in edges)
+        labels = ()
+        if self._rounds:
+            # Components, rounds 1 and 2 for the query (its items sent their round-1 labels).
+            own = "q" + query
+            heard = {"i" + item for item in ids}
+            heard.add(own)
+            label_1 = min(heard)
+            if self._rounds == 1:
+                yield from _final_label(heard)
+            else:
+                heard = {edge[4] for edge in edges}
+                heard.add(label_1)
+                label_2 = min(heard)
+                if self._rounds == 2:
+                    yield from _final_label(heard)
+                elif self._rounds > 2:
+                    yield pvalue.TaggedOutput(_Tags.CC_STATE, (own, label_2))
+                labels = (label_1, label_2)
+        # The query's items heaviest first (the order of its q-i table).
+        ranked = sorted(range(len(edges)), key=lambda j: (-probs[j], ids[j]))
+        if self._max_order >= 1:
+            yield pvalue.TaggedOutput(_Tags.TABLES, _table_record(
+                QUERY, 1, query, [(ids[j], edges[j][2], probs[j]) for j in ranked[:self._top_n]]))
+        packed = None
+        if self._max_order >= 2:
+            # For the items' i-q-i tables: the whole list, but titles only for the
+            # top_n + 1 heaviest items (an item's top-N related items nearly always are
+            # among them; the rare others are looked up, see _ItemOrderTwoFn). This keeps
+            # most titles out of the largest shuffle, whose volume is
+            # sum(degree(query)**2).
+            packed = _pack(tuple(ids[j] for j in ranked), tuple(probs[j] for j in ranked),
+                           tuple(edges[j][2] for j in ranked[:self._top_n + 1]))
+        if self._to_items:
+            for edge in edges:
+                yield pvalue.TaggedOutput(_list_shard_tag(edge[0]),
+                                          (edge[0], (query, edge[1], packed) + labels))
+        if self._max_order < 2:
             return
-        emitted = 0
+        if self._max_order >= 3:
+            yield pvalue.TaggedOutput(_Tags.ADJACENCY, (
+                query, _pack(ids, probs, tuple(edge[2] for edge in edges))))
+        yield from _order_two(QUERY, query, probs, (edge[3] for edge in edges), self._top_n,
+                              self._max_order, self._beam_width, self._paths, mids=ids)
+
+
+# The query lists sent to items (for i-q-i) are the largest shuffle of the build: sum over
+# queries of degree**2 entries. They go through _LIST_SHARDS independent GroupByKeys, by a
+# stable hash of the item. Any runner computes the same thing either way; runners that
+# hold a whole shuffle stage's input in memory (the DirectRunner keeps several encoded
+# copies of it while handing it to a worker) then hold one shard at a time, not all.
+_LIST_SHARDS = 8
+_LIST_SHARD_TAGS = tuple(f"to_items_{j}" for j in range(_LIST_SHARDS))
+
+
+def _list_shard_tag(item: str) -> str:
+    return _LIST_SHARD_TAGS[zlib.crc32(item.encode("utf-8", "surrogatepass")) % _LIST_SHARDS]
+
+
+def _needs_item_lists(config: GraphConfig) -> bool:
+    """Whether queries send their lists/labels to their items (_ItemOrderTwoFn)."""
+    return config.max_order >= 2 or (config.compute_components and config.cc_rounds >= 2)
+
+
+def _first(edge):
+    return edge[0]
+
+
+_TITLE_LOOKUPS = Metrics.counter(_METRICS_NS, "title_lookups")
+
+
+def _order_two(side, start, probs, packed_lists, top_n, max_order, beam_width, paths_counter,
+               mids):
+    """Order-2 table of ``start`` (and its order-2 states if max_order >= 3) from the
+    packed neighbour lists of its neighbours: weight(end) = sum over mid of
+    P(mid|start) * P(end|mid), end != start, summed exactly."""
+    sums: Dict[str, Any] = {}
+    get = sums.get
+    texts = None
+    states = max_order >= 3
+    count = 0
+    for mid, p_mid, packed in zip(mids, probs, packed_lists):
+        columns = _unpack(packed)
+        if len(columns) == 3:  # query lists: titles of the first (heaviest) items
+            ids, end_probs, end_texts = columns
+            if texts is None:
+                texts = {}
+            texts.update(zip(ids, end_texts))
+        else:
+            ids, end_probs = columns
+        count += len(ids)
+        # sums[end]: one path weight, or a list of them (summed exactly when ranking);
+        # (mid, weight) pairs when the order-2 states are needed.
+        if not sums and not states:  # first list: its ends are distinct
+            sums.update(zip(ids, [p_mid * p for p in end_probs]))
+            continue
+        for end, p in zip(ids, end_probs):
+            value = (mid, p_mid * p) if states else p_mid * p
+            previous = get(end)
+            if previous is None:
+                sums[end] = value
+            elif previous.__class__ is list:
+                previous.append(value)
+            else:
+                sums[end] = [previous, value]
+    # Non-backtracking: a 2-walk may not return to the start (it is in every mid's list).
+    if sums.pop(start, None) is not None:
+        count -= len(mids)
+    paths_counter.inc(count)
+    if not sums:
+        return
+    if states:
+        via_by_end = {end: (value if value.__class__ is list else [value])
+                      for end, value in sums.items()}
+        sums = {end: [weight for _, weight in via] for end, via in via_by_end.items()}
+        for state in _two_step_states(via_by_end, start, beam_width):
+            yield pvalue.TaggedOutput(_Tags.STATES, state)
+    ranked = _rank(sums, top_n)
+    if texts is not None:
+        missing = [end for _, end in ranked if end not in texts]
+        if missing:
+            # Titles not shipped with the lists: look them up (_CompleteTitles).
+            _TITLE_LOOKUPS.inc(len(missing))
+            for end in missing:
+                yield pvalue.TaggedOutput(_Tags.TITLE_REQUESTS, (end, start))
+            yield pvalue.TaggedOutput(_Tags.PENDING, (
+                start, (tuple(ranked), tuple(texts.get(end) for _, end in ranked))))
+            return
+    yield pvalue.TaggedOutput(_Tags.TABLES, _ranked_record(side, 2, start, ranked, texts))
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _ItemOrderTwoFn(beam.DoFn):
+    """Per item: (query, weight, packed query list[, round-1 and round-2 labels]) from each
+    kept query -> the i-q-i table, the order-2 states for i-q-i-q and components rounds 2
+    and 3 for the item."""
+
+    def __init__(self, config: GraphConfig):
+        self._top_n = config.top_n
+        self._max_order = config.max_order
+        self._beam_width = config.order3_beam_width
+        self._rounds = config.cc_rounds if config.compute_components else 0
+        self._paths = Metrics.counter(_METRICS_NS, "walk_paths")
+
+    def process(self, element):
+        item, edges = element
+        edges = sorted(edges, key=_first)
+        if self._rounds >= 2:
+            yield from _item_rounds(item, edges, self._rounds)
+        if self._max_order < 2:
+            return
+        total = math.fsum(edge[1] for edge in edges)
+        probs = [edge[1] / total for edge in edges]
+        yield from _order_two(ITEM, item, probs, (edge[2] for edge in edges), self._top_n,
+                              self._max_order, self._beam_width, self._paths,
+                              mids=[edge[0] for edge in edges])
+
+
+def _item_rounds(item, edges, rounds):
+    """Components rounds 2 and 3 for an item, from its queries' round-1 and round-2 labels
+    (edge[3], edge[4]); sends (round-2, round-3) labels on if the queries need them."""
+    own = "i" + item
+    label_1 = min(min("q" + edge[0] for edge in edges), own)
+    heard = {edge[3] for edge in edges}
+    heard.add(label_1)
+    label_2 = min(heard)
+    if rounds == 2:
+        yield from _final_label(heard)
+        return
+    heard = {edge[4] for edge in edges}
+    heard.add(label_2)
+    label_3 = min(heard)
+    if rounds == 3:
+        yield from _final_label(heard)
+    else:
+        yield pvalue.TaggedOutput(_Tags.CC_STATE, (own, label_3))
+    for edge in edges:
+        yield pvalue.TaggedOutput(_Tags.CC_MESSAGES, ("q" + edge[0], (own, label_2, label_3)))
+
+
+def _answer_titles(element):
+    """(item, [title (tag 0), requesting start (tag 1), ...]) -> (start, (item, title))."""
+    item, tagged = element
+    title = _lookup(tagged)
+    for tag, start in tagged:
+        if tag == 1:
+            yield start, (item, "" if title is None else title)
+
+
+def _complete_record(element):
+    """(start, [pending ranked ends and known texts (tag 0), (item, title) answers (tag 1)])
+    -> the i-q-i record."""
+    start, tagged = element
+    ranked, known = _lookup(tagged)
+    texts = {end: text for (_, end), text in zip(ranked, known) if text is not None}
+    for tag, value in tagged:
+        if tag == 1:
+            texts[value[0]] = value[1]
+    return _ranked_record(ITEM, 2, start, ranked, texts)
+
+
+def _complete_titles(label: str, pending, requests, titles):
+    """i-q-i records whose top-N included items without a shipped title: one lookup join
+    against (item, title), then one join back to the pending record. ``pending`` and
+    ``requests`` may be lists of PCollections."""
+    answers = (_tagged_join(f"{label}Lookup", titles, requests)
+               | f"{label}Answer" >> beam.FlatMap(_answer_titles))
+    return (_tagged_join(f"{label}Attach", pending, answers)
+            | f"{label}Records" >> beam.Map(_complete_record))
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _ShipListFn(beam.DoFn):
+    """Order-3 step, part 1: at ``mid2``, attaches its packed neighbour list (tag 0) to
+    every order-2 state (start, total, via) that reached it (tag 1), keyed by start."""
+
+    def process(self, element):
+        _, tagged = element
+        packed = _lookup(tagged)
+        if packed is None:
+            return
         for tag, state in tagged:
-            if tag != 1:
-                continue
-            start, prev, weight, _ = state
-            for neighbour, p, text in adjacency:
-                if neighbour == prev:
-                    continue
-                emitted += 1
-                yield neighbour, (start, cur, weight * p, text)
-        self._paths.inc(emitted)
+            if tag == 1:
+                start, total, via = state
+                yield start, (total, via, packed)
 
 
-def _state_to_path_end(element):
-    end, (start, _, weight, text) = element
-    return (start, end), (text, weight)
+class _OrderThreeFn(beam.DoFn):
+    """Order-3 step, part 2, per start: for each order-2 state (total, via) at mid2 and
+    each neighbour ``end`` of mid2, the third step continues the whole total unless end is
+    one of the ``via`` first-hop nodes, whose own share is then left out (an exact fsum of
+    the others: non-backtracking). One contribution per (start, mid2, end); contributions
+    are summed exactly per end and ranked."""
 
-
-def _path_end_to_candidate(element):
-    (start, end), (text, weight) = element
-    return start, (end, text, weight)
-
-
-@beam.ptransform_fn
-def _RankPathEnds(path_ends, side: str, order: int, top_n: int):  # pylint: disable=invalid-name
-    """((start, end), (text, weight)) contributions -> top-N table records."""
-    return (path_ends
-            | "SumPaths" >> beam.CombinePerKey(_ExactSumFn())
-            | "Candidates" >> beam.Map(_path_end_to_candidate)
-            | "TopN" >> beam.CombinePerKey(_TopNFn(top_n))
-            | "Record" >> beam.MapTuple(lambda node, top: _table_record(side, order, node, top)))
-
-
-@beam.ptransform_fn
-def _MetapathTable(states, side: str, order: int, top_n: int):  # pylint: disable=invalid-name
-    """Top-N table of one metapath from the walk states that end it."""
-    return (states
-            | "PathEnds" >> beam.Map(_state_to_path_end)
-            | "Rank" >> _RankPathEnds(side, order, top_n))  # pylint: disable=no-value-for-parameter
-
-
-def _state_to_pair(element):
-    mid2, (start, mid1, weight, _) = element
-    return (start, mid2), (mid1, weight)
-
-
-def _aggregate_pair(element):
-    """(start, (mid2, total weight of all 2-paths, ((mid1, weight), ...) sorted))."""
-    (start, mid2), via = element
-    via = tuple(sorted(via))
-    return start, (mid2, math.fsum(weight for _, weight in via), via)
-
-
-def _key_by_mid(element):
-    start, (mid2, total, via) = element
-    return mid2, (start, total, via)
-
-
-def _explode_top(element):
-    start, top = element
-    for state in top:
-        yield start, state
-
-
-class _ExtendAggregatedFn(beam.DoFn):
-    """Order-3 step from aggregated order-2 states, keeping walks non-backtracking.
-
-    A state (start, total, via) at ``mid2`` sums all 2-paths start->mid1->mid2; ``via``
-    lists each mid1 with its share. A third step to ``end`` must not return to the mid1 it
-    came through, so when ``end`` is one of the ``via`` nodes its share is left out (an
-    exact fsum of the others); otherwise the whole total continues. This emits one
-    contribution per (start, mid2, end) instead of one per 3-path.
-    """
-
-    def __init__(self):
+    def __init__(self, side: str, top_n: int):
+        self._side = side
+        self._top_n = top_n
         self._contributions = Metrics.counter(_METRICS_NS, "order3_contributions")
 
     def process(self, element):
-        mid2, tagged = element
-        adjacency = _lookup(tagged)
-        if not adjacency:
-            return
+        start, states = element
+        sums: Dict[str, Any] = {}
+        texts = None
         emitted = 0
-        for tag, state in tagged:
-            if tag != 1:
-                continue
-            start, total, via = state
+        get = sums.get
+        for total, via, packed in states:
+            columns = _unpack(packed)
+            if len(columns) == 3:
+                ids, end_probs, end_texts = columns
+                if texts is None:
+                    texts = {}
+                texts.update(zip(ids, end_texts))
+            else:
+                ids, end_probs = columns
             via_ids = {mid1 for mid1, _ in via}
-            for end, p, text in adjacency:
+            for end, p in zip(ids, end_probs):
                 if end in via_ids:
                     weight = math.fsum(w for mid1, w in via if mid1 != end)
                     if weight <= 0:
@@ -954,91 +1247,78 @@ class _ExtendAggregatedFn(beam.DoFn):
                 else:
                     weight = total
                 emitted += 1
-                yield (start, end), (text, weight * p)
+                value = weight * p
+                previous = get(end)
+                if previous is None:
+                    sums[end] = value
+                elif previous.__class__ is list:
+                    previous.append(value)
+                else:
+                    sums[end] = [previous, value]
         self._contributions.inc(emitted)
+        if sums:
+            yield _ranked_record(self._side, 3, start, _rank(sums, self._top_n), texts)
 
 
-class _ExpandMetapaths(beam.PTransform):
-    """All metapath tables of orders 1..max_order for walks starting on ``side``.
-
-    Order 2 enumerates 2-paths (<= hub_cap**2 per start) and sums them per end node.
-    Order 3 first groups the 2-paths by (start, mid2) (optionally keeping only the
-    ``order3_beam_width`` heaviest mid2 per start), then takes one more step.
-    """
-
-    def __init__(self, side: str, adjacency: Mapping[str, Any], config: GraphConfig,
-                 label: Optional[str] = None):
-        super().__init__(label)
-        self._side = side
-        self._adjacency = adjacency
-        self._config = config
-
-    def expand(self, pbegin):
-        side, cfg = self._side, self._config
-        other = _OTHER[side]
-        start_adjacency = self._adjacency[side]
-        tables = [start_adjacency
-                  | "Order1" >> beam.Map(_order_one_record, side, cfg.top_n)]
-        if cfg.max_order >= 2:
-            states1 = start_adjacency | "InitialStates" >> beam.FlatMap(_initial_states)
-            states2 = (_tagged_join("Step2", self._adjacency[other], states1)
-                       | "Extend2" >> beam.ParDo(_ExtendPathsFn()))
-            tables.append(states2 | "Order2" >> _MetapathTable(side, 2, cfg.top_n))  # pylint: disable=no-value-for-parameter
-        if cfg.max_order >= 3:
-            pairs = (states2
-                     | "KeyByStartAndMid" >> beam.Map(_state_to_pair)
-                     | "GroupTwoPaths" >> beam.GroupByKey()
-                     | "AggregateTwoPaths" >> beam.Map(_aggregate_pair))
-            if cfg.order3_beam_width:
-                pairs = (pairs
-                         | "BeamTop" >> beam.CombinePerKey(
-                             _TopNFn(cfg.order3_beam_width, key=_state_rank_key))
-                         | "BeamStates" >> beam.FlatMap(_explode_top))
-            keyed = pairs | "KeyByMid" >> beam.Map(_key_by_mid)
-            ends = (_tagged_join("Step3", self._adjacency[side], keyed)
-                    | "Extend3" >> beam.ParDo(_ExtendAggregatedFn()))
-            tables.append(ends | "Order3" >> _RankPathEnds(side, 3, cfg.top_n))  # pylint: disable=no-value-for-parameter
-        return tables | "FlattenOrders" >> beam.Flatten()
+def _order_three(label: str, states, packed_lists, side: str, top_n: int):
+    """q-i-q-i / i-q-i-q tables from the order-2 states keyed by mid2 (a PCollection or a
+    list of them) and the packed neighbour lists of the mid2 side."""
+    return (_tagged_join(f"{label}AttachLists", packed_lists, states)
+            | f"{label}ShipLists" >> beam.ParDo(_ShipListFn())
+            | f"{label}GroupByStart" >> beam.GroupByKey()
+            | f"{label}Rank" >> beam.ParDo(_OrderThreeFn(side, top_n)))
 
 
 # --------------------------------------------------------------------------------------
 # Connected components
 # --------------------------------------------------------------------------------------
-def _cc_adjacency(element, letter, other_letter):
-    node, adjacency = element
-    return (letter, node), [(other_letter, neighbour) for neighbour, _, _ in adjacency]
-
-
-def _initial_messages(element):
-    node, neighbours = element
-    yield node, node
-    for neighbour in neighbours:
-        yield neighbour, node
-
-
-def _propagate(element):
-    node, tagged = element
-    label = _lookup(tagged)
-    for tag, neighbours in tagged:
-        if tag == 1:
-            yield node, label
-            for neighbour in neighbours:
-                yield neighbour, label
+# Components: synchronous min-label propagation. Node labels are "q" + query and "i" +
+# item; L0(v) = v, H_r(v) = {L_{r-1}(u) : u = v or a neighbour of v}, L_r(v) = min H_r(v).
+# Every edge of the capped graph is already crossed by the graph stages (item -> query ->
+# item), so those messages carry the labels: items get H1 in _ItemNodeFn, queries H1 and
+# H2 in _QueryNodeFn, items H2 and H3 in _ItemOrderTwoFn. Later rounds alternate sides in
+# _LabelExchangeFn, two rounds per exchange. After ``cc_rounds`` rounds every node
+# emits its label L_R and the pairs (L_R, x) for each label x in H_R; a union-find over
+# those pairs merges labels that met (exact for any number of rounds).
+def _final_label(heard):
+    label = min(heard)
+    yield pvalue.TaggedOutput(_Tags.CC_LABELS, label)
+    for other in sorted(heard):
+        if other != label:
+            yield pvalue.TaggedOutput(_Tags.CC_PAIRS, (label, other))
 
 
 # Tagged outputs defeat Beam's output type inference; declare Any.
 @beam.typehints.with_output_types(Any)
-class _FinalLabelFn(beam.DoFn):
-    PAIRS = "pairs"
+class _LabelExchangeFn(beam.DoFn):
+    """Rounds a + 1 and a + 2 for one side: per node, its label L_a (tag 0) and, from each
+    neighbour u, (u, L_a(u), L_{a+1}(u)) (tag 1). Emits the final label (if cc_rounds is
+    a + 1 or a + 2), (L_{a+1}, L_{a+2}) to the neighbours if they need more rounds, and
+    L_{a+2} as the node's state for its next exchange."""
+
+    def __init__(self, rounds: int, a: int):
+        self._rounds = rounds
+        self._a = a
 
     def process(self, element):
-        node, labels = element
-        labels = set(labels)
-        label = min(labels)
-        yield node, label
-        for other in sorted(labels):
-            if other != label:
-                yield pvalue.TaggedOutput(self.PAIRS, (label, other))
+        node, tagged = element
+        label = _lookup(tagged)
+        neighbours = [value for tag, value in tagged if tag == 1]
+        heard = {value[1] for value in neighbours}
+        heard.add(label)
+        label_1 = min(heard)
+        if self._rounds == self._a + 1:
+            yield from _final_label(heard)
+        else:
+            heard = {value[2] for value in neighbours}
+            heard.add(label_1)
+            label_2 = min(heard)
+            if self._rounds == self._a + 2:
+                yield from _final_label(heard)
+            else:
+                yield pvalue.TaggedOutput(_Tags.CC_STATE, (node, label_2))
+            for value in neighbours:
+                yield pvalue.TaggedOutput(_Tags.CC_MESSAGES, (value[0], (node, label_1, label_2)))
 
 
 def _resolve_label(element, roots):
@@ -1046,42 +1326,33 @@ def _resolve_label(element, roots):
     return roots.get(label, label), size
 
 
-class _ConnectedComponents(beam.PTransform):
-    """{num_components, largest_component_size} of the graph given by both adjacencies.
-
-    ``rounds`` rounds of min-label propagation (each one hop), then every node emits the
-    pairs (its new label, each label it heard) and a single union-find over those pairs
-    (:class:`_UnionFindFn`) merges labels that met; the result is exact for any number of
-    rounds, more rounds only shrink the union-find input.
-    """
-
-    def __init__(self, rounds: int, label: Optional[str] = None):
-        super().__init__(label)
-        self._rounds = rounds
-
-    def expand(self, adjacency):
-        nodes = ((adjacency[QUERY] | "QueryNodes" >> beam.Map(_cc_adjacency, "q", "i"),
-                  adjacency[ITEM] | "ItemNodes" >> beam.Map(_cc_adjacency, "i", "q"))
-                 | "FlattenNodes" >> beam.Flatten())
-        messages = nodes | "Round1" >> beam.FlatMap(_initial_messages)
-        for round_ in range(2, self._rounds + 1):
-            labels = messages | f"MinLabel{round_ - 1}" >> beam.CombinePerKey(min)
-            messages = (_tagged_join(f"Round{round_}", labels, nodes)
-                        | f"Propagate{round_}" >> beam.FlatMap(_propagate))
-        final = (messages
-                 | "GroupFinalMessages" >> beam.GroupByKey()
-                 | "FinalLabels" >> beam.ParDo(_FinalLabelFn()).with_outputs(
-                     _FinalLabelFn.PAIRS, main="labels"))
-        roots = (final[_FinalLabelFn.PAIRS]
-                 | "DistinctPairs" >> beam.Distinct()
-                 | "UnionFind" >> beam.CombineGlobally(_UnionFindFn()))
-        return (final.labels
-                | "Labels" >> beam.Map(lambda kv: kv[1])
-                | "LabelSizes" >> beam.combiners.Count.PerElement()
-                | "ResolveLabels" >> beam.Map(_resolve_label, beam.pvalue.AsSingleton(roots))
-                | "ComponentSizes" >> beam.CombinePerKey(sum)
-                | "Sizes" >> beam.Map(lambda kv: kv[1])
-                | "Summarise" >> beam.CombineGlobally(_ComponentSummaryFn()))
+def _connected_components(label: str, rounds: int, state_query, state_item, messages,
+                          labels, pairs):
+    """{num_components, largest_component_size} from the graph stages' component outputs:
+    the remaining exchanges (rounds 4.. need them; see above), then the union-find finish.
+    ``labels`` and ``pairs`` are lists of PCollections, extended here."""
+    states = {QUERY: state_query, ITEM: state_item}
+    side, a = QUERY, 2
+    while rounds > a:
+        exchange = (_tagged_join(f"{label}Exchange{a + 1}", states[side], messages)
+                    | f"{label}Rounds{a + 1}" >> beam.ParDo(_LabelExchangeFn(rounds, a)).with_outputs(
+                        _Tags.CC_LABELS, _Tags.CC_PAIRS, _Tags.CC_STATE, _Tags.CC_MESSAGES))
+        labels.append(exchange[_Tags.CC_LABELS])
+        pairs.append(exchange[_Tags.CC_PAIRS])
+        states[side] = exchange[_Tags.CC_STATE]
+        messages = exchange[_Tags.CC_MESSAGES]
+        side, a = _OTHER[side], a + 1
+    roots = (pairs
+             | f"{label}FlattenPairs" >> beam.Flatten()
+             | f"{label}DistinctPairs" >> beam.Distinct()
+             | f"{label}UnionFind" >> beam.CombineGlobally(_UnionFindFn()))
+    return (labels
+            | f"{label}FlattenLabels" >> beam.Flatten()
+            | f"{label}LabelSizes" >> beam.combiners.Count.PerElement()
+            | f"{label}ResolveLabels" >> beam.Map(_resolve_label, beam.pvalue.AsSingleton(roots))
+            | f"{label}ComponentSizes" >> beam.CombinePerKey(sum)
+            | f"{label}Sizes" >> beam.Map(lambda kv: kv[1])
+            | f"{label}Summarise" >> beam.CombineGlobally(_ComponentSummaryFn()))
 
 
 # --------------------------------------------------------------------------------------
@@ -1155,54 +1426,84 @@ class ComputeNeighbourContexts(beam.PTransform):
         _LOG.info("Building metapath contexts with %s", cfg)
         parsed = rows | "NormaliseRows" >> beam.ParDo(_NormaliseRowFn()).with_outputs(
             _NormaliseRowFn.INVALID, main="valid")
-        valid = parsed.valid
-        pairs = valid | "AggregatePairs" >> _AggregatePairs()  # pylint: disable=no-value-for-parameter
-        titles = valid | "ChooseItemTitles" >> _ChooseItemTitles()  # pylint: disable=no-value-for-parameter
-        all_edges = pairs | "EdgeWeights" >> beam.Map(_to_edge, cfg)
-        edges = all_edges | "DropLightEdges" >> beam.Filter(_keep_edge, cfg.min_edge_weight)
-        capped = edges | "CapHubs" >> _CapHubs(cfg.hub_cap)
-        adjacency = capped["edges"] | "BuildAdjacency" >> _BuildAdjacency(titles)
+        queries = (parsed.valid
+                   | "AggregatePairs" >> beam.CombinePerKey(_QueryPairsFn())
+                   | "CapQueries" >> beam.ParDo(_CapQueriesFn(cfg)).with_outputs(
+                       _Tags.STATS, _Tags.CAPPED, main="pairs"))
+        items = (queries.pairs
+                 | "GroupPairsByItem" >> beam.GroupByKey()
+                 | "ItemNodes" >> beam.ParDo(_ItemNodeFn(cfg)).with_outputs(
+                     _Tags.TITLES, _Tags.STATS, _Tags.CAPPED, _Tags.TABLES, _Tags.ADJACENCY,
+                     _Tags.CC_LABELS, _Tags.CC_PAIRS, main="to_queries"))
+        titles = items[_Tags.TITLES]
+        query_nodes = (items.to_queries
+                       | "GroupEdgesByQuery" >> beam.GroupByKey()
+                       | "QueryNodes" >> beam.ParDo(_QueryNodeFn(cfg)).with_outputs(
+                           _Tags.STATS, _Tags.TABLES, _Tags.ADJACENCY, _Tags.STATES,
+                           _Tags.CC_LABELS, _Tags.CC_PAIRS, _Tags.CC_STATE, *_LIST_SHARD_TAGS))
+        item_lists = {tag: [] for tag in (_Tags.TABLES, _Tags.STATES, _Tags.PENDING,
+                                          _Tags.TITLE_REQUESTS, _Tags.CC_LABELS, _Tags.CC_PAIRS,
+                                          _Tags.CC_STATE, _Tags.CC_MESSAGES)}
+        if _needs_item_lists(cfg):
+            for j, shard in enumerate(_LIST_SHARD_TAGS):
+                outputs = (query_nodes[shard]
+                           | f"GroupListsByItem{j}" >> beam.GroupByKey()
+                           | f"ItemOrderTwo{j}" >> beam.ParDo(_ItemOrderTwoFn(cfg)).with_outputs(
+                               *item_lists))
+                for tag, parts in item_lists.items():
+                    parts.append(outputs[tag])
+        # Lists of PCollections are flattened only where consumed: a Flatten of Flattens
+        # costs the DirectRunner one more buffered copy.
 
         if cfg.max_order >= 1:
-            tables = ([rows.pipeline | f"Expand{side.capitalize()}" >> _ExpandMetapaths(side, adjacency, cfg)
-                       for side in SIDES]
-                      | "FlattenTables" >> beam.Flatten())
+            table_parts = [items[_Tags.TABLES], query_nodes[_Tags.TABLES]]
+            if cfg.max_order >= 2:
+                table_parts.extend(item_lists[_Tags.TABLES])
+                table_parts.append(_complete_titles(
+                    "CompleteItemTitles", item_lists[_Tags.PENDING],
+                    item_lists[_Tags.TITLE_REQUESTS], titles))
+            if cfg.max_order >= 3:
+                table_parts.append(_order_three(
+                    "QueryOrderThree", query_nodes[_Tags.STATES], query_nodes[_Tags.ADJACENCY],
+                    QUERY, cfg.top_n))
+                table_parts.append(_order_three(
+                    "ItemOrderThree", item_lists[_Tags.STATES], items[_Tags.ADJACENCY],
+                    ITEM, cfg.top_n))
+            tables = table_parts | "FlattenTables" >> beam.Flatten()
         else:
             tables = rows.pipeline | "NoTables" >> beam.Create([])
 
-        count = beam.combiners.Count.Globally
+        capped_hubs = ((queries[_Tags.CAPPED], items[_Tags.CAPPED])
+                       | "FlattenCapped" >> beam.Flatten())
+        # Node stats: one partial combine per producing stage (no Flatten of the per-node
+        # elements), merged into the stat pieces.
+        node_stats = ([stage[_Tags.STATS] | f"{name}Stats" >> beam.CombineGlobally(
+                           _NodeStatsFn(cfg.hub_cap, partial=True))
+                       for name, stage in (("Query", queries), ("Item", items),
+                                           ("QueryFinal", query_nodes))]
+                      | "FlattenNodeStats" >> beam.Flatten()
+                      | "NodeStats" >> beam.CombineGlobally(_NodeStatsFn(cfg.hub_cap, merge=True))
+                      | "NodeStatPieces" >> beam.FlatMap(lambda pieces: sorted(pieces.items())))
         pieces = [
-            _named(valid | "CountRows" >> count(), "num_log_rows"),
-            _named(parsed[_NormaliseRowFn.INVALID] | "CountInvalid" >> count(), "num_invalid_rows"),
-            _named(all_edges | "CountEdges" >> count(), "edges.total"),
-            _named(edges | "CountWeighted" >> count(), "edges.after_min_weight"),
-            _named(capped["edges"] | "CountCapped" >> count(), "edges.after_hub_cap"),
+            node_stats,
+            _named(parsed[_NormaliseRowFn.INVALID] | "CountInvalid" >> beam.combiners.Count.Globally(),
+                   "num_invalid_rows"),
         ]
-        for side in SIDES:
-            name = side.capitalize()
-            pieces.append(_named(
-                capped[f"degrees_{side}"] | f"{name}Degrees" >> beam.CombineGlobally(_DegreeSummaryFn()),
-                f"degree.{side}"))
-            pieces.append(_named(
-                adjacency[side]
-                | f"{name}FinalDegree" >> beam.Map(lambda kv: len(kv[1]))
-                | f"{name}FinalDegrees" >> beam.CombineGlobally(_DegreeSummaryFn()),
-                f"degree_after_hub_cap.{side}"))
-            pieces.append(_named(
-                capped["capped_hubs"]
-                | f"Capped{name}" >> beam.Filter(lambda r, s=side: r["side"] == s)
-                | f"CountCapped{name}" >> count(),
-                f"capped_hubs.{side}"))
         if cfg.compute_components:
-            pieces.append(_named(
-                adjacency | "ConnectedComponents" >> _ConnectedComponents(cfg.cc_rounds),
-                "connected_components"))
+            components = _connected_components(
+                "Components", cfg.cc_rounds, query_nodes[_Tags.CC_STATE],
+                item_lists[_Tags.CC_STATE] or None, item_lists[_Tags.CC_MESSAGES],
+                labels=[stage[_Tags.CC_LABELS] for stage in (items, query_nodes)]
+                + item_lists[_Tags.CC_LABELS],
+                pairs=[stage[_Tags.CC_PAIRS] for stage in (items, query_nodes)]
+                + item_lists[_Tags.CC_PAIRS])
+            pieces.append(_named(components, "connected_components"))
         stats = (pieces
                  | "FlattenStats" >> beam.Flatten()
                  | "CollectStats" >> beam.CombineGlobally(_CollectStatsFn())
                  | "FinaliseStats" >> beam.Map(_finalise_stats, cfg))
         return NeighbourContexts(
-            neighbour_tables=tables, graph_stats=stats, capped_hubs=capped["capped_hubs"],
+            neighbour_tables=tables, graph_stats=stats, capped_hubs=capped_hubs,
             item_titles=titles)
 
 
