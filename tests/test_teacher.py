@@ -19,6 +19,7 @@ from tfx.components.trainer.fn_args_utils import FnArgs  # noqa: E402
 
 from trainer import bert_checkpoint  # noqa: E402
 from trainer import teacher  # noqa: E402
+from trainer import training  # noqa: E402
 
 VOCAB = bert_checkpoint.vocab_file()
 assert VOCAB is not None, f"{bert_checkpoint.PRETRAINED_PIP_NAME} (the vocab) is not installed (make install)"
@@ -184,7 +185,7 @@ def test_trained_teacher_prefers_overlapping_titles(trained):
 
 def test_best_epoch_is_restored_without_early_stop():
     model = tf.keras.Sequential([tf.keras.layers.Dense(1, input_shape=(1,))])
-    callback = teacher.RestoreBestEarlyStopping(monitor="val_loss", patience=5,
+    callback = training.RestoreBestEarlyStopping(monitor="val_loss", patience=5,
                                                 restore_best_weights=True)
     callback.set_model(model)
     callback.on_train_begin()

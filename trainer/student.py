@@ -89,6 +89,7 @@ import tensorflow_ranking as tfr
 
 from trainer import berm_layers
 from trainer import bert_checkpoint
+from trainer import training
 
 QUERY_KEY = "query"
 ITEM_ID_KEY = "item_id"
@@ -748,44 +749,13 @@ class _ProgressLogger(tf.keras.callbacks.Callback):
                      time.perf_counter() - self._start)
 
 
-class _RestoreBestEarlyStopping(tf.keras.callbacks.EarlyStopping):
-    """EarlyStopping that also restores the best weights when training ran to the end."""
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._last_epoch = -1
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._last_epoch = epoch
-        super().on_epoch_end(epoch, logs)
-
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        if (self.restore_best_weights and self.stopped_epoch == 0
-                and self.best_weights is not None and self._last_epoch != self.best_epoch):
-            logging.info("student: restoring the weights of epoch %d (best %s %.4f)",
-                         self.best_epoch + 1, self.monitor, self.best)
-            self.model.set_weights(self.best_weights)
-
-
-def _with_tfx_steps(config: StudentConfig, fn_args: Any) -> StudentConfig:
-    """Spreads TFX's train_args.num_steps over the epochs unless steps_per_epoch is set."""
-    train_steps = getattr(fn_args, "train_steps", None)
-    eval_steps = getattr(fn_args, "eval_steps", None)
-    if config.steps_per_epoch is None and train_steps:
-        config = dataclasses.replace(config, steps_per_epoch=math.ceil(train_steps / config.epochs))
-    if config.eval_steps is None and eval_steps:
-        config = dataclasses.replace(config, eval_steps=eval_steps)
-    return config
-
-
 def train(scorer: tf.keras.Model, config: StudentConfig, train_files: Sequence[str],
           eval_files: Sequence[str], log_dir: Optional[str] = None) -> tf.keras.callbacks.History:
     """Distils into `scorer` (a `build_student` model) in place; returns the History."""
     distiller = ListwiseDistiller(scorer.get_layer(TOKEN_SCORER), name="berm_distiller")
     compile_distiller(distiller, config)
     callbacks = [_ProgressLogger(config.epochs, config.log_every_steps),
-                 _RestoreBestEarlyStopping(monitor="val_loss", patience=config.patience,
+                 training.RestoreBestEarlyStopping(monitor="val_loss", patience=config.patience,
                                            restore_best_weights=True)]
     if log_dir:
         callbacks.append(tf.keras.callbacks.TensorBoard(
@@ -823,7 +793,7 @@ def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     """
     from trainer import berm_serving  # pylint: disable=g-import-not-at-top
 
-    config = _with_tfx_steps(
+    config = training.with_tfx_steps(
         StudentConfig.from_custom_config(getattr(fn_args, "custom_config", None)), fn_args)
     tf.keras.utils.set_random_seed(config.seed)
     scorer = student_from_config(config)

@@ -90,6 +90,7 @@ from official.nlp import optimization
 
 from trainer import bert_checkpoint
 from trainer import text_encoding
+from trainer import training
 
 QUERY_KEY = text_encoding.QUERY_KEY
 TITLE_KEY = text_encoding.TITLE_KEY
@@ -567,41 +568,6 @@ class ProgressLogger(tf.keras.callbacks.Callback):
                      self._examples_per_epoch / max(train_seconds, 1e-9), seconds)
 
 
-class RestoreBestEarlyStopping(tf.keras.callbacks.EarlyStopping):
-    """EarlyStopping that restores the best weights even when no early stop happened.
-
-    Keras 2 restores them only when it stops training itself; with patience
-    reaching past the last epoch the last (worse) weights would be kept.
-    """
-
-    def on_train_end(self, logs=None):
-        super().on_train_end(logs)
-        if (self.restore_best_weights and self.stopped_epoch == 0
-                and self.best_weights is not None and self._last_epoch != self.best_epoch):
-            logging.info("teacher: restoring the weights of epoch %d (best %s %.4f)",
-                         self.best_epoch + 1, self.monitor, self.best)
-            self.model.set_weights(self.best_weights)
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._last_epoch = epoch
-        super().on_epoch_end(epoch, logs)
-
-    def on_train_begin(self, logs=None):
-        super().on_train_begin(logs)
-        self._last_epoch = -1
-
-
-def _with_tfx_steps(config: TeacherConfig, fn_args: Any) -> TeacherConfig:
-    """Spreads TFX's train_args.num_steps over the epochs unless steps_per_epoch is set."""
-    train_steps = getattr(fn_args, "train_steps", None)
-    eval_steps = getattr(fn_args, "eval_steps", None)
-    if config.steps_per_epoch is None and train_steps:
-        config = dataclasses.replace(config, steps_per_epoch=math.ceil(train_steps / config.epochs))
-    if config.eval_steps is None and eval_steps:
-        config = dataclasses.replace(config, eval_steps=eval_steps)
-    return config
-
-
 def train(model: tf.keras.Model, config: TeacherConfig, train_files: Sequence[str],
           eval_files: Sequence[str], examples_per_epoch: int,
           log_dir: Optional[str] = None) -> tf.keras.callbacks.History:
@@ -613,7 +579,7 @@ def train(model: tf.keras.Model, config: TeacherConfig, train_files: Sequence[st
     eval_data = make_dataset(eval_files, config, training=False)
     callbacks = [
         ProgressLogger(examples_per_epoch, config.epochs, config.log_every_steps),
-        RestoreBestEarlyStopping(monitor="val_loss", patience=config.patience,
+        training.RestoreBestEarlyStopping(monitor="val_loss", patience=config.patience,
                                  restore_best_weights=True),
     ]
     if log_dir:
@@ -670,7 +636,7 @@ def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     `custom_config` (`TeacherConfig`), and `train_steps`/`eval_steps` when the
     custom_config sets no steps_per_epoch/eval_steps.
     """
-    config = _with_tfx_steps(
+    config = training.with_tfx_steps(
         TeacherConfig.from_custom_config(getattr(fn_args, "custom_config", None)), fn_args)
     tf.keras.utils.set_random_seed(config.seed)
     stats = target_stats(fn_args.train_files, config.relevance_min, config.relevance_max)

@@ -1,0 +1,47 @@
+"""Training plumbing shared by the teacher and student module files."""
+import dataclasses
+import math
+from typing import Any, TypeVar
+
+import tensorflow as tf
+from absl import logging
+
+C = TypeVar("C")
+
+
+class RestoreBestEarlyStopping(tf.keras.callbacks.EarlyStopping):
+    """EarlyStopping that restores the best weights even when no early stop happened.
+
+    Keras 2 restores them only when it stops training itself; with patience reaching past
+    the last epoch the last (worse) weights would be kept.
+    """
+
+    def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
+        self._last_epoch = -1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._last_epoch = epoch
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs=None):
+        super().on_train_end(logs)
+        if (self.restore_best_weights and self.stopped_epoch == 0
+                and self.best_weights is not None and self._last_epoch != self.best_epoch):
+            logging.info("restoring the weights of epoch %d (best %s %.4f)",
+                         self.best_epoch + 1, self.monitor, self.best)
+            self.model.set_weights(self.best_weights)
+
+
+def with_tfx_steps(config: C, fn_args: Any) -> C:
+    """Spreads TFX's train_args.num_steps over the epochs unless steps_per_epoch is set.
+
+    `config` is a dataclass with `epochs`, `steps_per_epoch` and `eval_steps` fields.
+    """
+    train_steps = getattr(fn_args, "train_steps", None)
+    eval_steps = getattr(fn_args, "eval_steps", None)
+    if config.steps_per_epoch is None and train_steps:
+        config = dataclasses.replace(config, steps_per_epoch=math.ceil(train_steps / config.epochs))
+    if config.eval_steps is None and eval_steps:
+        config = dataclasses.replace(config, eval_steps=eval_steps)
+    return config
