@@ -15,8 +15,8 @@ features joined by the GraphContexts component, see
       - `i_o{k}`: the query against the item's order-k neighbours (k=1: the
         queries that led to the item; k=2: related items; k=3: queries of
         related items).
-    Each neighbour text gets kernel features against the centre text (plus its
-    path weight); graph attention (`berm_layers.NeighbourAttention`) pools the
+    Each neighbour text, mean-pooled to one vector, gets kernel features
+    against the centre text's tokens (plus its path weight); graph attention (`berm_layers.NeighbourAttention`) pools the
     neighbours with a learned score plus the log path weight, padding excluded.
   * Fusion (`berm_layers.OrderFusion`): every component has its own logit; an
     attention gate over the components that have context mixes them into one
@@ -328,13 +328,20 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
         centre = title if side == "query" else query
         ids = inputs[f"{prefix}_tokens"]
         vectors_c, mask_c = embed(ids), padding(ids)  # [N, C, T, D], [N, C, T]
-        features = kernels((centre[0], centre[1], vectors_c, mask_c))  # [N, C, K]
+        neighbours = mean((vectors_c, mask_c))  # [N, C, D]
+        # Each neighbour text enters the interaction as one vector, not token by token: the
+        # kernels then cost Tc x C per pair instead of Tc x C x T, which is what keeps
+        # BERM-O's context orders cheap enough for CPU serving (README, student benchmark).
+        features = kernels((centre[0], centre[1],
+                            tf.keras.layers.Reshape((-1, 1, embedding_dim),
+                                                    name=f"{prefix}_neighbour_tokens")(neighbours),
+                            tf.reduce_any(mask_c, axis=-1, keepdims=True)))  # [N, C, K]
         weights = inputs[f"{prefix}_weights"]
         values = tf.keras.layers.Concatenate(axis=-1, name=f"{prefix}_values")(
             [features, tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_weight_feature")(weights)])
         attended, has_context = berm_layers.NeighbourAttention(
             hidden_dim, name=f"{prefix}_attention")(
-                (centre[2], mean((vectors_c, mask_c)), values, weights,
+                (centre[2], neighbours, values, weights,
                  inputs[f"{prefix}_length"]))
         vector = tf.keras.layers.Dense(hidden_dim, activation="relu",
                                        name=f"{prefix}_hidden")(attended)

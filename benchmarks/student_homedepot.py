@@ -1,0 +1,476 @@
+"""Benchmark of the distilled student (BERM) and its serving form BERM-O on the Home Depot data.
+
+One run produces the README's student results table: AUC (relevant = relevance >= 2.33),
+per-query AUC and NDCG@10 on the held-out `test` queries for the IDF overlap baseline, the
+teacher, the student with max_order k = 0, 1, 2 (the ablation) and BERM-O, plus the scoring
+throughput of BERM-O against the teacher (same machine, same batch, same run), p50/p99 latency
+of a batch of 100 pairs, and the SavedModel sizes::
+
+    .venv/bin/python benchmarks/student_homedepot.py --out student_homedepot.json
+
+The setting is the paper's: every Home Depot pair is a logged impression (the data has no
+clicks), so the query-item graph is built from all of them; human judgments exist for the
+`train` and `eval` queries only (`test` judgments are withheld and used for the metrics).
+
+1. Data: the pipeline's own adapter, row rules and by-query split (`teacher_homedepot`):
+   train / eval / test = 8/1/1 hash buckets of the query, as the ExampleGen splits it.
+2. Teacher: fine-tuned on (a by-query subsample of) the `train` judgments through
+   `trainer.teacher.run_fn`, early-stopped on `eval` (or `--teacher-model DIR`: an exported
+   teacher SavedModel to reuse, e.g. from an earlier `--work-dir`).
+3. Labelling: the teacher scores every logged pair (`serve_raw`); that is `teacher_score`,
+   the distillation target, as the pipeline's BulkInferrer writes it.
+4. Graph: `components.graph.metapaths.ComputeNeighbourContexts` (the GraphContexts
+   component's Beam transform, on DirectRunner) builds the neighbour tables from all logs
+   and `JoinContexts` joins every logged pair with its contexts, as the component does.
+   A second table set is built from the `train` and `eval` logs only, for the cold-start
+   row: BERM-O scoring `test` queries that were never logged.
+5. Students: `trainer.student.run_fn` distils each max_order in `--orders` from the teacher
+   scores of the `train` logs, early-stopping on the `eval` logs, and exports BERM-O with
+   the tables inside. Student rows score the joined `test` examples through
+   `serving_default` (the contexts come from the examples); the BERM-O rows score raw
+   (query, item_id, item_title) strings through `serve_raw` (contexts from the tables in
+   the model).
+6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs in
+   batches of `--batch-size` (100), after one warm-up batch each. Throughput is pairs over
+   the summed call time; p50/p99 are over the per-batch times.
+
+Everything runs on this machine's CPU; TensorFlow uses every core, so note the load (the
+JSON records the load average before and after).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import relevance_metrics as rm  # noqa: E402
+from benchmarks import teacher_homedepot as th  # noqa: E402
+
+SPLITS = th.SPLITS
+NDCG_K = th.NDCG_K
+LABEL_BATCH = 256
+NO_JUDGMENT = -1.0  # components.graph.executor.NO_JUDGMENT: a logged pair without a judgment
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# --- Steps ---------------------------------------------------------------------------------
+
+def fine_tune_teacher(args, parts, work_dir: str) -> Dict[str, Any]:
+    from tfx.components.trainer.fn_args_utils import FnArgs
+
+    from trainer import teacher
+
+    train_records = th.subsample_by_query(parts["train"], args.max_teacher_train_pairs)
+    examples_dir = os.path.join(work_dir, "teacher_examples")
+    th.write_tfrecords(train_records, os.path.join(examples_dir, "Split-train", "data.tfrecord.gz"))
+    th.write_tfrecords(parts["eval"], os.path.join(examples_dir, "Split-eval", "data.tfrecord.gz"))
+    custom_config = dict(teacher.PROFILES[args.teacher_profile], seed=args.seed,
+                         epochs=args.teacher_epochs)
+    model_dir = os.path.join(work_dir, "teacher_model")
+    fn_args = FnArgs(train_files=[os.path.join(examples_dir, "Split-train", "*")],
+                     eval_files=[os.path.join(examples_dir, "Split-eval", "*")],
+                     serving_model_dir=model_dir,
+                     model_run_dir=os.path.join(work_dir, "teacher_run"),
+                     custom_config=custom_config)
+    log(f"teacher: fine-tuning on {len(train_records)} train pairs, custom_config {custom_config}")
+    start = time.perf_counter()
+    teacher.run_fn(fn_args)
+    seconds = time.perf_counter() - start
+    log(f"teacher: fine-tuned in {seconds:.0f}s -> {model_dir}")
+    return {"model_dir": model_dir, "fine_tune_seconds": seconds, "train_pairs": len(train_records),
+            "train_queries": len({r["query"] for r in train_records}),
+            "custom_config": custom_config}
+
+
+def score_raw(signature, queries, titles, item_ids=None, batch_size: int = LABEL_BATCH):
+    """Scores through a `serve_raw` signature in batches; returns float64 [N]."""
+    import numpy as np
+    import tensorflow as tf
+
+    out = []
+    for i in range(0, len(queries), batch_size):
+        inputs = {"query": tf.constant(queries[i:i + batch_size]),
+                  "item_title": tf.constant(titles[i:i + batch_size])}
+        if item_ids is not None:
+            inputs["item_id"] = tf.constant(item_ids[i:i + batch_size])
+        out.append(signature(**inputs)["score"].numpy())
+    return np.concatenate(out).astype(float) if out else np.zeros([0])
+
+
+def build_graph(log_rows: Sequence[Dict[str, Any]], graph_config, tables_dir: str,
+                examples_dir: Optional[str] = None, example_rows=None) -> None:
+    """The GraphContexts component's Beam work on in-memory rows (DirectRunner).
+
+    Writes the neighbour tables to `tables_dir` and, with `examples_dir`, each split of
+    `example_rows` joined with its contexts to `examples_dir/Split-<split>/`.
+    """
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from components import example_codec
+    from components.graph import metapaths
+
+    options = PipelineOptions(["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    with beam.Pipeline(options=options) as pipeline:
+        logs = pipeline | "Logs" >> beam.Create(list(log_rows), reshuffle=False)
+        contexts = logs | "Contexts" >> metapaths.ComputeNeighbourContexts(graph_config)
+        _ = (contexts.neighbour_tables
+             | "TableToExample" >> beam.Map(
+                 lambda r: metapaths.neighbour_record_to_tf_example(r).SerializeToString())
+             | "WriteTables" >> beam.io.WriteToTFRecord(os.path.join(tables_dir, "tables"),
+                                                        file_name_suffix=".gz"))
+        _ = (contexts.graph_stats
+             | "StatsToJson" >> beam.Map(lambda s: json.dumps(s, sort_keys=True))
+             | "WriteStats" >> beam.io.WriteToText(os.path.join(tables_dir, "stats.json"),
+                                                   num_shards=1, shard_name_template=""))
+        for split, rows in (example_rows or {}).items():
+            _ = (pipeline
+                 | f"Examples[{split}]" >> beam.Create(list(rows), reshuffle=False)
+                 | f"Join[{split}]" >> metapaths.JoinContexts(
+                     contexts.neighbour_tables, graph_config.max_order, label=f"JoinContexts[{split}]")
+                 | f"ToExample[{split}]" >> beam.Map(
+                     lambda r: example_codec.to_example(r).SerializeToString())
+                 | f"Write[{split}]" >> beam.io.WriteToTFRecord(
+                     os.path.join(examples_dir, f"Split-{split}", "data_tfrecord"),
+                     file_name_suffix=".gz"))
+
+
+def read_examples(pattern: str) -> List[bytes]:
+    import tensorflow as tf
+
+    files = sorted(tf.io.gfile.glob(pattern))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir: str) -> Dict[str, Any]:
+    from tfx.components.trainer.fn_args_utils import FnArgs
+
+    from trainer import student
+
+    custom_config = {"max_order": order, "neighbour_tables_dir": tables_dir,
+                     "epochs": args.student_epochs, "seed": args.seed,
+                     "log_every_steps": 500}
+    custom_config.update(args.student_overrides)
+    fn_args = FnArgs(train_files=[os.path.join(examples_dir, "Split-train", "*")],
+                     eval_files=[os.path.join(examples_dir, "Split-eval", "*")],
+                     serving_model_dir=os.path.join(work_dir, f"student_k{order}"),
+                     model_run_dir=os.path.join(work_dir, f"student_k{order}_run"),
+                     custom_config=custom_config)
+    log(f"student k={order}: distilling, custom_config {custom_config}")
+    start = time.perf_counter()
+    history = student.run_fn(fn_args)
+    seconds = time.perf_counter() - start
+    epochs = {k: [float(x) for x in v] for k, v in history.history.items()}
+    val_loss = epochs.get("val_loss", [])
+    best = int(min(range(len(val_loss)), key=val_loss.__getitem__)) + 1 if val_loss else None
+    log(f"student k={order}: {len(val_loss)} epochs in {seconds:.0f}s, best epoch {best}")
+    return {"order": order, "model_dir": fn_args.serving_model_dir, "train_seconds": seconds,
+            "epochs_run": len(val_loss), "best_epoch": best, "history": epochs,
+            "custom_config": custom_config}
+
+
+def directory_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    import numpy as np
+
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else math.nan
+
+
+def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int) -> Dict[str, Any]:
+    """Teacher and BERM-O serve_raw, alternating batch by batch; per-batch wall times."""
+    import tensorflow as tf
+
+    batches = [(tf.constant(queries[i:i + batch_size]), tf.constant(item_ids[i:i + batch_size]),
+                tf.constant(titles[i:i + batch_size]))
+               for i in range(0, len(queries), batch_size)]
+    batches = [b for b in batches if int(b[0].shape[0]) == batch_size]  # full batches only
+    times = {"teacher": [], "berm_o": []}
+    for index, (query, item_id, title) in enumerate(batches):
+        start = time.perf_counter()
+        teacher_raw(query=query, item_title=title)["score"].numpy()
+        teacher_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        berm_raw(query=query, item_id=item_id, item_title=title)["score"].numpy()
+        berm_seconds = time.perf_counter() - start
+        if index:  # the first batch of each warms up
+            times["teacher"].append(teacher_seconds)
+            times["berm_o"].append(berm_seconds)
+    out = {}
+    for name, seconds in times.items():
+        total = sum(seconds)
+        out[name] = {"batches": len(seconds), "pairs": len(seconds) * batch_size,
+                     "seconds": total,
+                     "pairs_per_second": len(seconds) * batch_size / total if total else math.nan,
+                     "p50_ms": 1000 * percentile(seconds, 50), "p99_ms": 1000 * percentile(seconds, 99)}
+    out["speedup"] = out["berm_o"]["pairs_per_second"] / out["teacher"]["pairs_per_second"]
+    out["batch_size"] = batch_size
+    return out
+
+
+# --- Reporting -----------------------------------------------------------------------------
+
+def markdown_table(result: Dict[str, Any]) -> str:
+    k = NDCG_K
+    lines = [f"| model | AUC | per-query AUC | NDCG@{k} | pairs/s (batch {result['speed']['batch_size']}) "
+             f"| p50 / p99 ms per batch | SavedModel |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        m = row["metrics"]
+        lines.append(f"| {row['model']} | {th._fmt(m['auc'], 3)} | {th._fmt(m['per_query_auc'], 3)} "
+                     f"| {th._fmt(m[f'ndcg@{k}'], 3)} | {row.get('pairs_per_second_label', '')} "
+                     f"| {row.get('latency_label', '')} | {row.get('size_label', '')} |")
+    return "\n".join(lines)
+
+
+# --- Main ----------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--input", default=th.DEFAULT_INPUT,
+                        help="Home Depot train_dev.csv[.zip] (default: %(default)s)")
+    parser.add_argument("--teacher-model", default=None,
+                        help="an exported teacher SavedModel to reuse instead of fine-tuning one")
+    parser.add_argument("--teacher-profile", choices=("quick", "full"), default="full")
+    parser.add_argument("--max-teacher-train-pairs", type=int, default=6000,
+                        help="teacher fine-tuning pairs, whole train queries by hash "
+                             "(default: %(default)s; what fits on 2 cores)")
+    parser.add_argument("--teacher-epochs", type=int, default=1)
+    parser.add_argument("--max-pairs", type=int, default=None,
+                        help="use only this many pairs of the whole data, whole queries by hash "
+                             "(a quick check of the script; default: all)")
+    parser.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2],
+                        help="student max_order values to train (default: 0 1 2)")
+    parser.add_argument("--berm-order", type=int, default=2,
+                        help="the student exported as the BERM-O rows (default: 2, the pipeline's)")
+    parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a student custom_config key (VALUE parsed as JSON); repeatable")
+    parser.add_argument("--batch-size", type=int, default=100, help="speed-race batch (default: 100)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work-dir", default=None,
+                        help="keep models, tables and examples here (default: a temporary folder)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.berm_order not in args.orders:
+        parser.error(f"--berm-order {args.berm_order} must be one of --orders {args.orders}")
+    if not os.path.exists(args.input):
+        parser.error(f"input not found: {args.input}")
+    if args.teacher_model and not os.path.isdir(args.teacher_model):
+        parser.error(f"--teacher-model: no such folder {args.teacher_model}")
+    args.student_overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            args.student_overrides[key] = json.loads(value)
+        except ValueError:
+            args.student_overrides[key] = value
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = os.getloadavg()
+
+    import numpy as np
+    import tensorflow as tf
+    from absl import logging as absl_logging
+
+    from components.graph import metapaths
+    from pipeline.configs import PipelineConfig
+    from trainer import berm_serving, student, teacher
+
+    absl_logging.set_verbosity(absl_logging.INFO)
+    work_dir = args.work_dir or tempfile.mkdtemp(prefix="student_homedepot_")
+    os.makedirs(work_dir, exist_ok=True)
+    timings: Dict[str, float] = {}
+
+    # 1. Data.
+    data = th.load_judgments(args.input, os.path.join(work_dir, "converted"))
+    assign = th.pipeline_split_assigner()
+    parts: Dict[str, List[Dict[str, Any]]] = {name: [] for name in SPLITS}
+    for record in th.subsample_by_query(data["records"], args.max_pairs):
+        parts[assign(record["query"])].append(record)
+    sizes = {name: th.split_sizes(parts[name]) for name in SPLITS}
+    log(f"data: {data['rows_in']} rows, {len(data['records'])} accepted; "
+        + ", ".join(f"{n} {s['pairs']} pairs / {s['queries']} queries" for n, s in sizes.items()))
+
+    # 2. Teacher.
+    if args.teacher_model:
+        teacher_info = {"model_dir": args.teacher_model, "reused": True}
+    else:
+        teacher_info = fine_tune_teacher(args, parts, work_dir)
+    teacher_model = tf.saved_model.load(teacher_info["model_dir"])
+    teacher_raw = teacher_model.signatures[teacher.RAW_SIGNATURE]
+
+    # 3. Label every logged pair.
+    logged = [dict(r, split=split) for split in SPLITS for r in parts[split]]
+    log(f"labelling {len(logged)} logged pairs with the teacher...")
+    start = time.perf_counter()
+    teacher_scores = score_raw(teacher_raw, [r["query"] for r in logged],
+                               [r["item_title"] for r in logged])
+    timings["label_seconds"] = time.perf_counter() - start
+    log(f"labelled in {timings['label_seconds']:.0f}s "
+        f"({len(logged) / timings['label_seconds']:.0f} pairs/s at batch {LABEL_BATCH})")
+
+    # 4. Graph and joined examples.
+    graph_config = PipelineConfig().graph
+    log_rows = [{"query": r["query"], "item_id": r["item_id"], "item_title": r["item_title"],
+                 "impressions": 1, "clicks": 0, "purchases": 0} for r in logged]
+    example_rows: Dict[str, List[Dict[str, Any]]] = {name: [] for name in SPLITS}
+    for record, score in zip(logged, teacher_scores):
+        example_rows[record["split"]].append({
+            "query": record["query"], "item_id": record["item_id"], "item_title": record["item_title"],
+            "teacher_score": float(score),
+            # test judgments are withheld: the student never sees them.
+            "relevance": NO_JUDGMENT if record["split"] == "test" else float(record["relevance"])})
+    tables_all = os.path.join(work_dir, "tables_all_logs")
+    tables_cold = os.path.join(work_dir, "tables_without_test")
+    examples_dir = os.path.join(work_dir, "student_examples")
+    for path in (tables_all, tables_cold, examples_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    log(f"graph: {len(log_rows)} logged pairs, {graph_config}")
+    start = time.perf_counter()
+    build_graph(log_rows, graph_config, tables_all, examples_dir, example_rows)
+    timings["graph_seconds"] = time.perf_counter() - start
+    build_graph([r for r, x in zip(log_rows, logged) if x["split"] != "test"], graph_config, tables_cold)
+    with open(os.path.join(tables_all, "stats.json")) as f:
+        graph_stats = json.load(f)
+    log(f"graph built in {timings['graph_seconds']:.0f}s: {graph_stats['nodes']} nodes, "
+        f"{graph_stats['edges']} edges")
+
+    # 5. Students.
+    students = {order: train_student(args, order, examples_dir, tables_all, work_dir)
+                for order in args.orders}
+
+    test = parts["test"]
+    queries = [r["query"] for r in test]
+    titles = [r["item_title"] for r in test]
+    item_ids = [r["item_id"] for r in test]
+    relevance = np.array([r["relevance"] for r in test], dtype=float)
+    teacher_test = score_raw(teacher_raw, queries, titles)
+    test_examples = read_examples(os.path.join(examples_dir, "Split-test", "*"))
+    decoded = [tf.train.Example.FromString(e) for e in test_examples]
+    example_order = {(e.features.feature["query"].bytes_list.value[0].decode("utf-8"),
+                      e.features.feature["item_id"].bytes_list.value[0].decode("utf-8")): i
+                     for i, e in enumerate(decoded)}
+    index = [example_order[(q, i)] for q, i in zip(queries, item_ids)]
+    test_examples = [test_examples[i] for i in index]
+
+    baseline = rm.IdfOverlapScorer().fit(sorted({r["item_title"] for r in parts["train"]}))
+    rows = [{"model": "IDF token overlap (baseline)",
+             "metrics": rm.evaluate(queries, baseline.score(queries, titles), relevance, k=NDCG_K)},
+            {"model": f"teacher (BERT {args.teacher_profile} profile)",
+             "metrics": rm.evaluate(queries, teacher_test, relevance, k=NDCG_K)}]
+    student_scores = {}
+    for order, info in students.items():
+        loaded = tf.saved_model.load(info["model_dir"])
+        serve = loaded.signatures["serving_default"]
+        scores = np.concatenate([serve(examples=tf.constant(test_examples[i:i + LABEL_BATCH]))["score"].numpy()
+                                 for i in range(0, len(test_examples), LABEL_BATCH)]).astype(float)
+        student_scores[order] = scores
+        manifest = berm_serving.read_manifest(info["model_dir"])
+        info["params"] = manifest.get("params")
+        rows.append({"model": f"student k={order}" + (" (0-order only)" if order == 0 else ""),
+                     "metrics": rm.evaluate(queries, scores, relevance, k=NDCG_K),
+                     "train_seconds": info["train_seconds"]})
+
+    berm_dir = students[args.berm_order]["model_dir"]
+    berm = tf.saved_model.load(berm_dir)
+    berm_raw = berm.signatures[student.RAW_SIGNATURE]
+    berm_test = score_raw(berm_raw, queries, titles, item_ids)
+    agreement = float(np.max(np.abs(berm_test - student_scores[args.berm_order])))
+    log(f"BERM-O serve_raw vs serving_default on joined examples: max |diff| {agreement:.2e}")
+    cold_dir = os.path.join(work_dir, f"berm_o_k{args.berm_order}_cold")
+    shutil.rmtree(cold_dir, ignore_errors=True)
+    berm_serving.export_serving_model(berm_serving.load_scorer(berm_dir), cold_dir,
+                                      neighbour_tables_dir=tables_cold)
+    cold_test = score_raw(tf.saved_model.load(cold_dir).signatures[student.RAW_SIGNATURE],
+                          queries, titles, item_ids)
+
+    # 6. Speed, sizes.
+    log(f"speed: teacher vs BERM-O serve_raw, batches of {args.batch_size}...")
+    speed = race(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size)
+    teacher_bytes = directory_bytes(teacher_info["model_dir"])
+    berm_bytes = directory_bytes(berm_dir)
+    rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",
+                 "metrics": rm.evaluate(queries, berm_test, relevance, k=NDCG_K)})
+    rows.append({"model": f"BERM-O, test queries never logged (cold start; tables from train+eval logs)",
+                 "metrics": rm.evaluate(queries, cold_test, relevance, k=NDCG_K)})
+    for row in rows:
+        if row["model"].startswith("teacher"):
+            s, size = speed["teacher"], teacher_bytes
+        elif row["model"].startswith("BERM-O (k="):
+            s, size = speed["berm_o"], berm_bytes
+        else:
+            continue
+        row.update({"pairs_per_second": s["pairs_per_second"], "p50_ms": s["p50_ms"],
+                    "p99_ms": s["p99_ms"], "saved_model_bytes": size,
+                    "pairs_per_second_label": f"{s['pairs_per_second']:,.0f}",
+                    "latency_label": f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
+                    "size_label": f"{size / 2 ** 20:.1f} MB"})
+
+    load_after = os.getloadavg()
+    result = {
+        "benchmark": "student_homedepot",
+        "date": started.isoformat(timespec="seconds"),
+        "git_commit": th.git_commit(),
+        "machine": dict(th.machine_info(), load_average_before=list(load_before),
+                        load_average_after=list(load_after), tensorflow=tf.__version__),
+        "settings": {k: v for k, v in vars(args).items() if k != "overrides"},
+        "split_rule": "TFX ExampleGen _PartitionFn on feature 'query', hash buckets "
+                      + "/".join(f"{k} {v}" for k, v in assign.buckets.items()),
+        "data": {"rows_in": data["rows_in"], "accepted": len(data["records"]),
+                 "quarantined_by_reason": data["quarantined_by_reason"], "sizes": sizes},
+        "graph_config": graph_config.to_dict(),
+        "graph_stats": graph_stats,
+        "teacher": {k: v for k, v in teacher_info.items()},
+        "students": {str(k): {kk: vv for kk, vv in v.items()} for k, v in students.items()},
+        "berm_o_serve_raw_vs_serving_default_max_abs_diff": agreement,
+        "timings": timings,
+        "speed": speed,
+        "rows": rows,
+        "wall_seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
+    }
+    table = markdown_table(result)
+    result["markdown_table"] = table
+    print()
+    print(table)
+    print()
+    print(f"test: {sizes['test']['pairs']} pairs, {sizes['test']['queries']} queries; BERM-O "
+          f"{speed['speedup']:.1f}x the teacher's pairs/s; machine {result['machine']['cores']} cores "
+          f"{result['machine']['cpu_model']}, load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
+          f"wall {result['wall_seconds']:.0f}s; work dir {work_dir}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True, default=str)
+        print(f"wrote {args.out}")
+    if not args.work_dir:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
