@@ -6,7 +6,10 @@ STAMP := $(VENV)/.relkd-installed
 OUTPUT ?= runs/default
 PYTEST_ARGS ?=
 
-.PHONY: install run test clean
+# The report test drives a real headless browser: Debian's chromium, installed once if missing.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install browser run test clean
 
 install: $(STAMP)
 
@@ -25,7 +28,13 @@ $(STAMP): requirements.txt setup.py
 run: $(STAMP)
 	$(BIN)/relkd run --output $(OUTPUT)
 
-test: $(STAMP)
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+		echo "relkd: installing Debian's chromium for the report's browser test..."; \
+		$(SUDO) apt-get update -qq >/dev/null && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

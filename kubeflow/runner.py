@@ -77,6 +77,7 @@ def build_pipeline(config: PipelineConfig):
             teacher_epochs=params["teacher_epochs"],
         ),
         schema_dir=kf.schema_dir,
+        serving_base=config.serving.base_directory or kf.serving_base,
     )
 
 

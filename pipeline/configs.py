@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
+from components.graph.eval_features import SLICE_FEATURES, EvalFeatureConfig
 from components.graph.metapaths import GraphConfig
 
 PIPELINE_NAME = "relkd"
@@ -92,6 +93,9 @@ class KubeflowConfig:
     logs_pattern: str = "*"
     judgments_uri: str = "gs://YOUR_BUCKET/relkd/data/judgments"
     judgments_pattern: str = "*"
+    # Where the Pusher writes blessed BERM-O models (<serving_base>/<serving.model_name>/<version>/),
+    # e.g. the bucket TF Serving's model_base_path points at (kubeflow/serving/).
+    serving_base: str = "gs://YOUR_BUCKET/relkd/serving"
     # Where schemas/*.pbtxt are inside the image (the installed `schemas` package; the
     # Dockerfile checks it).
     schema_dir: str = "/usr/local/lib/python3.11/site-packages/schemas"
@@ -133,6 +137,51 @@ class StudentSettings:
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
+# Metrics a gate may name, and which way is better. TFMA computes each on the eval split.
+GATE_METRICS = {
+    "auc": "higher",  # ROC AUC of `score` for relevant = relevance >= data.relevant_threshold
+    "ndcg": "higher",  # NDCG@evaluation.ndcg_k per query (gain = relevance - relevance_min)
+    "teacher_agreement": "higher",  # Pearson correlation of the student's and teacher's scores
+    "judgment_mse": "lower",  # mean squared error of `score` against relevance scaled to [0, 1]
+}
+
+
+@dataclasses.dataclass
+class EvaluationConfig:
+    """How the Evaluator (TFMA) judges the teacher and the student, and when BERM-O is pushed."""
+
+    # The judgment split the models are measured on; neither trainer sees its labels.
+    split: str = "test"
+    ndcg_k: int = 10
+    # Query traffic segments for slicing: head = busiest queries holding this share of impressions.
+    head_share: float = 0.5
+    torso_share: float = 0.3
+    # Item degree buckets (distinct logged queries): (1, 2, 5) -> "0", "1", "2-4", "5+".
+    item_degree_edges: List[int] = dataclasses.field(default_factory=lambda: [1, 2, 5])
+    # More categorical columns of the judgment examples to slice by.
+    extra_slices: List[str] = dataclasses.field(default_factory=list)
+    # The student's gates, per metric of GATE_METRICS: `bound` is an absolute limit on the whole
+    # eval split (a minimum for higher-is-better metrics, a maximum otherwise); `max_regression`
+    # is how much worse than the last blessed student it may be. A model failing either stays
+    # unblessed and is not pushed.
+    gates: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=lambda: {
+        "auc": {"bound": 0.6, "max_regression": 0.01},
+        "ndcg": {"bound": 0.5, "max_regression": 0.02},
+    })
+    # Gates apply to all pairs of the split, and also to every value of these slice features
+    # (e.g. [query_segment] keeps a model that is better overall but worse on tail queries out).
+    gated_slices: List[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ServingConfig:
+    """Where the Pusher puts blessed BERM-O models: <base_directory>/<model_name>/<version>/."""
+
+    model_name: str = "relkd"
+    # Empty: <output>/serving for `relkd run`; the Kubeflow runner uses kubeflow.serving_base.
+    base_directory: str = ""
+
+
 @dataclasses.dataclass
 class PipelineConfig:
     name: str = PIPELINE_NAME
@@ -143,6 +192,8 @@ class PipelineConfig:
     graph: GraphConfig = dataclasses.field(default_factory=GraphConfig)
     teacher: TeacherSettings = dataclasses.field(default_factory=TeacherSettings)
     student: StudentSettings = dataclasses.field(default_factory=StudentSettings)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    serving: ServingConfig = dataclasses.field(default_factory=ServingConfig)
     # In-memory DirectRunner with one worker is the fastest choice for the small local data;
     # on a cluster pass e.g. --runner=DataflowRunner --project=... (see README).
     beam_pipeline_args: List[str] = dataclasses.field(
@@ -228,9 +279,45 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"metadata.backend must be sqlite or mysql, got {config.metadata.backend!r}")
     if not 0 < config.metadata.mysql.port < 65536:
         raise ConfigError(f"metadata.mysql.port must be 1..65535, got {config.metadata.mysql.port}")
+    evaluation = config.evaluation
+    if evaluation.split not in ("train", "eval", "test"):
+        raise ConfigError(f"evaluation.split must be train, eval or test, got {evaluation.split!r}")
+    if evaluation.ndcg_k < 1:
+        raise ConfigError("evaluation.ndcg_k must be at least 1")
+    for name, gate in evaluation.gates.items():
+        if name not in GATE_METRICS:
+            raise ConfigError(f"evaluation.gates: unknown metric {name!r}; known: {', '.join(GATE_METRICS)}")
+        if not isinstance(gate, dict) or not gate or set(gate) - {"bound", "max_regression"}:
+            raise ConfigError(f"evaluation.gates.{name} takes `bound` and/or `max_regression`, got {gate!r}")
+        for key, value in gate.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"evaluation.gates.{name}.{key} must be a number, got {value!r}")
+        if gate.get("max_regression", 0) < 0:
+            raise ConfigError(f"evaluation.gates.{name}.max_regression must be >= 0")
+    known_slices = list(SLICE_FEATURES) + list(evaluation.extra_slices)
+    for feature in evaluation.gated_slices:
+        if feature not in known_slices:
+            raise ConfigError(f"evaluation.gated_slices: {feature!r} is not a slice; "
+                              f"slices are {', '.join(known_slices)}")
+    try:
+        eval_feature_config(config)
+    except ValueError as e:
+        raise ConfigError(f"evaluation: {e}") from e
+    if not config.serving.model_name or "/" in config.serving.model_name:
+        raise ConfigError(f"serving.model_name must be a plain name, got {config.serving.model_name!r}")
     if not config.kubeflow.image.strip():
         raise ConfigError("kubeflow.image must name a container image")
     return config
+
+
+def eval_feature_config(config: PipelineConfig) -> EvalFeatureConfig:
+    """What GraphContexts adds to judged pairs for evaluation (components/graph/eval_features.py)."""
+    return EvalFeatureConfig(
+        relevant_threshold=config.data.relevant_threshold,
+        relevance_min=config.data.relevance_min,
+        head_share=config.evaluation.head_share,
+        torso_share=config.evaluation.torso_share,
+        item_degree_edges=tuple(config.evaluation.item_degree_edges))
 
 
 def teacher_custom_config(config: PipelineConfig) -> Dict[str, Any]:

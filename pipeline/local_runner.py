@@ -22,7 +22,7 @@ from pipeline.configs import PipelineConfig
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA_REJECTED = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA_REJECTED, EXIT_NOT_BLESSED = 0, 1, 2, 3, 4
 
 
 class UsageError(ValueError):
@@ -129,6 +129,12 @@ def _configure_logging(log_path: str) -> logging.Handler:
     return file_handler
 
 
+def serving_base(config: PipelineConfig, output_dir: str) -> str:
+    """<base>/<model name>: where blessed BERM-O versions go (the Pusher's base_directory)."""
+    base = config.serving.base_directory or os.path.join(output_dir, "serving")
+    return os.path.join(base, config.serving.model_name)
+
+
 def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, judgments: Optional[str] = None,
         dataset: Optional[str] = None, dataset_input: Optional[str] = None,
         echo: Callable[[str], None] = print, resume: bool = False) -> RunOutcome:
@@ -157,6 +163,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         logs=input_spec(paths["logs"], "logs"),
         judgments=input_spec(paths["judgments"], "judgments"),
         metadata_connection_config=metadata.connection_config(config.metadata, metadata_path),
+        serving_base=os.path.dirname(serving_base(config, output_dir)),
     )
     node_ids = [c.id for c in tfx_pipeline.components]
     file_handler = _configure_logging(log_path)
@@ -184,9 +191,18 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         logging.getLogger().removeHandler(reporter)
         file_handler.flush()
 
-    summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids)
+    summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids,
+                                  gates=config.evaluation.gates, ndcg_k=config.evaluation.ndcg_k)
+    student = (summary.get("evaluation") or {}).get("student") or {}
+    if exit_code == EXIT_OK and student and not student.get("blessed"):
+        # The pipeline finished, but the model in serving stays what it was.
+        exit_code = EXIT_NOT_BLESSED
+        error = "the student did not pass its gates and was not pushed:\n  " + "\n  ".join(
+            run_summary.gate_failures(summary) or ["see the gate table in run_summary.md"])
+    statuses = {EXIT_OK: "succeeded", EXIT_DATA_REJECTED: "data rejected",
+                EXIT_NOT_BLESSED: "succeeded, model not pushed"}
     summary.update({
-        "status": "succeeded" if exit_code == EXIT_OK else ("data rejected" if exit_code == EXIT_DATA_REJECTED else "failed"),
+        "status": statuses.get(exit_code, "failed"),
         "error": error,
         "wall_seconds": round(time.monotonic() - started, 1),
         "durations": {k: round(v, 2) for k, v in reporter.durations.items()},
@@ -195,16 +211,32 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
             "output": output_dir, "logs input": os.path.abspath(paths["logs"]),
             "judgments input": os.path.abspath(paths["judgments"]), "pipeline root": pipeline_root,
             "metadata": metadata.describe(tfx_pipeline.metadata_connection_config), "log": log_path,
+            "serving models": serving_base(config, output_dir),
             **{f"{kind} quarantine": entry["quarantine_dir"]
                for kind, entry in summary["inputs"].items() if "quarantine_dir" in entry},
         },
     })
     summary_path = os.path.join(output_dir, "run_summary.json")
-    with open(summary_path, "w", encoding="utf-8") as f:
+    _write_summary(summary, output_dir)
+    if (summary.get("evaluation") or {}).get("student"):
+        from pipeline import report  # matplotlib and TFMA readers: only when there is something to show.
+
+        try:
+            written = report.build_report(output_dir)
+            summary["paths"]["report"] = written["html"]
+            _write_summary(summary, output_dir)
+        except Exception:  # The run's outcome stands; `relkd report --run` can retry.
+            logging.getLogger(__name__).error("report failed:\n%s", traceback.format_exc())
+            echo(f"Writing the report failed (traceback in {log_path}); "
+                 f"retry with: relkd report --run {output_dir}")
+    return RunOutcome(exit_code, summary, summary_path, error or "")
+
+
+def _write_summary(summary: Dict[str, Any], output_dir: str) -> None:
+    with open(os.path.join(output_dir, "run_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True, default=str)
     with open(os.path.join(output_dir, "run_summary.md"), "w", encoding="utf-8") as f:
         f.write(run_summary.to_markdown(summary))
-    return RunOutcome(exit_code, summary, summary_path, error or "")
 
 
 def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> None:
@@ -228,6 +260,17 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
         if metrics:
             shown = ", ".join(f"{k} {v}" for k, v in metrics.items() if k.startswith("val_"))
             echo(f"{name:>10}: {metrics['epochs']} epochs; last epoch on eval: {shown or '-'}")
+    evaluation = summary.get("evaluation") or {}
+    for name in ("teacher", "student"):
+        values = (evaluation.get(name) or {}).get("candidate")
+        if values:
+            shown = ", ".join(f"{k} {v}" for k, v in values.items()
+                              if k in ("auc", f"ndcg@{summary['config']['evaluation']['ndcg_k']}",
+                                       "teacher_agreement", "judgment_mse", "example_count"))
+            echo(f"{'eval ' + name:>10}: {shown}")
+    push = evaluation.get("push")
+    if push and push.get("pushed"):
+        echo(f"{'pushed':>10}: BERM-O version {push.get('version')} -> {push.get('destination')}")
     if outcome.message:
         echo("")
         echo(outcome.message)

@@ -6,7 +6,8 @@ are the runners' business.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
@@ -19,7 +20,9 @@ from components.epochs_trainer import EpochsTrainer
 from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
-from pipeline.configs import PipelineConfig, student_custom_config, teacher_custom_config
+from pipeline import evaluation
+from pipeline.configs import (PipelineConfig, eval_feature_config, student_custom_config,
+                              teacher_custom_config)
 from schemas import schema_path
 
 
@@ -116,6 +119,7 @@ def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.Base
         config=config.graph,
         max_order=run.graph_max_order,
         top_n=run.graph_top_n,
+        eval_features=eval_feature_config(config),
     ).with_id("GraphContexts")
     return {graph.id: graph}
 
@@ -137,11 +141,7 @@ def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNo
         model=trainer.outputs["model"],
         data_spec=tfx.proto.DataSpec(),  # every split: the student trains and is checked on teacher scores
         model_spec=tfx.proto.ModelSpec(model_signature_name=["serving_default"]),
-        output_example_spec=bulk_inferrer_pb2.OutputExampleSpec(output_columns_spec=[
-            bulk_inferrer_pb2.OutputColumnsSpec(
-                signature_name="serving_default",
-                predict_output=bulk_inferrer_pb2.PredictOutput(output_columns=[
-                    bulk_inferrer_pb2.PredictOutputCol(output_key="score", output_column=TEACHER_SCORE)]))]),
+        output_example_spec=_teacher_score_columns(),
     ).with_id("TeacherLabeller")
     return {trainer.id: trainer, labeller.id: labeller}
 
@@ -160,6 +160,78 @@ def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNo
     return {trainer.id: trainer, exporter.id: exporter}
 
 
+def evaluation_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode],
+                          serving_base: str) -> Dict[str, base_node.BaseNode]:
+    """TFMA on held-out judged pairs for both models; BERM-O is pushed only if the student's gates pass.
+
+    The student's baseline is the latest BERM-O its own Evaluator blessed (ML Metadata), so a
+    regression against the model in production keeps the new one out.
+    """
+    split = config.evaluation.split
+    # The teacher scores the judged pairs too, so the student's evaluation can measure agreement.
+    judgment_scorer = tfx.components.BulkInferrer(
+        examples=nodes["GraphContexts"].outputs["judgment_examples"],
+        model=nodes["TeacherTrainer"].outputs["model"],
+        data_spec=tfx.proto.DataSpec(example_splits=[split]),
+        model_spec=tfx.proto.ModelSpec(model_signature_name=["serving_default"]),
+        output_example_spec=_teacher_score_columns(),
+    ).with_id("TeacherJudgmentScorer")
+    teacher_evaluator = tfx.components.Evaluator(
+        examples=nodes["GraphContexts"].outputs["judgment_examples"],
+        model=nodes["TeacherTrainer"].outputs["model"],
+        eval_config=evaluation.eval_config(config, student=False),
+        example_splits=[split],
+        module_path=evaluation.METRICS_MODULE,
+    ).with_id("TeacherEvaluator")
+    gates = student_gate_components(
+        config, examples=judgment_scorer.outputs["output_examples"],
+        model=nodes["BermServingExporter"].outputs["serving_model"],
+        model_producer=("BermServingExporter", "serving_model"), serving_base=serving_base)
+    return {judgment_scorer.id: judgment_scorer, teacher_evaluator.id: teacher_evaluator, **gates}
+
+
+def student_gate_components(config: PipelineConfig, examples: Any, model: Any,
+                            model_producer: Tuple[str, str], serving_base: str
+                            ) -> Dict[str, base_node.BaseNode]:
+    """Baseline resolver, the student's Evaluator (metrics and gates) and the Pusher.
+
+    `model_producer` (node id, output key) is what produces `model`: the baseline is the latest
+    model of that output that this Evaluator blessed.
+    """
+    baseline = tfx.dsl.Resolver(
+        strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model,
+                              producer_component_id=model_producer[0], output_key=model_producer[1]),
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing,
+                                       producer_component_id="StudentEvaluator", output_key="blessing"),
+    ).with_id("LatestBlessedStudent")
+    student_evaluator = tfx.components.Evaluator(
+        examples=examples,
+        model=model,
+        baseline_model=baseline.outputs["model"],
+        eval_config=evaluation.eval_config(config, student=True),
+        example_splits=[config.evaluation.split],
+        module_path=evaluation.METRICS_MODULE,
+    ).with_id("StudentEvaluator")
+    pusher = tfx.components.Pusher(
+        model=model,
+        model_blessing=student_evaluator.outputs["blessing"],
+        push_destination=tfx.proto.PushDestination(
+            filesystem=tfx.proto.PushDestination.Filesystem(
+                base_directory=os.path.join(serving_base, config.serving.model_name))),
+    ).with_id("Pusher")
+    return {n.id: n for n in (baseline, student_evaluator, pusher)}
+
+
+
+def _teacher_score_columns() -> bulk_inferrer_pb2.OutputExampleSpec:
+    return bulk_inferrer_pb2.OutputExampleSpec(output_columns_spec=[
+        bulk_inferrer_pb2.OutputColumnsSpec(
+            signature_name="serving_default",
+            predict_output=bulk_inferrer_pb2.PredictOutput(output_columns=[
+                bulk_inferrer_pb2.PredictOutputCol(output_key="score", output_column=TEACHER_SCORE)]))])
+
+
 def create_pipeline(
     config: PipelineConfig,
     pipeline_root: str,
@@ -169,14 +241,20 @@ def create_pipeline(
     beam_pipeline_args: Optional[List[str]] = None,
     run_parameters: Optional[RunParameters] = None,
     schema_dir: Optional[str] = None,
+    serving_base: Optional[str] = None,
 ) -> tfx.dsl.Pipeline:
     """The whole DAG. `run_parameters` and `schema_dir` (where schemas/*.pbtxt are for the
-    executors, e.g. inside the container image) are for cluster runners; locally both stay None."""
+    executors, e.g. inside the container image) are for cluster runners; locally both stay None.
+    Blessed models go to <serving_base>/<serving.model_name>/<version>/ (default
+    config.serving.base_directory, else <pipeline_root>/../serving)."""
     run = run_parameters or NO_RUN_PARAMETERS
     nodes = ingestion_components(config, logs, judgments, run, schema_dir)
     nodes.update(graph_components(config, nodes, run))
     nodes.update(teacher_components(config, nodes, run))
     nodes.update(student_components(config, nodes))
+    serving_base = (serving_base or config.serving.base_directory
+                    or os.path.join(os.path.dirname(pipeline_root.rstrip("/")), "serving"))
+    nodes.update(evaluation_components(config, nodes, serving_base))
     return tfx.dsl.Pipeline(
         pipeline_name=config.name,
         pipeline_root=pipeline_root,

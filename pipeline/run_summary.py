@@ -72,9 +72,40 @@ def _output(nodes: Dict[str, Any], node_id: str, key: str) -> Optional[str]:
     return entries[0]["uri"] if entries else None
 
 
+def _evaluation(nodes: Dict[str, Any], gates: Dict[str, Dict[str, float]], ndcg_k: int) -> Dict[str, Any]:
+    """Both Evaluators' whole-split metrics, the student's gates and blessing, and the push."""
+    from pipeline import eval_results  # TFMA: only once a run got this far.
+
+    out: Dict[str, Any] = {}
+    for name, node_id in (("teacher", "TeacherEvaluator"), ("student", "StudentEvaluator")):
+        uri = _output(nodes, node_id, "evaluation")
+        if not uri or not os.path.exists(os.path.join(uri, "eval_config.json")):
+            continue
+        overall = eval_results.load_metrics(uri).get(eval_results.OVERALL, {})
+        entry: Dict[str, Any] = {"evaluation": uri, **{
+            role: {k: round(v, 4) for k, v in overall.get(role, {}).items()}
+            for role in ("candidate", "baseline", "change") if overall.get(role)}}
+        if name == "student":
+            blessing = _output(nodes, node_id, "blessing")
+            entry["blessed"] = bool(blessing and os.path.exists(os.path.join(blessing, "BLESSED")))
+            entry["gates"] = eval_results.gate_rows(uri, gates, ndcg_k)
+        out[name] = entry
+    pushed = ((nodes.get("Pusher") or {}).get("outputs") or {}).get("pushed_model")
+    if pushed:
+        properties = pushed[0]["properties"]
+        out["push"] = {"pushed": bool(properties.get("pushed")),
+                       "destination": properties.get("pushed_destination"),
+                       "version": properties.get("pushed_version")}
+    return out
+
+
 def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_name: str,
-            node_ids: List[str]) -> Dict[str, Any]:
-    """`metadata`: a SQLite file path or any ML Metadata connection (pipeline/metadata.py)."""
+            node_ids: List[str], gates: Optional[Dict[str, Dict[str, float]]] = None,
+            ndcg_k: int = 10) -> Dict[str, Any]:
+    """`metadata`: a SQLite file path or any ML Metadata connection (pipeline/metadata.py).
+
+    `gates` and `ndcg_k` (the config's evaluation settings) describe the student's gates.
+    """
     store = metadata_store.MetadataStore(
         metadata if isinstance(metadata, metadata_store_pb2.ConnectionConfig) else sqlite_connection(metadata))
     nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id) for node_id in node_ids}
@@ -111,7 +142,16 @@ def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_
         if os.path.exists(path):
             with open(path) as f:
                 summary["data_gate"] = json.load(f)
+    evaluation = _evaluation(nodes, gates or {}, ndcg_k)
+    if evaluation:
+        summary["evaluation"] = evaluation
     return summary
+
+
+def gate_failures(summary: Dict[str, Any]) -> List[str]:
+    """Every failed gate of the student, as a sentence naming metric, slice and margin."""
+    gates = ((summary.get("evaluation") or {}).get("student") or {}).get("gates") or []
+    return [message for row in gates for message in row["failures"]]
 
 
 def to_markdown(summary: Dict[str, Any]) -> str:
@@ -140,6 +180,32 @@ def to_markdown(summary: Dict[str, Any]) -> str:
         if metrics:
             lines += ["", f"## {name.capitalize()} (last epoch)", "", "| " + " | ".join(metrics) + " |",
                       "|" + "---|" * len(metrics), "| " + " | ".join(str(v) for v in metrics.values()) + " |"]
+    evaluation = summary.get("evaluation") or {}
+    if evaluation.get("teacher") or evaluation.get("student"):
+        names = sorted({k for role in ("teacher", "student")
+                        for k in (evaluation.get(role) or {}).get("candidate", {})})
+        lines += ["", "## Evaluation (TFMA, held-out judged pairs)", "",
+                  "| model | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for role in ("teacher", "student"):
+            values = (evaluation.get(role) or {}).get("candidate", {})
+            if values:
+                lines.append(f"| {role} | " + " | ".join(str(values.get(n, "-")) for n in names) + " |")
+        student = evaluation.get("student") or {}
+        if student.get("gates"):
+            lines += ["", "| gate | slice | value | limit | baseline | change (max regression) | result |",
+                      "|---|---|---:|---:|---:|---:|---|"]
+            for row in student["gates"]:
+                fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+                limit = "-" if row["bound"] is None else f"{row['bound_kind']} {row['bound']}"
+                regression = "-" if row["max_regression"] is None else f"{fmt(row['change'])} ({row['max_regression']})"
+                lines.append(f"| {row['metric']} | {row['slice']} | {fmt(row['value'])} | {limit} | "
+                             f"{fmt(row['baseline'])} | {regression} | {'pass' if row['passed'] else '**FAIL**'} |")
+        push = evaluation.get("push") or {}
+        if "blessed" in student:
+            if student["blessed"] and push.get("pushed"):
+                lines += ["", f"- blessed and pushed: version {push.get('version')} at `{push.get('destination')}`"]
+            else:
+                lines += ["", "- **not blessed, not pushed**"] + [f"  - {m}" for m in gate_failures(summary)]
     gate = summary.get("data_gate")
     if gate:
         lines += ["", "## Data validation gate", "", f"- passed: **{gate['passed']}**"]

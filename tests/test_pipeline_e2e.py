@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,8 @@ pytestmark = pytest.mark.e2e
 TINY_SHOP = {"default_data": {"num_items": 200, "num_queries": 40, "results_per_query": 8},
              "data": {"max_quarantine_fraction": 0.05}}
 LOG_HEADER = ["query", "item_id", "item_title", "impressions", "clicks"]
+# Gates any model clears, for tests about plumbing (tests/test_evaluation_gates.py fails gates).
+PERMISSIVE_GATES = {"evaluation": {"gates": {"auc": {"bound": 0.0}, "ndcg": {"bound": 0.0}}}}
 
 
 def write_logs_and_judgments(directory, extra_log_column=None, bad_log_rows=0):
@@ -36,6 +39,7 @@ def write_logs_and_judgments(directory, extra_log_column=None, bad_log_rows=0):
         writer.writerow(["query", "item_id", "relevance"])
         for q in range(30):
             writer.writerow([f"query {q}", f"P{q}-0", 3])
+            writer.writerow([f"query {q}", f"P{q}-3", 1])
     return logs_path, judgments_path
 
 
@@ -43,11 +47,36 @@ def quiet(_):
     pass
 
 
+def check_report_in_browser(path, expected_gates):
+    """Headless Chromium: no console errors, the gate table and every plot present and drawn."""
+    from browser import Page
+
+    with Page() as page:
+        page.open(path)
+        seen = page.evaluate("""(() => ({
+            gates: [...document.querySelectorAll('table.gates tbody tr')].map(
+                r => [...r.cells].map(c => c.textContent)),
+            verdict: document.getElementById('verdict').textContent,
+            plots: [...document.querySelectorAll('img.plot')].map(
+                i => ({alt: i.alt, complete: i.complete, width: i.naturalWidth, height: i.naturalHeight})),
+            scripts: document.scripts.length,
+        }))()""")
+        assert page.console_errors() == []
+    assert len(seen["gates"]) == expected_gates
+    assert all(row[7] in ("PASS", "FAIL") for row in seen["gates"])
+    assert [p["alt"] for p in seen["plots"]] == [
+        "AUC by slice", "NDCG@10 by slice", "Calibration", "Score distributions", "Teacher-student scatter"]
+    assert all(p["complete"] and p["width"] > 100 and p["height"] > 100 for p in seen["plots"]), seen["plots"]
+    assert seen["scripts"] == 0
+    return seen
+
+
 def test_default_data_runs_through_the_whole_dag(tmp_path):
     from conftest import read_examples
 
     config = configs.load_config(overrides={
-        **TINY_SHOP, "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
+        **TINY_SHOP, **PERMISSIVE_GATES,
+        "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
         "student": {"settings": {"epochs": 1}}})
     messages = []
     outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
@@ -63,7 +92,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     # The generator injects a few faults on purpose: they are counted, not dropped.
     assert summary["inputs"]["logs"]["quarantined"] > 0
     assert all(info and info["state"] == "COMPLETE" for info in summary["nodes"].values())
-    assert len(summary["nodes"]) == 14
+    assert len(summary["nodes"]) == 19
 
     # Graph: statistics, and contexts joined onto both inputs.
     assert summary["graph"]["nodes"]["query"] > 0 and summary["graph"]["edges"]["after_hub_cap"] > 0
@@ -71,6 +100,10 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     judged = read_examples(os.path.join(nodes["GraphContexts"]["outputs"]["judgment_examples"][0]["uri"], "Split-train"))
     assert judged and all(r["item_title"] for r in judged), "judgments get the item's title from the logs"
     assert all("q_o2_ids" in r and "i_o1_weights" in r for r in judged)
+    # ... and the evaluation label and slices (components/graph/eval_features.py).
+    assert all(r["relevant"] == (1.0 if r["relevance"] >= 2.33 else 0.0) for r in judged)
+    assert {r["query_segment"] for r in judged} <= {"head", "torso", "tail", "unlogged"}
+    assert {r["graph_context"] for r in judged} <= {"warm", "cold"} and "warm" in {r["graph_context"] for r in judged}
 
     # Teacher: trained, and every accepted logged pair labelled once with a score in [0, 1].
     assert summary["teacher"]["epochs"] == 1
@@ -96,8 +129,30 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         item_title=tf.constant([known["item_title"], "Some Title 3ml"]))["score"].numpy()
     assert scores.shape == (2,) and all(0.0 <= s <= 1.0 for s in scores)
 
+    # Evaluation: TFMA metrics for both models on the held-out judged pairs; the student cleared
+    # its gates, so BERM-O was pushed as version 1 of the TF Serving layout.
+    evaluation = summary["evaluation"]
+    for role in ("teacher", "student"):
+        values = evaluation[role]["candidate"]
+        assert values["example_count"] == summary["inputs"]["judgments"]["examples_per_split"]["test"]
+        assert 0.0 <= values["auc"] <= 1.0 and 0.0 <= values["ndcg@10"] <= 1.0
+    assert -1.0 <= evaluation["student"]["candidate"]["teacher_agreement"] <= 1.0
+    assert evaluation["student"]["blessed"] and evaluation["push"]["pushed"]
+    serving = os.path.join(tmp_path, "run", "serving", "relkd")
+    [version] = os.listdir(serving)
+    assert version.isdigit() and os.path.exists(os.path.join(serving, version, "saved_model.pb"))
+    assert evaluation["push"]["destination"].rstrip("/") == os.path.join(serving, version)
+
+    # The report: written by the run, and read in a real browser.
+    report_path = summary["paths"]["report"]
+    assert report_path == os.path.join(tmp_path, "run", "report", "report.html")
+    check_report_in_browser(report_path, expected_gates=2)
+    with open(os.path.join(tmp_path, "run", "report", "report.md")) as f:
+        markdown = f.read()
+    assert "Blessed and pushed" in markdown and "| auc | all pairs |" in markdown
+
     # Progress names each step with its position and time.
-    assert any(m.startswith("[1/14] ") and m.endswith("...") for m in messages)
+    assert any(m.startswith("[1/19] ") and m.endswith("...") for m in messages)
     assert any("BermServingExporter done in" in m for m in messages)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
@@ -121,7 +176,7 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
     assert "clicks_exceed_impressions 5" in outcome.message and "above the limit of 1.00%" in outcome.message
     assert outcome.summary["inputs"]["logs"]["quarantined"] == 5
 
-    relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}})
+    relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}, **PERMISSIVE_GATES})
     outcome = local_runner.run(relaxed, str(tmp_path / "run2"), logs=logs, judgments=judgments, echo=quiet)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
 
@@ -129,7 +184,7 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
 def test_resume_reuses_unchanged_steps(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
     config = configs.load_config(overrides={"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
-                                            "student": {"settings": {"epochs": 1}}})
+                                            "student": {"settings": {"epochs": 1}}, **PERMISSIVE_GATES})
     first = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
     assert first.exit_code == local_runner.EXIT_OK, first.message
     second = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
@@ -148,9 +203,15 @@ def relkd(*args, cwd):
 
 def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
-    result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"), cwd=tmp_path)
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(PERMISSIVE_GATES))
+    result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
+                   "--config", str(config_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "[14/14] BermServingExporter done in" in result.stdout
+    assert re.search(r"\[\d+/19\] BermServingExporter done in", result.stdout)
+    assert "[19/19] Pusher done in" in result.stdout
+    assert "pushed: BERM-O version" in result.stdout
+    assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in result.stdout
     assert "logs: 120 rows in = 120 accepted + 0 quarantined" in result.stdout
     assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
     assert "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 
 from components import artifacts
 from components.graph import executor
+from components.graph.eval_features import EvalFeatureConfig
 from components.graph.metapaths import GraphConfig
 
 
@@ -22,6 +23,7 @@ class GraphContextsSpec(component_spec.ComponentSpec):
         # Override graph_config's fields of the same name when set (runtime parameters on Kubeflow).
         executor.MAX_ORDER_KEY: ExecutionParameter(type=int, optional=True),
         executor.TOP_N_KEY: ExecutionParameter(type=int, optional=True),
+        executor.EVAL_FEATURES_KEY: ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {
         executor.LOGS_KEY: ChannelParameter(type=standard_artifacts.Examples),
@@ -42,7 +44,8 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
 
     Outputs: `log_examples` and `judgment_examples` (the input splits with `q_o{k}_*` and
     `i_o{k}_*` context features added; judgments also get the item's title from the logs when
-    they lack one), `neighbour_tables` (for serving) and `graph_statistics`.
+    they lack one, and the evaluation label and slice features of `eval_features.py`),
+    `neighbour_tables` (for serving) and `graph_statistics`.
     """
 
     SPEC_CLASS = GraphContextsSpec
@@ -51,7 +54,8 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
     def __init__(self, logs: channel.BaseChannel, judgments: channel.BaseChannel,
                  config: GraphConfig, data_report: Optional[channel.BaseChannel] = None,
                  max_order: Optional[Union[int, RuntimeParameter]] = None,
-                 top_n: Optional[Union[int, RuntimeParameter]] = None):
+                 top_n: Optional[Union[int, RuntimeParameter]] = None,
+                 eval_features: Optional[EvalFeatureConfig] = None):
         """`max_order` and `top_n`, when given (e.g. as RuntimeParameters), replace config's."""
         spec = GraphContextsSpec(
             logs=logs,
@@ -60,6 +64,7 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
             graph_config=json.dumps(config.to_dict(), sort_keys=True),
             max_order=max_order,
             top_n=top_n,
+            eval_features=json.dumps((eval_features or EvalFeatureConfig()).to_dict(), sort_keys=True),
             log_examples=channel.Channel(type=standard_artifacts.Examples),
             judgment_examples=channel.Channel(type=standard_artifacts.Examples),
             neighbour_tables=channel.Channel(type=artifacts.NeighbourTables),

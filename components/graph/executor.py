@@ -13,7 +13,7 @@ from tfx.dsl.components.base import base_beam_executor
 from tfx.types import artifact_utils
 
 from components import example_codec
-from components.graph import metapaths
+from components.graph import eval_features, metapaths
 
 LOGS_KEY = "logs"
 JUDGMENTS_KEY = "judgments"
@@ -27,6 +27,8 @@ GRAPH_CONFIG_KEY = "graph_config"
 # ints, so the Kubeflow runner can make them runtime parameters (a JSON string cannot hold one).
 MAX_ORDER_KEY = "max_order"
 TOP_N_KEY = "top_n"
+# JSON of eval_features.EvalFeatureConfig: the label and slice features judged pairs get.
+EVAL_FEATURES_KEY = "eval_features"
 
 STATS_FILE = "stats.json"
 CAPPED_HUBS_PREFIX = "capped_hubs"
@@ -83,11 +85,16 @@ def graph_config(exec_properties: Dict[str, Any]) -> metapaths.GraphConfig:
     return metapaths.GraphConfig(**values)
 
 
+def eval_feature_config(exec_properties: Dict[str, Any]) -> eval_features.EvalFeatureConfig:
+    return eval_features.EvalFeatureConfig(**json.loads(exec_properties.get(EVAL_FEATURES_KEY) or "{}"))
+
+
 class Executor(base_beam_executor.BaseBeamExecutor):
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
         config = graph_config(exec_properties)
+        eval_config = eval_feature_config(exec_properties)
         logs = artifact_utils.get_single_instance(input_dict[LOGS_KEY])
         judgments = artifact_utils.get_single_instance(input_dict[JUDGMENTS_KEY])
         log_out = artifact_utils.get_single_instance(output_dict[LOG_EXAMPLES_KEY])
@@ -139,8 +146,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     {"judgment": keyed, "title": contexts.item_titles}
                     | f"GroupTitles[{split}]" >> beam.CoGroupByKey()
                     | f"FillTitles[{split}]" >> beam.FlatMap(_fill_title))
-                joined = with_titles | f"JoinJudgments[{split}]" >> metapaths.JoinContexts(
-                    contexts.neighbour_tables, config.max_order, label=f"JoinJudgmentContexts[{split}]")
+                joined = (
+                    with_titles
+                    | f"JoinJudgments[{split}]" >> metapaths.JoinContexts(
+                        contexts.neighbour_tables, config.max_order, label=f"JoinJudgmentContexts[{split}]")
+                    | f"EvalFeatures[{split}]" >> eval_features.AttachEvalFeatures(
+                        all_logs, eval_config, config.max_order, label=f"AttachEvalFeatures[{split}]"))
                 _write_split(joined, judgment_out, split, "Judgments")
 
         with open(os.path.join(tables_out.uri, MANIFEST_FILE), "w") as f:
