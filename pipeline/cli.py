@@ -15,13 +15,13 @@ import sys  # noqa: E402
 from typing import List, Optional
 
 from pipeline import configs  # noqa: E402
-from pipeline.local_runner import EXIT_USAGE, UsageError  # noqa: E402
+from pipeline.local_runner import EXIT_FAILED, EXIT_USAGE, UsageError  # noqa: E402
 
 
 def _add_run(subparsers) -> None:
     p = subparsers.add_parser(
         "run",
-        help="run the whole pipeline locally (LocalDagRunner, ML Metadata in SQLite)",
+        help="run the whole pipeline locally (LocalDagRunner; ML Metadata in SQLite or MySQL)",
         description=(
             "Runs the pipeline on one machine. With no input options it generates the embedded "
             "default shop data; otherwise give --logs and --judgments (CSV, Parquet or TFRecord of "
@@ -37,6 +37,128 @@ def _add_run(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="reuse the steps of an earlier run into the same --output whose inputs and settings "
                         "are unchanged (TFX caching), e.g. to restart after a failure in labelling")
+
+
+def _add_report(subparsers) -> None:
+    p = subparsers.add_parser(
+        "report", help="write the HTML and Markdown validation report of a run",
+        description=("Writes <run>/report/report.html (one self-contained page: data statistics and "
+                     "anomalies, quarantine counts, graph statistics, teacher and student metrics by "
+                     "slice, the gate table, plots) and report.md with the plots as PNG files. "
+                     "`relkd run` writes it at the end of every run that reached evaluation."))
+    p.add_argument("--run", required=True, help="the --output directory of a `relkd run`")
+    p.add_argument("--output", help="where to write the report (default: <run>/report)")
+
+
+def _cmd_report(args) -> int:
+    from pipeline import report
+
+    try:
+        written = report.build_report(args.run, args.output)
+    except report.ReportError as e:
+        raise UsageError(str(e)) from e
+    print(f"Report: {written['html']}")
+    print(f"Markdown: {written['markdown']} ({len(written['plots'])} plots next to it)")
+    return 0
+
+
+def _add_score(subparsers) -> None:
+    p = subparsers.add_parser(
+        "score", help="score pairs: one query against items through a model server, or a file offline",
+        description=("Online: --target HOST:PORT --model NAME --query Q --items FILE asks a TF Serving "
+                     "gRPC server (or `relkd serve`) and prints the items ranked by score. FILE is a CSV "
+                     "with item_id,item_title columns. Offline: --model-dir DIR --input pairs.csv "
+                     "--output scores.csv scores id,query,item_id,item_title rows with the SavedModel "
+                     "(or the newest version under a Pusher folder), streaming, and writes id,score."))
+    online = p.add_argument_group("online (gRPC)")
+    online.add_argument("--target", help="model server address, e.g. localhost:8500")
+    online.add_argument("--model", help="model name on the server (the Pusher's serving.model_name)")
+    online.add_argument("--version", type=int, help="a specific model version (default: the newest)")
+    online.add_argument("--query", help="the search query")
+    online.add_argument("--items", help="CSV of item_id,item_title to rank for the query")
+    online.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    offline = p.add_argument_group("offline (batch)")
+    offline.add_argument("--model-dir", help="a BERM-O SavedModel, or a folder of numbered versions")
+    offline.add_argument("--input", help="CSV with id,query,item_id,item_title")
+    offline.add_argument("--output", help="CSV to write id,score to")
+    offline.add_argument("--batch-size", type=int, default=1024, help="pairs per model call (default 1024)")
+
+
+def _read_items(path: str):
+    import csv
+
+    if not os.path.exists(path):
+        raise UsageError(f"--items file not found: {path}")
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"item_id", "item_title"} <= set(reader.fieldnames):
+            raise UsageError(f"{path}: needs a header with item_id,item_title (found {reader.fieldnames})")
+        return [(row["item_id"], row["item_title"]) for row in reader]
+
+
+def _cmd_score(args) -> int:
+    online = [args.target, args.model, args.query, args.items]
+    offline = [args.model_dir, args.input, args.output]
+    if any(online) and any(offline):
+        raise UsageError("give either --target/--model/--query/--items (online) or "
+                         "--model-dir/--input/--output (offline), not both")
+    if any(offline):
+        if not all(offline):
+            raise UsageError("offline scoring needs --model-dir, --input and --output")
+        from pipeline import batch_scorer
+
+        try:
+            batch_scorer.score_file(args.model_dir, args.input, args.output, args.batch_size)
+        except batch_scorer.ScoringInputError as e:
+            raise UsageError(str(e)) from e
+        return 0
+    if not all(online):
+        raise UsageError("online scoring needs --target, --model, --query and --items "
+                         "(or use --model-dir/--input/--output to score a file)")
+    from pipeline import scoring_client
+
+    items = _read_items(args.items)
+    if not items:
+        raise UsageError(f"{args.items} lists no items")
+    with scoring_client.ScoringClient(args.target, args.model, args.version, timeout=args.timeout) as client:
+        try:
+            ranked = client.rank(args.query, items)
+        except scoring_client.ScoringError as e:
+            print(f"relkd score: error: {e}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"{'rank':>4}  {'score':>7}  item_id  item_title")
+    for entry in ranked:
+        print(f"{entry.rank:>4}  {entry.score:7.4f}  {entry.item_id}  {entry.item_title}")
+    return 0
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve pushed models over TF Serving's gRPC API (for machines without TF Serving)",
+        description=("Serves the numbered versions under --model-base (the Pusher's "
+                     "<serving base>/<model name>) with TF Serving's PredictionService (Predict, "
+                     "GetModelMetadata) and ModelService (GetModelStatus): the newest version by "
+                     "default, any loaded one on request; new versions are loaded as they appear. "
+                     "In production use the tensorflow/serving image (kubeflow/serving/)."))
+    p.add_argument("--model-base", required=True, help="folder of numbered SavedModel versions")
+    p.add_argument("--model-name", help="name clients ask for (default: the folder's name)")
+    p.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500, TF Serving's)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
+    p.add_argument("--max-versions", type=int, default=2, help="newest versions kept loaded (default 2)")
+
+
+def _cmd_serve(args) -> int:
+    from pipeline import model_server
+
+    if args.max_versions < 1 or args.poll_seconds <= 0:
+        raise UsageError("--max-versions must be >= 1 and --poll-seconds > 0")
+    try:
+        return model_server.serve(args.model_base, args.model_name, args.host, args.port,
+                                  args.poll_seconds, args.max_versions)
+    except (FileNotFoundError, OSError) as e:
+        raise UsageError(str(e)) from e
 
 
 def _add_generate(subparsers) -> None:
@@ -108,8 +230,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_run(subparsers)
     _add_generate(subparsers)
     _add_compile(subparsers)
+    _add_report(subparsers)
+    _add_score(subparsers)
+    _add_serve(subparsers)
     args = parser.parse_args(argv)
-    commands = {"run": _cmd_run, "generate": _cmd_generate, "compile": _cmd_compile}
+    commands = {"run": _cmd_run, "generate": _cmd_generate, "compile": _cmd_compile,
+                "report": _cmd_report, "score": _cmd_score, "serve": _cmd_serve}
     try:
         return commands[args.command](args)
     except (UsageError, configs.ConfigError) as e:

@@ -1,0 +1,310 @@
+"""`relkd serve`, the gRPC client and the batch scorer, driven through TF Serving's own API stubs.
+
+The server runs on a real loopback socket and is only ever reached through
+`tensorflow_serving.apis` stubs (or the client built on them); the model is a real BERM-O export
+of a tiny student (trainer/student.py, trainer/berm_serving.py).
+"""
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                     model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
+
+from pipeline import batch_scorer, model_server, scoring_client
+from trainer import berm_layers, berm_serving, bert_checkpoint, student
+
+MODEL = "relkd"
+QUERIES = ["cordless drill", "garden hose", "red paint", "a query nobody typed"]
+ITEMS = [("P1", "DEWALT 20V cordless drill kit"), ("P2", "50 ft garden hose"),
+         ("P3", "Behr red exterior paint 1 gal"), ("P4", "Some Title 3ml")]
+
+
+def _string(values):
+    return tf.make_tensor_proto(np.array([v.encode() for v in values], dtype=object), dtype=tf.string)
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    """A BERM-O SavedModel of a tiny untrained student (0-order path: no tables)."""
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    tf.keras.utils.set_random_seed(1)
+    scorer = student.build_student(vocab, max_order=1, max_context_texts=3, max_query_tokens=8,
+                                   max_title_tokens=12, max_context_tokens=8, embedding_dim=8,
+                                   pretrained_embeddings=None, num_kernels=5, hidden_dim=8)
+    path = str(tmp_path_factory.mktemp("export") / "berm_o")
+    berm_serving.export_serving_model(scorer, path)
+    return path
+
+
+def own_scores(path, queries, item_ids, titles):
+    model = tf.saved_model.load(path)
+    return model.signatures["serve_raw"](query=tf.constant(queries), item_id=tf.constant(item_ids),
+                                         item_title=tf.constant(titles))["score"].numpy()
+
+
+@pytest.fixture
+def server(tmp_path, export):
+    base = tmp_path / "serving" / MODEL
+    shutil.copytree(export, base / "1")
+    running = model_server.ModelServer(str(base), port=0, poll_seconds=0.2).start()
+    yield running, base
+    running.stop()
+
+
+def stubs(port):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[
+        ("grpc.max_send_message_length", 64 * 1024 * 1024)])
+    return (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+            model_service_pb2_grpc.ModelServiceStub(channel))
+
+
+def raw_request(queries, item_ids, titles, name=MODEL, version=None):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = "serve_raw"
+    if version is not None:
+        request.model_spec.version.value = version
+    request.inputs["query"].CopyFrom(_string(queries))
+    request.inputs["item_id"].CopyFrom(_string(item_ids))
+    request.inputs["item_title"].CopyFrom(_string(titles))
+    return request
+
+
+def test_predictions_equal_the_saved_models_own_outputs(server, export):
+    running, _ = server
+    predict, models = stubs(running.port)
+    ids, titles = [i for i, _ in ITEMS], [t for _, t in ITEMS]
+    response = predict.Predict(raw_request(QUERIES, ids, titles), timeout=30)
+    assert response.model_spec.version.value == 1 and response.model_spec.signature_name == "serve_raw"
+    np.testing.assert_allclose(tf.make_ndarray(response.outputs["score"]),
+                               own_scores(export, QUERIES, ids, titles), rtol=0, atol=1e-6)
+
+    metadata = predict.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
+        model_spec={"name": MODEL}, metadata_field=["signature_def"]), timeout=30)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    metadata.metadata["signature_def"].Unpack(signatures)
+    assert sorted(signatures.signature_def["serve_raw"].inputs) == ["item_id", "item_title", "query"]
+    assert "serving_default" in signatures.signature_def
+
+    status = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(
+        model_spec={"name": MODEL}), timeout=30)
+    [version] = status.model_version_status
+    assert version.version == 1 and version.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
+
+
+def _bad_requests():
+    missing = raw_request(["q"], ["i"], ["t"])
+    del missing.inputs["item_id"]
+    wrong_dtype = raw_request(["q"], ["i"], ["t"])
+    wrong_dtype.inputs["query"].CopyFrom(tf.make_tensor_proto(np.array([1.0], np.float32)))
+    empty = raw_request([], [], [])
+    huge = raw_request(["x" * (10 * 1024 * 1024)], ["i"], ["t"])
+    ragged = raw_request(["q", "q2"], ["i"], ["t"])
+    return [
+        ("missing input", missing, grpc.StatusCode.INVALID_ARGUMENT, "missing ['item_id']"),
+        ("wrong dtype", wrong_dtype, grpc.StatusCode.INVALID_ARGUMENT, "must be string"),
+        ("empty batch", empty, grpc.StatusCode.INVALID_ARGUMENT, "empty batch"),
+        ("10 MB string", huge, grpc.StatusCode.INVALID_ARGUMENT, "the limit is 65536"),
+        ("batch sizes differ", ragged, grpc.StatusCode.INVALID_ARGUMENT, "different batch sizes"),
+        ("unknown model", raw_request(["q"], ["i"], ["t"], name="nope"), grpc.StatusCode.NOT_FOUND,
+         "'nope' is not served here"),
+        ("unknown version", raw_request(["q"], ["i"], ["t"], version=7), grpc.StatusCode.NOT_FOUND,
+         "no version 7"),
+    ]
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
+    running, _ = server
+    predict, models = stubs(running.port)
+    for label, request, code, message in _bad_requests():
+        with pytest.raises(grpc.RpcError) as caught:
+            predict.Predict(request, timeout=30)
+        assert caught.value.code() == code, label
+        assert message in caught.value.details(), (label, caught.value.details())
+        # ... and a good request right after still works.
+        ok = predict.Predict(raw_request(["q"], ["i"], ["t"]), timeout=30)
+        assert tf.make_ndarray(ok.outputs["score"]).shape == (1,)
+    with pytest.raises(grpc.RpcError) as caught:
+        models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": "nope"}))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_new_version_is_picked_up_while_clients_run_without_a_failed_request(server, export):
+    running, base = server
+    predict, models = stubs(running.port)
+    failures, versions, stop = [], [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                response = predict.Predict(raw_request(QUERIES, ["P1"] * 4, ["drill"] * 4), timeout=30)
+                versions.append(response.model_spec.version.value)
+            except grpc.RpcError as e:
+                failures.append(e.details())
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    shutil.copytree(export, base / "2")  # what the Pusher does: copy into a new numbered folder
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and 2 not in versions[-8:]:
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert versions[0] == 1 and versions[-1] == 2, versions[-10:]
+    # Both versions stay loaded (max_versions=2): a request may still name the old one.
+    old = predict.Predict(raw_request(["q"], ["i"], ["t"], version=1), timeout=30)
+    assert old.model_spec.version.value == 1
+    status = models.GetModelStatus(get_model_status_pb2.GetModelStatusRequest(model_spec={"name": MODEL}))
+    assert [v.version for v in status.model_version_status] == [1, 2]
+
+
+def test_client_ranks_items_and_explains_errors(server):
+    running, _ = server
+    with scoring_client.ScoringClient(f"127.0.0.1:{running.port}", MODEL) as client:
+        ranked = client.rank("cordless drill", ITEMS)
+        scores = client.score(["cordless drill"] * 4, [i for i, _ in ITEMS], [t for _, t in ITEMS])
+    assert [r.rank for r in ranked] == [1, 2, 3, 4]
+    assert [r.score for r in ranked] == sorted(scores.tolist(), reverse=True)
+    assert {r.item_id for r in ranked} == {i for i, _ in ITEMS}
+
+    with scoring_client.ScoringClient(f"127.0.0.1:{running.port}", "nope") as client:
+        with pytest.raises(scoring_client.ScoringError, match="does not have that model"):
+            client.rank("q", ITEMS)
+    with scoring_client.ScoringClient(f"127.0.0.1:{running.port}", MODEL, version=9) as client:
+        with pytest.raises(scoring_client.ScoringError, match="no version 9"):
+            client.rank("q", ITEMS)
+    with socket_nobody_listens_on() as port:
+        with scoring_client.ScoringClient(f"127.0.0.1:{port}", MODEL, timeout=2, retries=1,
+                                          backoff=0.05) as client:
+            with pytest.raises(scoring_client.ScoringError, match="cannot reach a model server"):
+                client.rank("q", ITEMS)
+
+
+class socket_nobody_listens_on:
+    def __enter__(self):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, export):
+    base = tmp_path / "serving" / MODEL
+    shutil.copytree(export, base / "3")
+    rows = [(f"r{k}", QUERIES[k % 4], ITEMS[k % 4][0], ITEMS[(k * 3) % 4][1]) for k in range(2500)]
+    pairs = tmp_path / "pairs.csv"
+    with open(pairs, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_title", "id", "query", "item_id", "extra"])  # any column order
+        for r in rows:
+            writer.writerow([r[3], r[0], r[1], r[2], "ignored"])
+    out = tmp_path / "scores.csv"
+    messages = []
+    result = batch_scorer.score_file(str(base.parent / MODEL), str(pairs), str(out), batch_size=1000,
+                                     echo=messages.append, progress_seconds=0)
+    assert result["rows"] == 2500 and result["model"].endswith(os.path.join(MODEL, "3"))
+    with open(out) as f:
+        scored = list(csv.DictReader(f))
+    assert [r["id"] for r in scored] == [r[0] for r in rows]
+    expected = own_scores(export, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    np.testing.assert_allclose([float(r["score"]) for r in scored], expected, atol=1e-6)
+    assert any("pairs scored" in m for m in messages) and "2,500 pairs" in messages[-1]
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("id,query,title\n1,q,t\n")
+    with pytest.raises(batch_scorer.ScoringInputError, match="column\\(s\\) item_id, item_title missing"):
+        batch_scorer.score_file(str(base), str(bad), str(tmp_path / "never.csv"))
+    assert not os.path.exists(tmp_path / "never.csv") and not os.path.exists(tmp_path / "never.csv.partial")
+
+
+def test_cli_score_online_against_relkd_serve(tmp_path, export):
+    base = tmp_path / "serving" / MODEL
+    shutil.copytree(export, base / "1")
+    items = tmp_path / "items.csv"
+    with open(items, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item_id", "item_title"])
+        writer.writerows(ITEMS)
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model-base", str(base),
+                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env)
+    try:
+        port = None
+        for line in server.stdout:
+            if "on 127.0.0.1:" in line:
+                port = int(line.split("on 127.0.0.1:")[1].split()[0])
+                break
+        assert port, "relkd serve did not report its address"
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--target",
+                                 f"127.0.0.1:{port}", "--model", MODEL, "--query", "cordless drill",
+                                 "--items", str(items)], capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert lines[0].split() == ["rank", "score", "item_id", "item_title"]
+        scores = [float(line.split()[1]) for line in lines[1:]]
+        assert len(scores) == 4 and scores == sorted(scores, reverse=True)
+
+        missing = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--target",
+                                  f"127.0.0.1:{port}", "--model", "other", "--query", "q", "--items",
+                                  str(items)], capture_output=True, text=True, timeout=300, env=env)
+        assert missing.returncode == 1 and "does not have that model" in missing.stderr
+        assert "Traceback" not in missing.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+# --- Production serving manifests (kubeflow/serving/) ----------------------------------------
+
+SERVING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kubeflow", "serving")
+
+
+def test_tf_serving_manifests_are_valid_and_consistent():
+    import yaml
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    with open(os.path.join(SERVING_DIR, "models.config")) as f:
+        models_config = f.read()
+    config = text_format.Parse(models_config, model_server_config_pb2.ModelServerConfig())
+    [model] = config.model_config_list.config
+    assert model.name == MODEL and model.model_platform == "tensorflow"
+    assert model.base_path.endswith("/relkd/serving/relkd")  # kubeflow.serving_base + model name
+    assert model.model_version_policy.latest.num_versions == 2
+
+    with open(os.path.join(SERVING_DIR, "deployment.yaml")) as f:
+        config_map, deployment = list(yaml.safe_load_all(f))
+    with open(os.path.join(SERVING_DIR, "service.yaml")) as f:
+        service = yaml.safe_load(f)
+    with open(os.path.join(SERVING_DIR, "batching_parameters.txt")) as f:
+        batching = f.read()
+    strip = lambda text: [l.strip() for l in text.splitlines() if l.strip() and not l.strip().startswith("#")]  # noqa: E731
+    # The ConfigMap carries the same settings as the files next to it.
+    assert strip(config_map["data"]["models.config"]) == strip(models_config)
+    assert strip(config_map["data"]["batching_parameters.txt"]) == strip(batching)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == f"tensorflow/serving:{tf.__version__}"
+    assert "--model_config_file=/config/models.config" in container["args"]
+    assert "--enable_batching=true" in container["args"]
+    assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
+    assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
