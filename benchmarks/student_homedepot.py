@@ -30,9 +30,11 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    `serving_default` (the contexts come from the examples); the BERM-O rows score raw
    (query, item_id, item_title) strings through `serve_raw` (contexts from the tables in
    the model).
-6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs in
-   batches of `--batch-size` (100), after one warm-up batch each. Throughput is pairs over
-   the summed call time; p50/p99 are over the per-batch times.
+6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs, after
+   one warm-up batch each: throughput (pairs over the summed call time) in batches of
+   `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
+   batches of `--batch-size` (100). `--race-only --work-dir DIR` repeats just this step with the
+   models an earlier run kept in DIR.
 
 Everything runs on this machine's CPU; TensorFlow uses every core, so note the load (the
 JSON records the load average before and after).
@@ -227,12 +229,57 @@ def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int) -> D
     return out
 
 
+def speed(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch: int,
+          throughput_batch: int) -> Dict[str, Any]:
+    """Throughput at `throughput_batch` and per-call latency at `latency_batch`, both models."""
+    log(f"speed: teacher vs BERM-O serve_raw, throughput at batch {throughput_batch}...")
+    throughput = race(teacher_raw, berm_raw, queries, item_ids, titles, throughput_batch)
+    log(f"speed: latency at batch {latency_batch}...")
+    latency = race(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch)
+    log(f"speed: BERM-O {throughput['speedup']:.1f}x the teacher's pairs/s at batch {throughput_batch}, "
+        f"{latency['speedup']:.1f}x at batch {latency_batch}")
+    return {"throughput": throughput, "latency": latency}
+
+
+def race_only(args) -> Dict[str, Any]:
+    """The speed race alone, on the test pairs, with the models an earlier run left in --work-dir."""
+    import tensorflow as tf
+
+    from trainer import student, teacher
+
+    data = th.load_judgments(args.input, os.path.join(args.work_dir, "converted"))
+    assign = th.pipeline_split_assigner()
+    test = [r for r in th.subsample_by_query(data["records"], args.max_pairs)
+            if assign(r["query"]) == "test"]
+    teacher_dir = args.teacher_model or os.path.join(args.work_dir, "teacher_model")
+    berm_dir = os.path.join(args.work_dir, f"student_k{args.berm_order}")
+    teacher_raw = tf.saved_model.load(teacher_dir).signatures[teacher.RAW_SIGNATURE]
+    berm_raw = tf.saved_model.load(berm_dir).signatures[student.RAW_SIGNATURE]
+    load_before = os.getloadavg()
+    result = speed(teacher_raw, berm_raw, [r["query"] for r in test], [r["item_id"] for r in test],
+                   [r["item_title"] for r in test], args.batch_size, args.throughput_batch_size)
+    result.update({"benchmark": "student_homedepot --race-only",
+                   "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                   "git_commit": th.git_commit(), "test_pairs": len(test),
+                   "saved_model_bytes": {"teacher": directory_bytes(teacher_dir),
+                                         "berm_o": directory_bytes(berm_dir)},
+                   "machine": dict(th.machine_info(), load_average_before=list(load_before),
+                                   load_average_after=list(os.getloadavg()))})
+    print(json.dumps({k: v for k, v in result.items() if k in ("throughput", "latency")}, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True, default=str)
+        print(f"wrote {args.out}")
+    return result
+
+
 # --- Reporting -----------------------------------------------------------------------------
 
 def markdown_table(result: Dict[str, Any]) -> str:
     k = NDCG_K
-    lines = [f"| model | AUC | per-query AUC | NDCG@{k} | pairs/s (batch {result['speed']['batch_size']}) "
-             f"| p50 / p99 ms per batch | SavedModel |",
+    lines = [f"| model | AUC | per-query AUC | NDCG@{k} "
+             f"| pairs/s (batch {result['speed']['throughput']['batch_size']}) "
+             f"| p50 / p99 ms per {result['speed']['latency']['batch_size']} pairs | SavedModel |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for row in result["rows"]:
         m = row["metrics"]
@@ -265,7 +312,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--student-epochs", type=int, default=4)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a student custom_config key (VALUE parsed as JSON); repeatable")
-    parser.add_argument("--batch-size", type=int, default=100, help="speed-race batch (default: 100)")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="latency batch: p50/p99 per call of this many pairs (default: 100)")
+    parser.add_argument("--throughput-batch-size", type=int, default=1000,
+                        help="throughput batch, the same for both models (default: 1000)")
+    parser.add_argument("--race-only", action="store_true",
+                        help="only the speed race, with the teacher and BERM-O an earlier run left in "
+                             "--work-dir (e.g. to repeat it on an idle machine)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work-dir", default=None,
                         help="keep models, tables and examples here (default: a temporary folder)")
@@ -275,6 +328,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--berm-order {args.berm_order} must be one of --orders {args.orders}")
     if not os.path.exists(args.input):
         parser.error(f"input not found: {args.input}")
+    if args.race_only and not args.work_dir:
+        parser.error("--race-only needs the --work-dir of an earlier run")
     if args.teacher_model and not os.path.isdir(args.teacher_model):
         parser.error(f"--teacher-model: no such folder {args.teacher_model}")
     args.student_overrides = {}
@@ -291,6 +346,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.race_only:
+        return race_only(args)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()
 
@@ -411,8 +468,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                           queries, titles, item_ids)
 
     # 6. Speed, sizes.
-    log(f"speed: teacher vs BERM-O serve_raw, batches of {args.batch_size}...")
-    speed = race(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size)
+    speeds = speed(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size,
+                   args.throughput_batch_size)
     teacher_bytes = directory_bytes(teacher_info["model_dir"])
     berm_bytes = directory_bytes(berm_dir)
     rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",
@@ -421,15 +478,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                  "metrics": rm.evaluate(queries, cold_test, relevance, k=NDCG_K)})
     for row in rows:
         if row["model"].startswith("teacher"):
-            s, size = speed["teacher"], teacher_bytes
+            name, size = "teacher", teacher_bytes
         elif row["model"].startswith("BERM-O (k="):
-            s, size = speed["berm_o"], berm_bytes
+            name, size = "berm_o", berm_bytes
         else:
             continue
-        row.update({"pairs_per_second": s["pairs_per_second"], "p50_ms": s["p50_ms"],
-                    "p99_ms": s["p99_ms"], "saved_model_bytes": size,
-                    "pairs_per_second_label": f"{s['pairs_per_second']:,.0f}",
-                    "latency_label": f"{s['p50_ms']:.1f} / {s['p99_ms']:.1f}",
+        t, l = speeds["throughput"][name], speeds["latency"][name]
+        row.update({"pairs_per_second": t["pairs_per_second"], "p50_ms": l["p50_ms"],
+                    "p99_ms": l["p99_ms"], "saved_model_bytes": size,
+                    "pairs_per_second_label": f"{t['pairs_per_second']:,.0f}",
+                    "latency_label": f"{l['p50_ms']:.1f} / {l['p99_ms']:.1f}",
                     "size_label": f"{size / 2 ** 20:.1f} MB"})
 
     load_after = os.getloadavg()
@@ -450,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "students": {str(k): {kk: vv for kk, vv in v.items()} for k, v in students.items()},
         "berm_o_serve_raw_vs_serving_default_max_abs_diff": agreement,
         "timings": timings,
-        "speed": speed,
+        "speed": speeds,
         "rows": rows,
         "wall_seconds": (datetime.datetime.now(datetime.timezone.utc) - started).total_seconds(),
     }
@@ -460,7 +518,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(table)
     print()
     print(f"test: {sizes['test']['pairs']} pairs, {sizes['test']['queries']} queries; BERM-O "
-          f"{speed['speedup']:.1f}x the teacher's pairs/s; machine {result['machine']['cores']} cores "
+          f"{speeds['throughput']['speedup']:.1f}x the teacher's pairs/s; machine {result['machine']['cores']} cores "
           f"{result['machine']['cpu_model']}, load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
           f"wall {result['wall_seconds']:.0f}s; work dir {work_dir}")
     if args.out:

@@ -563,13 +563,17 @@ def test_join_contexts(results):
     q1a = [ex for ex in joined if ex["query"] == "q1" and ex["item_id"] == "a"]
     assert sorted(ex["label"] for ex in q1a) == [0, 1]
     for ex in q1a:
-        assert ex["q_o1_ids"] == ["a", "b"] and ex["q_o1_texts"] == ["Apple", "Aardvark banana"]
+        # A pair is not its own context: q1's items without a, a's queries without q1.
+        q1_items = hand[("query", "q-i", "q1")]
+        assert q1_items["neighbour_ids"] == ["a", "b"]
+        assert ex["q_o1_ids"] == ["b"] and ex["q_o1_texts"] == ["Aardvark banana"]
+        assert ex["q_o1_weights"] == q1_items["neighbour_weights"][1:]
         assert ex["q_o2_ids"] == ["q2"] and ex["q_o3_ids"] == ["c", "b", "a"]
-        assert ex["i_o1_ids"] == ["q1", "q2"] and ex["i_o2_ids"] == ["b", "c"]
+        assert ex["i_o1_ids"] == ["q2"] and ex["i_o2_ids"] == ["b", "c"]
         assert ex["q_o2_weights"] == hand[("query", "q-i-q", "q1")]["neighbour_weights"]
         assert ex["i_o3_weights"] == hand[("item", "i-q-i-q", "a")]["neighbour_weights"]
     q4e = next(ex for ex in joined if ex["query"] == "q4")
-    assert q4e["q_o1_ids"] == ["e"] and q4e["i_o1_ids"] == ["q4"]
+    assert q4e["q_o1_ids"] == [] and q4e["i_o1_ids"] == []  # q4's only item is e, and e's only query q4
     assert q4e["q_o2_ids"] == [] and q4e["i_o2_weights"] == [] and q4e["q_o3_texts"] == []
     unseen_q = next(ex for ex in joined if ex["query"] == "unseen")
     assert all(unseen_q[f"q_o{k}_ids"] == [] for k in (1, 2, 3))

@@ -115,14 +115,20 @@ def make_world(seed=3, num_queries=40):
     return {"titles": titles, "queries": queries, "pairs": pairs, "contexts": contexts}
 
 
-def pair_record(world, query, item_id, contexts=True, judged=False):
+def pair_record(world, query, item_id, contexts=True, judged=False, served_query=None, served_item=None):
+    """A logged pair with its contexts joined as JoinContexts does: the pair is not its own
+    order-1 neighbour. `served_query` / `served_item` name the pair that is actually scored
+    when only one side's contexts are borrowed from (query, item_id)."""
     title = world["titles"][item_id]
     record = {"query": query, "item_id": item_id, "item_title": title, "impressions": 10, "clicks": 1,
               "purchases": 0, "period": "", "teacher_score": teacher_score(query, title),
               "relevance": 1.0 + 2.0 * _shared(query, title) / 3 if judged else -1.0}
+    others = {"query": served_item or item_id, "item": served_query or query}
     for side, letter, node in (("query", "q", query), ("item", "i", item_id)):
         for order in (1, 2):
             neighbours = world["contexts"].get((side, node, order), []) if contexts else []
+            if order == 1:
+                neighbours = [n for n in neighbours if n[0] != others[side]]
             record[f"{letter}_o{order}_ids"] = [n for n, _, _ in neighbours]
             record[f"{letter}_o{order}_texts"] = [t for _, t, _ in neighbours]
             record[f"{letter}_o{order}_weights"] = [w for _, _, w in neighbours]
@@ -412,10 +418,10 @@ def test_serve_raw_answers_raw_strings_and_unknown_ids(distilled, world):
     # Unknown query and item: the cold-start path = an example without any context.
     cold = [pair_record(world, q, known_item, contexts=False) | {"item_title": title, "query": q}
             for q in (queries[0], queries[4], queries[5])]
-    partial = pair_record(world, known_query, known_item)
+    partial = pair_record(world, known_query, known_item, served_item=item_ids[1])
     for key in ("i_o1_texts", "i_o1_weights", "i_o2_texts", "i_o2_weights"):
         partial[key] = []  # Known query, unknown item: only the query's contexts.
-    item_only = pair_record(world, known_query, known_item)
+    item_only = pair_record(world, known_query, known_item, served_query=queries[2])
     for key in ("q_o1_texts", "q_o1_weights", "q_o2_texts", "q_o2_weights"):
         item_only[key] = []
     item_only["query"] = queries[0]

@@ -71,6 +71,7 @@ _TABLE_SPEC = {
     "node_id": tf.io.FixedLenFeature([], tf.string),
     "metapath": tf.io.FixedLenFeature([], tf.string, default_value=""),
     "order": tf.io.FixedLenFeature([], tf.int64),
+    "neighbour_ids": tf.io.RaggedFeature(tf.string),
     "neighbour_texts": tf.io.RaggedFeature(tf.string),
     "neighbour_weights": tf.io.RaggedFeature(tf.float32),
 }
@@ -97,6 +98,8 @@ class NeighbourTablesData:
         in `texts` of each neighbour, 0 for padding; rows are left-aligned, in the
         graph's order (weight descending).
       weights: per "{side}_o{k}", float32 [len(keys[side]) + 1, C], 0 padding.
+      neighbour_ids: per "{side}_o1", object (bytes) [len(keys[side]) + 1, C]: the
+        neighbour's node id, b"" for padding; the lookup drops the pair itself with it.
       texts: the distinct neighbour texts.
       records: records read per "{side}_o{k}" (orders above max_order are skipped).
       source_files: [{"name", "bytes", "sha256"}] of the files read.
@@ -110,6 +113,7 @@ class NeighbourTablesData:
     texts: List[str]
     records: Dict[str, int]
     source_files: List[Dict[str, Any]]
+    neighbour_ids: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def empty(cls, max_order: int, max_context_texts: int) -> "NeighbourTablesData":
@@ -118,7 +122,8 @@ class NeighbourTablesData:
         return cls(max_order, max_context_texts, {side: [] for side in SIDES},
                    {n: np.zeros([1, width], np.int32) for n in names},
                    {n: np.zeros([1, width], np.float32) for n in names}, [],
-                   {n: 0 for n in names}, [])
+                   {n: 0 for n in names}, [],
+                   {n: np.full([1, width], b"", dtype=object) for n in names if n.endswith("_o1")})
 
     def fingerprint(self) -> str:
         """sha256 of the table contents (keys, neighbours, weights, texts)."""
@@ -129,6 +134,8 @@ class NeighbourTablesData:
             digest.update(name.encode("utf-8"))
             digest.update(np.ascontiguousarray(self.neighbours[name]).tobytes())
             digest.update(np.ascontiguousarray(self.weights[name]).tobytes())
+        for name in sorted(self.neighbour_ids):
+            digest.update(b"\0".join(self.neighbour_ids[name].reshape(-1).tolist()))
         return digest.hexdigest()
 
     def summary(self) -> Dict[str, Any]:
@@ -183,6 +190,7 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
         dataset = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
         for batch in dataset.batch(_READ_BATCH).map(lambda s: tf.io.parse_example(s, _TABLE_SPEC)):
             texts, weights = batch["neighbour_texts"].to_list(), batch["neighbour_weights"].to_list()
+            ids = batch["neighbour_ids"].to_list()
             for i, (side, node, metapath, order) in enumerate(zip(
                     batch["side"].numpy(), batch["node_id"].numpy(), batch["metapath"].numpy(),
                     batch["order"].numpy())):
@@ -201,8 +209,11 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
                 if node in lists[name]:
                     raise ValueError(f"{path}: {side} node {node!r} has two order-{order} records")
                 n = min(len(texts[i]), len(weights[i]), max_context_texts)
-                lists[name][node] = ([t.decode("utf-8") for t in texts[i][:n]],
-                                     [float(w) for w in weights[i][:n]])
+                # One more entry than served: the lookup may drop the pair itself.
+                extra = min(len(texts[i]), len(weights[i]), len(ids[i]), max_context_texts + 1)
+                lists[name][node] = ([t.decode("utf-8") for t in texts[i][:extra]],
+                                     [float(w) for w in weights[i][:extra]],
+                                     list(ids[i][:extra]), n)
                 records[name] += 1
     data = NeighbourTablesData.empty(max_order, max_context_texts)
     data.records = records
@@ -214,15 +225,24 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
         row = {node: r + 1 for r, node in enumerate(keys)}
         data.keys[side] = keys
         for name in names:
-            neighbours = np.zeros([len(keys) + 1, data.neighbours[name].shape[1]], np.int32)
+            # Order-1 rows keep one entry more than served: dropping the pair itself at
+            # lookup then leaves the same neighbours the training examples got.
+            first_order = name.endswith("_o1")
+            width = data.neighbours[name].shape[1] + (1 if first_order else 0)
+            neighbours = np.zeros([len(keys) + 1, width], np.int32)
             weights = np.zeros(neighbours.shape, np.float32)
-            for node, (texts, node_weights) in lists[name].items():
-                for j, (text, weight) in enumerate(zip(texts, node_weights)):
+            ids = np.full(neighbours.shape, b"", dtype=object)
+            for node, (texts, node_weights, node_ids, n) in lists[name].items():
+                keep = len(texts) if first_order else n
+                for j, (text, weight, nid) in enumerate(list(zip(texts, node_weights, node_ids))[:keep]):
                     if text not in text_index:
                         text_index[text] = len(text_index) + 1
                     neighbours[row[node], j] = text_index[text]
                     weights[row[node], j] = weight
+                    ids[row[node], j] = nid
             data.neighbours[name], data.weights[name] = neighbours, weights
+            if first_order:
+                data.neighbour_ids[name] = ids
     data.texts = sorted(text_index, key=text_index.get)
     for name, count in records.items():
         if not count:
@@ -265,24 +285,39 @@ class NeighbourTables(tf.Module):
                            for n, a in data.neighbours.items()}
         self.weights = {n: tf.Variable(a, trainable=False, name=f"{n}_weights")
                         for n, a in data.weights.items()}
+        self.neighbour_ids = {n: tf.Variable(tf.constant(a, tf.string), trainable=False, name=f"{n}_ids")
+                              for n, a in data.neighbour_ids.items()}
+        self.max_context_texts = data.max_context_texts
         self.text_tokens = tf.Variable(tokenize_texts(tokenizer, data.texts), trainable=False,
                                        name="text_tokens")
 
     def lookup(self, query: tf.Tensor, item_id: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Context inputs of the token scorer (`{prefix}_tokens/_weights/_length`)."""
-        rows = {"query": self.index["query"].lookup(tf.strings.strip(query)),
-                "item": self.index["item"].lookup(tf.strings.strip(item_id))}
+        ids = {"query": tf.strings.strip(query), "item": tf.strings.strip(item_id)}
+        rows = {side: self.index[side].lookup(ids[side]) for side in SIDES}
         features = {}
         for prefix in student.context_prefixes(self.max_order):
             side, order = student.prefix_side_and_order(prefix)
             name = f"{side}_o{order}"
-            indices = tf.gather(self.neighbours[name], rows[side])  # [N, C]
+            indices = tf.gather(self.neighbours[name], rows[side])  # [N, C] (C + 1 for order 1)
+            weights = tf.gather(self.weights[name], rows[side])
+            if name in self.neighbour_ids:
+                # As in training (metapaths.JoinContexts): the pair is not its own context.
+                other = ids["item" if side == "query" else "query"]
+                own = tf.equal(tf.gather(self.neighbour_ids[name], rows[side]), other[:, tf.newaxis])
+                keep = tf.logical_and(indices > 0, tf.logical_not(own))
+                order_kept = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), axis=1, stable=True)
+                keep = tf.gather(keep, order_kept, batch_dims=1)
+                indices = tf.where(keep, tf.gather(indices, order_kept, batch_dims=1), 0)
+                weights = tf.where(keep, tf.gather(weights, order_kept, batch_dims=1), 0.0)
+                indices = indices[:, :self.max_context_texts]
+                weights = weights[:, :self.max_context_texts]
             tokens = tf.gather(self.text_tokens, indices)  # [N, C, T], left-aligned
             # Keep only the token columns some text of the batch uses (>= 1):
             # query neighbours are much shorter than the longest title.
             width = tf.maximum(1, tf.reduce_max(tf.reduce_sum(tf.cast(tokens != 0, tf.int32), -1)))
             features[f"{prefix}_tokens"] = tokens[:, :, :width]
-            features[f"{prefix}_weights"] = tf.gather(self.weights[name], rows[side])
+            features[f"{prefix}_weights"] = weights
             features[f"{prefix}_length"] = tf.reduce_sum(tf.cast(indices > 0, tf.int32), axis=1)
         return features
 

@@ -1512,9 +1512,11 @@ def _example_key(example: Mapping[str, Any], key: str) -> str:
 
 
 class _AttachContextsFn(beam.DoFn):
-    def __init__(self, side: str, max_order: int):
+    def __init__(self, side: str, max_order: int, exclude_pair: bool, other_key: str):
         self._side = side
         self._max_order = max_order
+        self._exclude_pair = exclude_pair
+        self._other_key = other_key
 
     def process(self, element):
         _, tagged = element
@@ -1526,12 +1528,17 @@ class _AttachContextsFn(beam.DoFn):
             if tag != 1:
                 continue
             out = dict(example)
+            other = _example_key(example, self._other_key)
             for order in range(1, self._max_order + 1):
                 prefix = feature_prefix(self._side, order)
                 record = by_order.get(order)
-                out[f"{prefix}_ids"] = list(record["neighbour_ids"]) if record else []
-                out[f"{prefix}_texts"] = list(record["neighbour_texts"]) if record else []
-                out[f"{prefix}_weights"] = list(record["neighbour_weights"]) if record else []
+                entries = (list(zip(record["neighbour_ids"], record["neighbour_texts"],
+                                    record["neighbour_weights"])) if record else [])
+                if self._exclude_pair and order == 1:
+                    entries = [e for e in entries if e[0] != other]
+                out[f"{prefix}_ids"] = [e[0] for e in entries]
+                out[f"{prefix}_texts"] = [e[1] for e in entries]
+                out[f"{prefix}_weights"] = [e[2] for e in entries]
             yield out
 
 
@@ -1543,11 +1550,18 @@ class JoinContexts(beam.PTransform):
     :func:`joined_feature_names` (empty lists where a context is missing), leaving the
     input dicts unmodified. Two keyed shuffles (by query, then by item) whose grouped
     iterables are streamed, so a hot query does not need all its examples in memory.
+
+    With ``exclude_pair`` (the default) a pair is not its own context: the example's item is
+    dropped from its query's order-1 list and its query from its item's. Otherwise every
+    logged pair would find itself among its neighbours, a model would learn to lean on that,
+    and a query or item never logged (which has no such neighbour) would be scored worse.
+    BERM-O's in-model lookup drops the same entries (trainer/berm_serving.py).
     """
 
     def __init__(self, neighbour_tables, max_order: int, query_key: str = "query",
-                 item_key: str = "item_id", label: Optional[str] = None):
+                 item_key: str = "item_id", label: Optional[str] = None, exclude_pair: bool = True):
         super().__init__(label)
+        self._exclude_pair = exclude_pair
         if not 0 <= max_order <= MAX_ORDER:
             raise ValueError(f"max_order must be in 0..{MAX_ORDER}, got {max_order}")
         self._tables = neighbour_tables
@@ -1564,5 +1578,7 @@ class JoinContexts(beam.PTransform):
                         | f"Key{name}Contexts" >> beam.Map(lambda r: (r["node_id"], r)))
             keyed = out | f"KeyBy{name}" >> beam.Map(lambda ex, k=key: (_example_key(ex, k), ex))
             out = (_tagged_join(f"Join{name}", contexts, keyed)
-                   | f"Attach{name}" >> beam.ParDo(_AttachContextsFn(side, self._max_order)))
+                   | f"Attach{name}" >> beam.ParDo(_AttachContextsFn(
+                       side, self._max_order, self._exclude_pair,
+                       self._keys[ITEM if side == QUERY else QUERY])))
         return out
