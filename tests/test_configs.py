@@ -48,3 +48,28 @@ def test_graph_settings_use_the_graph_module_validation(tmp_path):
     path.write_text("graph:\n  hub_cap: 2.5\n")
     with pytest.raises(configs.ConfigError, match="whole number"):
         configs.load_config(str(path))
+
+
+def test_the_home_depot_profile_loads_and_builds_valid_trainer_settings():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "pipeline", "profiles", "homedepot.yaml")
+    config = configs.load_config(path)
+    assert config.teacher.profile == "full" and config.teacher.settings["steps_per_epoch"] > 0
+    assert configs.teacher_custom_config(config)["num_layers"] == 6
+    assert configs.student_custom_config(config)["max_order"] == config.graph.max_order
+    assert set(config.evaluation.gates) <= set(configs.GATE_METRICS)
+
+
+@pytest.mark.parametrize("evaluation,message", [
+    ({"gates": {"precision": {"bound": 0.5}}}, "unknown metric 'precision'"),
+    ({"gates": {"auc": {"minimum": 0.5}}}, "takes `bound` and/or `max_regression`"),
+    ({"gates": {"auc": {"max_regression": -0.1}}}, "max_regression must be >= 0"),
+    ({"gated_slices": ["country"]}, "'country' is not a slice"),
+    ({"head_share": 0.9, "torso_share": 0.3}, "must be shares of traffic"),
+    ({"split": "holdout"}, "evaluation.split must be train, eval or test"),
+])
+def test_bad_evaluation_settings_are_config_errors(evaluation, message):
+    with pytest.raises(configs.ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
+        configs.load_config(overrides={"evaluation": evaluation})
