@@ -332,15 +332,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--race-only needs the --work-dir of an earlier run")
     if args.teacher_model and not os.path.isdir(args.teacher_model):
         parser.error(f"--teacher-model: no such folder {args.teacher_model}")
-    args.student_overrides = {}
-    for item in args.overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--set takes KEY=VALUE, got {item!r}")
-        try:
-            args.student_overrides[key] = json.loads(value)
-        except ValueError:
-            args.student_overrides[key] = value
+    args.student_overrides = th.parse_overrides(parser, args.overrides)
     return args
 
 

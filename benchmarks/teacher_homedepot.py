@@ -303,16 +303,22 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--epochs must be >= 1")
     if not os.path.exists(args.input):
         parser.error(f"input not found: {args.input}")
-    args.config_overrides = {}
-    for item in args.overrides:
+    args.config_overrides = parse_overrides(parser, args.overrides)
+    return args
+
+
+def parse_overrides(parser: argparse.ArgumentParser, items: Sequence[str]) -> Dict[str, Any]:
+    """`--set KEY=VALUE` items -> {key: value}; VALUE is JSON where it parses, else a string."""
+    overrides: Dict[str, Any] = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             parser.error(f"--set takes KEY=VALUE, got {item!r}")
         try:
-            args.config_overrides[key] = json.loads(value)
+            overrides[key] = json.loads(value)
         except ValueError:
-            args.config_overrides[key] = value
-    return args
+            overrides[key] = value
+    return overrides
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
