@@ -68,8 +68,9 @@ an error).
 Measured at the defaults on 2 shared CPU cores (embedded default data: 6,220
 training pairs, tables of 400 queries and 1,452 items): 47,150 trainable
 parameters plus the frozen 30522 x 384 teacher embedding table (11.7 M; a
-52 MB SavedModel); about 20 s per training epoch (the first ~45 s, tracing);
-`serve_raw` scores a batch of 100 pairs in about 30 ms (p50). With the human
+52 MB SavedModel); about 20 s per training epoch (the first ~45 s, tracing).
+On Home Depot (README, benchmarks/student_homedepot.py) `serve_raw` of a k=2
+BERM-O scores 100 pairs in 16 ms (p50) on 2 idle cores. With the human
 judgments standing in for the teacher (2,200 judged pairs), contexts up to
 order 2 reached eval NDCG@5 0.88-0.90 against 0.79-0.82 for max_order=0.
 """
