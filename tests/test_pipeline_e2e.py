@@ -212,6 +212,14 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     assert "[19/19] Pusher done in" in result.stdout
     assert "pushed: BERM-O version" in result.stdout
     assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in result.stdout
+
+    # `relkd report` writes the report again, anywhere; a folder that is not a run is a usage error.
+    again = relkd("report", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "again"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "again" / "report.html").exists() and (tmp_path / "again" / "report.md").exists()
+    assert len(list((tmp_path / "again").glob("*.png"))) == 5
+    not_a_run = relkd("report", "--run", str(tmp_path / "in"), cwd=tmp_path)
+    assert not_a_run.returncode == 2 and "not a relkd run directory" in not_a_run.stderr
     assert "logs: 120 rows in = 120 accepted + 0 quarantined" in result.stdout
     assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
     assert "Traceback" not in result.stderr
