@@ -172,7 +172,10 @@ def plot_metric_by_slice(metrics: Dict[str, Dict[str, Any]], metric: str) -> byt
         values = [per_slice.get(s, {}).get("candidate", {}).get(metric, float("nan")) for s in slices]
         ax.barh([y + i * height for y in range(len(slices))], values, height=height, label=model)
     ax.set_yticks([y + height * (len(metrics) - 1) / 2 for y in range(len(slices))])
-    ax.set_yticklabels(slices)
+    # A slice's size next to its name: an AUC of 1.0 on twelve pairs says little.
+    counts = [max((m.get(s, {}).get("candidate", {}).get("example_count", 0) for m in metrics.values()),
+                  default=0) for s in slices]
+    ax.set_yticklabels([f"{s} (n={int(n)})" for s, n in zip(slices, counts)])
     ax.invert_yaxis()
     ax.set_xlabel(metric)
     ax.set_title(f"{metric} by slice")
@@ -230,9 +233,15 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _cell(cell: Any) -> str:
+    """A cell is escaped text, or (text, css class)."""
+    text, css = cell if isinstance(cell, tuple) else (cell, "")
+    return f'<td class="{css}">{html.escape(str(text))}</td>' if css else f"<td>{html.escape(str(text))}</td>"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], css: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(_cell(c) for c in row) + "</tr>" for row in rows)
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
@@ -274,7 +283,7 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
     scores = paired_scores(summary)
     plots: List[Tuple[str, str, bytes]] = [
         ("auc_by_slice.png", "AUC by slice", plot_metric_by_slice(metrics, "auc")),
-        (f"ndcg_by_slice.png", f"NDCG@{ndcg_k} by slice", plot_metric_by_slice(metrics, ndcg)),
+        ("ndcg_by_slice.png", f"NDCG@{ndcg_k} by slice", plot_metric_by_slice(metrics, ndcg)),
         ("calibration.png", "Calibration", plot_calibration(calibration)),
     ]
     if scores:
@@ -331,31 +340,29 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
              f"<b>{esc(summary.get('status'))}</b>; report written {created}.</p>",
              f"<p id=\"verdict\" class=\"verdict {'ok' if blessed else 'bad'}\">{esc(verdict)}</p>",
              "<h2>Gates</h2>",
-             _table(gate_headers, [[esc(c) for c in row[:7]]
-                                   + [f"<span>{row[7]}</span>", esc(row[8])] for row in gate_rows],
-                    css="gates").replace("<td><span>PASS</span>", "<td class=\"pass\">PASS")
-             .replace("<td><span>FAIL</span>", "<td class=\"fail\">FAIL"),
+             _table(gate_headers, [row[:7] + [(row[7], row[7].lower()), row[8]] for row in gate_rows],
+                    css="gates"),
              "<h2>Plots</h2>"]
     for name, caption, data in plots:
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         parts.append(f"<figure><img class=\"plot\" alt=\"{esc(caption)}\" src=\"{uri}\">"
                      f"<figcaption>{esc(caption)}</figcaption></figure>")
     parts += ["<h2>Metrics by slice (TFMA)</h2>",
-              _table(["model", "slice"] + metric_names, [[esc(c) for c in r] for r in slice_rows]),
+              _table(["model", "slice"] + metric_names, slice_rows),
               "<h2>Data</h2>",
               _table(["input", "rows in", "accepted", "quarantined", "by reason", "train / eval / test"],
-                     [[esc(c) for c in r] for r in input_rows]),
+                     input_rows),
               "<h3>Anomalies (TFDV, against the curated schemas)</h3>",
               (_table(["input", "split", "feature", "problem", "detail"],
-                      [[esc(a[k]) for k in ("input", "split", "feature", "problem", "detail")] for a in anomalies])
+                      [[a[k] for k in ("input", "split", "feature", "problem", "detail")] for a in anomalies])
                if anomalies else "<p>None.</p>")]
     for kind, rows in stats.items():
         parts += [f"<h3>Statistics: {esc(kind)}</h3>",
                   _table(["split", "feature", "type", "examples", "missing", "summary"],
-                         [[esc(r["split"]), esc(r["feature"]), esc(r["kind"]), esc(r["examples"]),
-                           esc(r["missing"]), esc(r["detail"])] for r in rows])]
+                         [[r["split"], r["feature"], r["kind"], r["examples"], r["missing"], r["detail"]]
+                          for r in rows])]
     if graph_rows:
-        parts += ["<h2>Graph</h2>", _table(["", "value"], [[esc(a), esc(b)] for a, b in graph_rows])]
+        parts += ["<h2>Graph</h2>", _table(["", "value"], graph_rows)]
     parts.append("</body></html>")
     html_path = os.path.join(output_dir, HTML_FILE)
     with open(html_path, "w", encoding="utf-8") as f:
