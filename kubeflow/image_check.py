@@ -8,6 +8,7 @@ fails to build instead of failing on the cluster.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -24,7 +25,7 @@ def _constants(task: Dict[str, Any], key: str) -> Iterator[str]:
 def referenced(job: Dict[str, Any]) -> Dict[str, List[Tuple[str, str]]]:
     """What the spec asks of the image: (where, name) of classes, functions and files."""
     spec = job["pipelineSpec"]
-    found: Dict[str, List[Tuple[str, str]]] = {"classes": [], "functions": [], "files": []}
+    found: Dict[str, List[Tuple[str, str]]] = {"classes": [], "functions": [], "modules": [], "files": []}
     for label, executor in sorted(spec["deploymentSpec"]["executors"].items()):
         args = executor.get("container", {}).get("args", [])
         if "--executor_class_path" in args:
@@ -32,6 +33,7 @@ def referenced(job: Dict[str, Any]) -> Dict[str, List[Tuple[str, str]]]:
     for name, task in sorted(spec["root"]["dag"]["tasks"].items()):
         found["functions"] += [(name, f) for f in _constants(task, "run_fn")]
         found["files"] += [(name, f) for f in _constants(task, "schema_file")]
+        found["modules"] += [(name, m) for m in _constants(task, "module_path")]  # Evaluator UDFs
     for name, component in sorted(spec["components"].items()):
         for side in ("inputDefinitions", "outputDefinitions"):
             for key, artifact in component.get(side, {}).get("artifacts", {}).items():
@@ -57,6 +59,11 @@ def problems(job: Dict[str, Any]) -> List[str]:
             import_utils.import_func_from_module(*path.rsplit(".", 1))
         except Exception as e:  # noqa: BLE001
             out.append(f"{where}: cannot import {path}: {type(e).__name__}: {e}")
+    for where, path in found["modules"]:
+        try:
+            importlib.import_module(path)
+        except Exception as e:  # noqa: BLE001
+            out.append(f"{where}: cannot import module {path}: {type(e).__name__}: {e}")
     for where, path in found["files"]:
         if not os.path.isfile(path):
             out.append(f"{where}: no file {path}")
@@ -79,6 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     counts = {k: len(v) for k, v in referenced(job).items()}
     print(f"image check: {counts['classes']} classes, {counts['functions']} run_fn(s), "
+          f"{counts['modules']} Evaluator module(s), "
           f"{counts['files']} schema files of {len(job['pipelineSpec']['root']['dag']['tasks'])} steps resolve")
     return 0
 

@@ -188,6 +188,8 @@ def test_everything_the_spec_names_resolves_in_this_environment(compiled):
     assert {path for _, path in found["files"]} == {
         os.path.join(compiled["config"].kubeflow.schema_dir, f"{k}.pbtxt") for k in ("logs", "judgments")}
     assert "components.Quarantine" in {path for _, path in found["classes"]}
+    assert sorted(found["modules"]) == [("StudentEvaluator", "components.tfma_extensions"),
+                                        ("TeacherEvaluator", "components.tfma_extensions")]
     assert image_check.problems(compiled["job"]) == []
 
 
@@ -477,7 +479,7 @@ def test_relkd_compile_from_a_non_editable_install(tmp_path):
     from kubeflow import image_check
 
     found = image_check.referenced(job)
-    for _, path in found["classes"] + found["functions"]:
+    for _, path in found["classes"] + found["functions"] + [(w, m + ".x") for w, m in found["modules"]]:
         top = path.split(".")[0]
         if top in ("pipeline", "components", "trainer", "schemas", "kubeflow"):
             module = path.rsplit(".", 1)[0].replace(".", "/")
