@@ -541,24 +541,6 @@ def human_target(relevance: tf.Tensor, relevance_min: float, relevance_max: floa
 
 # --- Data ---------------------------------------------------------------------------
 
-def _glob(file_patterns: Sequence[str]) -> List[str]:
-    if isinstance(file_patterns, str):
-        file_patterns = [file_patterns]
-    files = sorted({f for pattern in file_patterns for f in tf.io.gfile.glob(pattern)})
-    if not files:
-        raise FileNotFoundError(f"no files match {list(file_patterns)}")
-    return files
-
-
-def record_dataset(file_patterns: Sequence[str]) -> tf.data.Dataset:
-    """Serialized records of TFRecord files, gzipped iff their names end in .gz."""
-    files = _glob(file_patterns)
-    gzipped = {f.endswith(".gz") for f in files}
-    if len(gzipped) != 1:
-        raise ValueError(f"mix of gzipped and plain TFRecord files: {files}")
-    return tf.data.TFRecordDataset(files, compression_type="GZIP" if gzipped.pop() else "")
-
-
 def _padding_values(element_spec: Mapping[str, tf.TensorSpec]) -> Dict[str, tf.Tensor]:
     values = {}
     for key, spec in element_spec.items():
@@ -619,7 +601,7 @@ def example_dataset(file_patterns: Sequence[str], scorer: tf.keras.Model,
                                              config.relevance_max)
         return example
 
-    dataset = record_dataset(file_patterns).batch(256)
+    dataset = training.record_dataset(file_patterns).batch(256)
     return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 

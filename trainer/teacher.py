@@ -91,6 +91,7 @@ from official.nlp import optimization
 from trainer import bert_checkpoint
 from trainer import text_encoding
 from trainer import training
+from trainer.training import record_dataset  # by name: make_dataset has a `training` flag
 
 QUERY_KEY = text_encoding.QUERY_KEY
 TITLE_KEY = text_encoding.TITLE_KEY
@@ -267,26 +268,9 @@ class BinarizedAUC(tf.keras.metrics.AUC):
 
 # --- Data ---------------------------------------------------------------------------
 
-def _glob(file_patterns: Sequence[str]) -> List[str]:
-    if isinstance(file_patterns, str):
-        file_patterns = [file_patterns]
-    files = sorted({f for pattern in file_patterns for f in tf.io.gfile.glob(pattern)})
-    if not files:
-        raise FileNotFoundError(f"no files match {list(file_patterns)}")
-    return files
-
-
-def _record_dataset(files: Sequence[str]) -> tf.data.Dataset:
-    """Serialized records of TFRecord files, gzipped iff their names end in .gz."""
-    gzipped = {f.endswith(".gz") for f in files}
-    if len(gzipped) != 1:
-        raise ValueError(f"mix of gzipped and plain TFRecord files: {list(files)}")
-    return tf.data.TFRecordDataset(list(files), compression_type="GZIP" if gzipped.pop() else "")
-
-
 def count_records(file_patterns: Sequence[str]) -> int:
     """Number of records in the files (a cheap pass: no parsing)."""
-    dataset = _record_dataset(_glob(file_patterns))
+    dataset = record_dataset(file_patterns)
     return int(dataset.reduce(tf.constant(0, tf.int64), lambda n, _: n + 1).numpy())
 
 
@@ -294,7 +278,7 @@ def target_stats(file_patterns: Sequence[str], relevance_min: float = 1.0,
                  relevance_max: float = 3.0) -> Dict[str, float]:
     """`{"count", "mean_target"}` of the files' judgments (a pass parsing only labels)."""
     spec = {LABEL_KEY: TRAINING_FEATURE_SPEC[LABEL_KEY]}
-    dataset = _record_dataset(_glob(file_patterns)).batch(1024).map(
+    dataset = record_dataset(file_patterns).batch(1024).map(
         lambda serialized: relevance_to_target(
             tf.io.parse_example(serialized, spec)[LABEL_KEY], relevance_min, relevance_max))
     count, total = dataset.reduce(
@@ -318,7 +302,7 @@ def make_dataset(file_patterns: Sequence[str], config: TeacherConfig,
     Training data is shuffled (seeded, reshuffled every epoch) and repeated
     when `config.steps_per_epoch` is set.
     """
-    dataset = _record_dataset(_glob(file_patterns))
+    dataset = record_dataset(file_patterns)
     if training:
         dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed,
                                   reshuffle_each_iteration=True)

@@ -1,7 +1,7 @@
 """Training plumbing shared by the teacher and student module files."""
 import dataclasses
 import math
-from typing import Any, TypeVar
+from typing import Any, List, Sequence, TypeVar
 
 import tensorflow as tf
 from absl import logging
@@ -45,3 +45,22 @@ def with_tfx_steps(config: C, fn_args: Any) -> C:
     if config.eval_steps is None and eval_steps:
         config = dataclasses.replace(config, eval_steps=eval_steps)
     return config
+
+
+def tfrecord_files(file_patterns: Sequence[str]) -> List[str]:
+    """The sorted, distinct files matching one pattern or several; none is an error."""
+    if isinstance(file_patterns, str):
+        file_patterns = [file_patterns]
+    files = sorted({f for pattern in file_patterns for f in tf.io.gfile.glob(pattern)})
+    if not files:
+        raise FileNotFoundError(f"no files match {list(file_patterns)}")
+    return files
+
+
+def record_dataset(file_patterns: Sequence[str]) -> tf.data.Dataset:
+    """Serialized records of the matching TFRecord files, gzipped iff their names end in .gz."""
+    files = tfrecord_files(file_patterns)
+    gzipped = {f.endswith(".gz") for f in files}
+    if len(gzipped) != 1:
+        raise ValueError(f"mix of gzipped and plain TFRecord files: {files}")
+    return tf.data.TFRecordDataset(files, compression_type="GZIP" if gzipped.pop() else "")
