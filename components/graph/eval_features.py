@@ -159,19 +159,16 @@ class AttachEvalFeatures(beam.PTransform):
         self._max_order = max_order
 
     def expand(self, examples):
-        volumes = (self._logs
-                   | "QueryImpressions" >> beam.Map(
-                       lambda r: (metapaths.normalise_log_row(r)["query"],
-                                  metapaths.normalise_log_row(r)["impressions"]))
+        logs = self._logs | "NormaliseLogs" >> beam.Map(metapaths.normalise_log_row)
+        volumes = (logs
+                   | "QueryImpressions" >> beam.Map(lambda r: (r["query"], r["impressions"]))
                    | "SumPerQuery" >> beam.CombinePerKey(sum))
         thresholds = (volumes
                       | "CountVolumes" >> beam.CombineGlobally(_CountVolumes())
                       | "Thresholds" >> beam.Map(segment_thresholds, self._config.head_share,
                                                  self._config.torso_share))
-        degrees = (self._logs
-                   | "ItemQueryPairs" >> beam.Map(
-                       lambda r: (metapaths.normalise_log_row(r)["item_id"],
-                                  metapaths.normalise_log_row(r)["query"]))
+        degrees = (logs
+                   | "ItemQueryPairs" >> beam.Map(lambda r: (r["item_id"], r["query"]))
                    | "DistinctPairs" >> beam.Distinct()
                    | "OnePerPair" >> beam.Map(lambda pair: (pair[0], 1))
                    | "DegreePerItem" >> beam.CombinePerKey(sum))
