@@ -1,5 +1,6 @@
 """The label and slice features GraphContexts gives judged pairs for evaluation."""
 import apache_beam as beam
+import numpy as np
 import pytest
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -60,3 +61,13 @@ def test_attach_eval_features_to_judged_pairs():
             ("hammer", 0.0, 1.0, "tail", "1", "cold"),
             ("never logged", 0.0, 0.0, "unlogged", "0", "cold"),
         ]))
+
+
+def test_a_judgment_read_back_from_float32_still_meets_its_threshold():
+    # A judged 2.33 comes out of tf.Example as 2.3299999237; it is relevant at threshold 2.33.
+    stored = float(np.float32(2.33))
+    assert stored < 2.33
+    assert ef.is_relevant(stored, 2.33)
+    assert ef.is_relevant(2.67, 2.33)
+    assert not ef.is_relevant(float(np.float32(2.0)), 2.33)
+    assert not ef.is_relevant(float(np.float32(2.3299)), 2.33)

@@ -20,6 +20,7 @@ import dataclasses
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple
 
 import apache_beam as beam
+import numpy as np
 
 from components.graph import metapaths
 
@@ -54,6 +55,15 @@ class EvalFeatureConfig:
         values = dataclasses.asdict(self)
         values["item_degree_edges"] = list(self.item_degree_edges)
         return values
+
+
+def is_relevant(relevance: float, threshold: float) -> bool:
+    """relevance >= threshold, compared in float32.
+
+    Judgments travel as float32 in tf.Example, so a judged 2.33 arrives as 2.3299999; against the
+    float64 threshold 2.33 it would not count as relevant. Both sides at the stored precision.
+    """
+    return bool(np.float32(relevance) >= np.float32(threshold))
 
 
 def degree_bucket(degree: int, edges: Sequence[int]) -> str:
@@ -138,7 +148,7 @@ def _finalise(example: Dict[str, Any], thresholds, config: EvalFeatureConfig, ma
     out = dict(example)
     volume, degree = out.pop("_query_volume"), out.pop("_item_degree")
     relevance = float(out.get("relevance", 0.0))
-    out[RELEVANT] = 1.0 if relevance >= config.relevant_threshold else 0.0
+    out[RELEVANT] = 1.0 if is_relevant(relevance, config.relevant_threshold) else 0.0
     out[GAIN] = max(0.0, relevance - config.relevance_min)
     out[QUERY_SEGMENT] = query_segment(volume, thresholds)
     out[ITEM_DEGREE] = degree_bucket(degree or 0, config.item_degree_edges)
