@@ -251,7 +251,8 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         self.num_kernels = num_kernels
         mus, sigmas = kernel_centres(num_kernels)
         self._mus = tf.constant(mus, tf.float32)
-        self._inverse_two_variances = tf.constant([1.0 / (2.0 * s * s) for s in sigmas], tf.float32)
+        self._negative_inverse_two_variances = tf.constant([-1.0 / (2.0 * s * s) for s in sigmas],
+                                                           tf.float32)
 
     def call(self, inputs: Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
         centre, centre_mask, other, other_mask = inputs
@@ -262,17 +263,28 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         centre = tf.math.l2_normalize(centre, axis=-1, epsilon=1e-12)
         other = tf.math.l2_normalize(other, axis=-1, epsilon=1e-12)
         cosine = tf.einsum("nid,nmjd->nmij", centre, other)  # [N, M, Tc, To]
-        # A padded token of the other text gets a cosine so far from every kernel
-        # centre that all its kernel values are exactly 0 (cheaper than masking
-        # the K-times larger kernel tensor, and safe from NaN in padding).
-        cosine = tf.where(other_mask[:, :, tf.newaxis, :], cosine, tf.constant(-1e3, cosine.dtype))
-        kernels = tf.exp(-tf.square(cosine[..., tf.newaxis] - self._mus)
-                         * self._inverse_two_variances)  # [N, M, Tc, To, K]
-        per_token = tf.math.log1p(tf.reduce_sum(kernels, axis=3))  # [N, M, Tc, K]
-        cmask = centre_mask[:, tf.newaxis, :, tf.newaxis]  # [N, 1, Tc, 1]
-        total = tf.reduce_sum(tf.where(cmask, per_token, tf.zeros_like(per_token)), axis=2)
-        count = tf.reduce_sum(tf.cast(cmask, per_token.dtype), axis=2)
-        features = tf.math.divide_no_nan(total, count)  # [N, M, K]
+        shape = tf.shape(cosine, out_type=tf.int64)
+        # The kernels cost K times the interaction, and most of it is padding: texts are padded to
+        # the batch's longest (a 4-token query to 16, a 12-token title to 32) and most neighbour
+        # slots are empty. So everything below runs on the real (centre token, other token)
+        # pairs only; padding never enters the arithmetic.
+        real = tf.where(tf.logical_and(centre_mask[:, tf.newaxis, :, tf.newaxis],
+                                       other_mask[:, :, tf.newaxis, :]))  # [P, 4]: (n, m, i, j)
+        kernels = tf.exp(tf.math.squared_difference(tf.gather_nd(cosine, real)[:, tf.newaxis],
+                                                    self._mus)
+                         * self._negative_inverse_two_variances)  # [P, K]
+        # tf.where lists coordinates in row-major order, so each centre token's pairs are
+        # consecutive: number the runs and sum the kernels per centre token (soft-TF).
+        centre_token = (real[:, 0] * shape[1] + real[:, 1]) * shape[2] + real[:, 2]
+        starts = tf.not_equal(centre_token, tf.concat([[-1], centre_token], 0)[:-1])
+        soft_tf = tf.math.segment_sum(kernels, tf.cumsum(tf.cast(starts, tf.int64)) - 1)  # [U, K]
+        first = tf.boolean_mask(real, starts)  # [U, 4]
+        # A centre token with no real partner would add log1p(0) = 0: leaving it out is the same.
+        total = tf.math.unsorted_segment_sum(tf.math.log1p(soft_tf), first[:, 0] * shape[1] + first[:, 1],
+                                             shape[0] * shape[1])  # [N * M, K]
+        count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)[:, tf.newaxis, tf.newaxis]
+        features = tf.math.divide_no_nan(
+            tf.reshape(total, tf.concat([shape[:2], [self.num_kernels]], 0)), count)  # [N, M, K]
         return features[:, 0] if single else features
 
     def get_config(self) -> Dict[str, Any]:

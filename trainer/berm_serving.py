@@ -13,9 +13,11 @@ BERM-O carries the graph inside the model:
     `tf.lookup.StaticHashTable` node id -> row (unknown -> row 0, which is
     empty); per (side, order) int32 [rows, C] indices into a table of distinct
     neighbour texts (0 = padding) and float32 [rows, C] path weights; and the
-    distinct texts already WordPiece-tokenised at export time by the model's
-    own `context_wordpiece` layer (int32 [texts, T]). So serving gathers
-    instead of tokenising 4 x C neighbour texts per pair. The arrays are
+    distinct texts already encoded at export time by the trained model's own
+    `context_wordpiece`, embedding and pooling (float32 [texts, D] vectors,
+    as training computes them). So serving gathers 4 x C vectors per pair
+    instead of tokenising and embedding 4 x C texts, and hands them to the
+    nested vector scorer (`student.build_vector_scorer`). The arrays are
     non-trainable variables and the node keys constants of the SavedModel:
     the tables are versioned with the model.
   * `build_serving_model(scorer, neighbour_tables_dir)` -> `BermServing`, a
@@ -41,7 +43,7 @@ Graph ids are the raw logged strings (see `metapaths.normalise_log_row`), so
 the lookup is exact: "Red Drill" and "red drill" are different queries.
 Size: the node keys are graph constants (the GraphDef limit of 2 GB allows
 tens of millions of keys); the arrays are variables (no limit beyond memory):
-about 8 * C bytes per (node, order) plus 4 * T bytes per distinct text.
+about 8 * C bytes per (node, order) plus 4 * D bytes per distinct text.
 Like the teacher's, the graph uses tensorflow_text ops (FastBertNormalize,
 FastWordpieceTokenizeWithOffsets, NormalizeUTF8): the model server needs them.
 """
@@ -64,7 +66,7 @@ FORMAT_VERSION = 1
 SIDES = ("query", "item")
 _LETTERS = {"query": "q", "item": "i"}
 _READ_BATCH = 1024
-_TOKENIZE_BATCH = 4096
+_ENCODE_BATCH = 4096
 
 _TABLE_SPEC = {
     "side": tf.io.FixedLenFeature([], tf.string),
@@ -253,22 +255,28 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
 
 # --- In-model tables ------------------------------------------------------------------
 
-def tokenize_texts(tokenizer: Optional[tf.keras.layers.Layer], texts: Sequence[str]) -> np.ndarray:
-    """int32 [len(texts) + 1, T]: row 0 padding, row i + 1 the tokens of texts[i]."""
-    chunks = [np.zeros([1, 1], np.int32)]
-    if texts and tokenizer is None:
-        raise ValueError("neighbour texts need a tokenizer")
-    for start in range(0, len(texts), _TOKENIZE_BATCH):
-        chunks.append(tokenizer(tf.constant(texts[start:start + _TOKENIZE_BATCH])).numpy())
-    width = max(c.shape[1] for c in chunks)
-    return np.concatenate([np.pad(c, [[0, 0], [0, width - c.shape[1]]]) for c in chunks])
+def encode_texts(scorer: tf.keras.Model, texts: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Neighbour texts -> float32 [len(texts) + 1, D] vectors and bool [len(texts) + 1] `present`.
+
+    Row 0 is padding; row i + 1 is texts[i] through the scorer's own
+    `context_wordpiece`, embedding and pooling (`student.encode_neighbour_texts`).
+    """
+    token_scorer = scorer.get_layer(student.TOKEN_SCORER)
+    dim = token_scorer.get_layer(student.EMBEDDING_LAYER).embedding_dim
+    vectors, present = [np.zeros([1, dim], np.float32)], [np.zeros([1], bool)]
+    for start in range(0, len(texts), _ENCODE_BATCH):
+        tokens = scorer.get_layer(student.CONTEXT_WORDPIECE)(
+            tf.constant(texts[start:start + _ENCODE_BATCH]))
+        batch_vectors, batch_present = student.encode_neighbour_texts(token_scorer, tokens)
+        vectors.append(batch_vectors.numpy())
+        present.append(batch_present.numpy())
+    return np.concatenate(vectors), np.concatenate(present)
 
 
 class NeighbourTables(tf.Module):
-    """The neighbour tables inside the model: node ids -> context token features."""
+    """The neighbour tables inside the model: node ids -> context vectors for the vector scorer."""
 
-    def __init__(self, data: NeighbourTablesData, tokenizer: Optional[tf.keras.layers.Layer],
-                 name: str = "berm_tables"):
+    def __init__(self, data: NeighbourTablesData, scorer: tf.keras.Model, name: str = "berm_tables"):
         super().__init__(name=name)
         self.max_order = data.max_order
         self.index = {}
@@ -288,11 +296,15 @@ class NeighbourTables(tf.Module):
         self.neighbour_ids = {n: tf.Variable(tf.constant(a, tf.string), trainable=False, name=f"{n}_ids")
                               for n, a in data.neighbour_ids.items()}
         self.max_context_texts = data.max_context_texts
-        self.text_tokens = tf.Variable(tokenize_texts(tokenizer, data.texts), trainable=False,
-                                       name="text_tokens")
+        # Each distinct neighbour text is embedded once here, with the trained weights, rather
+        # than tokenised and embedded again in every request that reaches it: BERM-O's per-pair
+        # context work is then a gather of 4 x C vectors (README, student benchmark).
+        vectors, present = encode_texts(scorer, data.texts)
+        self.text_vectors = tf.Variable(vectors, trainable=False, name="text_vectors")
+        self.text_present = tf.Variable(present, trainable=False, name="text_present")
 
     def lookup(self, query: tf.Tensor, item_id: tf.Tensor) -> Dict[str, tf.Tensor]:
-        """Context inputs of the token scorer (`{prefix}_tokens/_weights/_length`)."""
+        """Context inputs of the vector scorer (`{prefix}_vectors/_present/_weights/_length`)."""
         ids = {"query": tf.strings.strip(query), "item": tf.strings.strip(item_id)}
         rows = {side: self.index[side].lookup(ids[side]) for side in SIDES}
         features = {}
@@ -312,11 +324,8 @@ class NeighbourTables(tf.Module):
                 weights = tf.where(keep, tf.gather(weights, order_kept, batch_dims=1), 0.0)
                 indices = indices[:, :self.max_context_texts]
                 weights = weights[:, :self.max_context_texts]
-            tokens = tf.gather(self.text_tokens, indices)  # [N, C, T], left-aligned
-            # Keep only the token columns some text of the batch uses (>= 1):
-            # query neighbours are much shorter than the longest title.
-            width = tf.maximum(1, tf.reduce_max(tf.reduce_sum(tf.cast(tokens != 0, tf.int32), -1)))
-            features[f"{prefix}_tokens"] = tokens[:, :, :width]
+            features[f"{prefix}_vectors"] = tf.gather(self.text_vectors, indices)  # [N, C, D]
+            features[f"{prefix}_present"] = tf.gather(self.text_present, indices)
             features[f"{prefix}_weights"] = weights
             features[f"{prefix}_length"] = tf.reduce_sum(tf.cast(indices > 0, tf.int32), axis=1)
         return features
@@ -350,10 +359,12 @@ class BermServing(tf.Module):
         return {student.SCORE_KEY: tf.sigmoid(self.scorer(features, training=False))}
 
     def _serve_raw(self, query, item_id, item_title):
+        token_scorer = self.scorer.get_layer(student.TOKEN_SCORER)
         features = self.tables.lookup(query, item_id)
-        features[student.QUERY_TOKENS_KEY] = self.scorer.get_layer(student.QUERY_WORDPIECE)(query)
-        features[student.TITLE_TOKENS_KEY] = self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title)
-        logit = self.scorer.get_layer(student.TOKEN_SCORER)(features, training=False)
+        features.update(student.centre_vectors(
+            token_scorer, self.scorer.get_layer(student.QUERY_WORDPIECE)(query),
+            self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title)))
+        logit = token_scorer.get_layer(student.VECTOR_SCORER)(features, training=False)
         return {student.SCORE_KEY: tf.sigmoid(logit)}
 
     @property
@@ -387,8 +398,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
     else:
         data = read_neighbour_tables(neighbour_tables_dir, settings["max_order"],
                                      settings["max_context_texts"])
-    tokenizer = (scorer.get_layer(student.CONTEXT_WORDPIECE) if settings["max_order"] > 0 else None)
-    tables = NeighbourTables(data, tokenizer)
+    tables = NeighbourTables(data, scorer)
     manifest = {
         "format_version": FORMAT_VERSION,
         "signatures": {"serving_default": ["examples"],
@@ -398,7 +408,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
         "max_context_texts": settings["max_context_texts"],
         "neighbour_tables_dir": neighbour_tables_dir,
         "tables": data.summary(),
-        "text_tokens_shape": list(tables.text_tokens.shape),
+        "text_vectors_shape": list(tables.text_vectors.shape),
     }
     manifest.update(extra_manifest or {})
     return BermServing(scorer, tables, manifest)

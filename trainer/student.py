@@ -120,6 +120,7 @@ QUERY_WORDPIECE = "query_wordpiece"
 TITLE_WORDPIECE = "title_wordpiece"
 CONTEXT_WORDPIECE = "context_wordpiece"
 TOKEN_SCORER = "berm_token_scorer"
+VECTOR_SCORER = "berm_vector_scorer"
 EMBEDDING_LAYER = "token_embedding"
 
 RANKING_LOSSES = ("softmax_loss", "approx_ndcg_loss", "pairwise_logistic_loss")
@@ -288,33 +289,51 @@ def token_inputs(max_order: int) -> Dict[str, tf.keras.Input]:
     for prefix in context_prefixes(max_order):
         inputs[f"{prefix}_tokens"] = tf.keras.Input(shape=(None, None), dtype=tf.int32,
                                                     name=f"{prefix}_tokens")
-        inputs[f"{prefix}_weights"] = tf.keras.Input(shape=(None,), dtype=tf.float32,
-                                                     name=f"{prefix}_weights")
-        inputs[f"{prefix}_length"] = tf.keras.Input(shape=(), dtype=tf.int32,
-                                                    name=f"{prefix}_length")
+        inputs.update(_context_list_inputs(prefix))
     return inputs
 
 
-def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
-                       pretrained_dim: Optional[int] = None, num_kernels: int = 11,
-                       hidden_dim: int = 32, name: str = TOKEN_SCORER) -> tf.keras.Model:
-    """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
+def _context_list_inputs(prefix: str) -> Dict[str, tf.keras.Input]:
+    return {f"{prefix}_weights": tf.keras.Input(shape=(None,), dtype=tf.float32,
+                                                name=f"{prefix}_weights"),
+            f"{prefix}_length": tf.keras.Input(shape=(), dtype=tf.int32, name=f"{prefix}_length")}
 
-    See the module docstring for the architecture. Layer names: `token_embedding`,
-    `padding_mask`, `mean_pooling`, `kernel_pooling`, `order0_hidden`,
+
+def vector_inputs(max_order: int, embedding_dim: int) -> Dict[str, tf.keras.Input]:
+    """Keras inputs of the vector scorer (`build_vector_scorer`)."""
+    inputs = {}
+    for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
+        inputs[f"{key}_vectors"] = tf.keras.Input(shape=(None, embedding_dim), dtype=tf.float32,
+                                                  name=f"{key}_vectors")
+        inputs[f"{key}_mask"] = tf.keras.Input(shape=(None,), dtype=tf.bool, name=f"{key}_mask")
+    for prefix in context_prefixes(max_order):
+        inputs[f"{prefix}_vectors"] = tf.keras.Input(shape=(None, embedding_dim), dtype=tf.float32,
+                                                     name=f"{prefix}_vectors")
+        inputs[f"{prefix}_present"] = tf.keras.Input(shape=(None,), dtype=tf.bool,
+                                                     name=f"{prefix}_present")
+        inputs.update(_context_list_inputs(prefix))
+    return inputs
+
+
+def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels: int = 11,
+                        hidden_dim: int = 32, name: str = VECTOR_SCORER) -> tf.keras.Model:
+    """BERM on embedded text: `vector_inputs(max_order, embedding_dim)` -> logit [N].
+
+    Query and title arrive as token vectors [N, T, D] with their masks; each
+    neighbour text as one vector [N, C, D] (the mean of its token vectors) with
+    `present` [N, C] (the text has a real token). Everything trainable after the
+    embedding lives here, so BERM-O can feed it neighbour vectors computed once
+    at export instead of embedding every neighbour text per request.
+    Layer names: `mean_pooling`, `kernel_pooling`, `order0_hidden`,
     `order0_logit`, `{prefix}_attention`, `{prefix}_hidden`, `{prefix}_logit`
     (prefix q_o1, i_o1, ...), `order_fusion`.
     """
-    inputs = token_inputs(max_order)
-    embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim,
-                                       name=EMBEDDING_LAYER)
-    padding = berm_layers.PaddingMask(name="padding_mask")
+    inputs = vector_inputs(max_order, embedding_dim)
     mean = berm_layers.MaskedMeanPooling(name="mean_pooling")
     kernels = berm_layers.InteractionKernelPooling(num_kernels, name="kernel_pooling")
-
     texts = {}
     for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
-        vectors, mask = embed(inputs[key]), padding(inputs[key])
+        vectors, mask = inputs[f"{key}_vectors"], inputs[f"{key}_mask"]
         texts[key] = (vectors, mask, mean((vectors, mask)))
     query, title = texts[QUERY_TOKENS_KEY], texts[TITLE_TOKENS_KEY]
 
@@ -327,23 +346,21 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
         side, _ = prefix_side_and_order(prefix)
         # The query's neighbours are matched against the title, the item's against the query.
         centre = title if side == "query" else query
-        ids = inputs[f"{prefix}_tokens"]
-        vectors_c, mask_c = embed(ids), padding(ids)  # [N, C, T, D], [N, C, T]
-        neighbours = mean((vectors_c, mask_c))  # [N, C, D]
+        neighbours = inputs[f"{prefix}_vectors"]  # [N, C, D]
         # Each neighbour text enters the interaction as one vector, not token by token: the
         # kernels then cost Tc x C per pair instead of Tc x C x T, which is what keeps
         # BERM-O's context orders cheap enough for CPU serving (README, student benchmark).
         features = kernels((centre[0], centre[1],
                             tf.keras.layers.Reshape((-1, 1, embedding_dim),
                                                     name=f"{prefix}_neighbour_tokens")(neighbours),
-                            tf.reduce_any(mask_c, axis=-1, keepdims=True)))  # [N, C, K]
+                            tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_neighbour_mask")(
+                                inputs[f"{prefix}_present"])))  # [N, C, K]
         weights = inputs[f"{prefix}_weights"]
         values = tf.keras.layers.Concatenate(axis=-1, name=f"{prefix}_values")(
             [features, tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_weight_feature")(weights)])
         attended, has_context = berm_layers.NeighbourAttention(
             hidden_dim, name=f"{prefix}_attention")(
-                (centre[2], neighbours, values, weights,
-                 inputs[f"{prefix}_length"]))
+                (centre[2], neighbours, values, weights, inputs[f"{prefix}_length"]))
         vector = tf.keras.layers.Dense(hidden_dim, activation="relu",
                                        name=f"{prefix}_hidden")(attended)
         vectors.append(vector)
@@ -357,6 +374,60 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
 
 
+def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
+                       pretrained_dim: Optional[int] = None, num_kernels: int = 11,
+                       hidden_dim: int = 32, name: str = TOKEN_SCORER) -> tf.keras.Model:
+    """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
+
+    See the module docstring for the architecture. The embedding
+    (`token_embedding`, with `padding_mask` and `neighbour_pooling`) turns ids
+    into vectors; the nested `berm_vector_scorer` (`build_vector_scorer`) does
+    the rest.
+    """
+    inputs = token_inputs(max_order)
+    embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim,
+                                       name=EMBEDDING_LAYER)
+    padding = berm_layers.PaddingMask(name="padding_mask")
+    pooling = berm_layers.MaskedMeanPooling(name="neighbour_pooling")
+    features = _centre_features(embed, padding, inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY])
+    for prefix in context_prefixes(max_order):
+        vectors, present = neighbour_vectors(embed, padding, pooling, inputs[f"{prefix}_tokens"])
+        features.update({f"{prefix}_vectors": vectors, f"{prefix}_present": present,
+                         f"{prefix}_weights": inputs[f"{prefix}_weights"],
+                         f"{prefix}_length": inputs[f"{prefix}_length"]})
+    logit = build_vector_scorer(max_order, embedding_dim, num_kernels, hidden_dim)(features)
+    return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
+
+
+def neighbour_vectors(embed, padding, pooling, ids):
+    """Neighbour token ids [..., T] -> (mean token vector [..., D], has a real token [...])."""
+    mask = padding(ids)
+    return pooling((embed(ids), mask)), tf.reduce_any(mask, axis=-1)
+
+
+def encode_neighbour_texts(token_scorer: tf.keras.Model, tokens: tf.Tensor
+                           ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Tokenised neighbour texts [M, T] -> their vectors [M, D] and `present` [M], as training
+    computes them; BERM-O stores these at export (`berm_serving.NeighbourTables`)."""
+    return neighbour_vectors(token_scorer.get_layer(EMBEDDING_LAYER),
+                             token_scorer.get_layer("padding_mask"),
+                             token_scorer.get_layer("neighbour_pooling"), tokens)
+
+
+def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_tokens: tf.Tensor
+                   ) -> Dict[str, tf.Tensor]:
+    """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs."""
+    return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER),
+                            token_scorer.get_layer("padding_mask"), query_tokens, title_tokens)
+
+
+def _centre_features(embed, padding, query_tokens, title_tokens) -> Dict[str, Any]:
+    return {f"{QUERY_TOKENS_KEY}_vectors": embed(query_tokens),
+            f"{QUERY_TOKENS_KEY}_mask": padding(query_tokens),
+            f"{TITLE_TOKENS_KEY}_vectors": embed(title_tokens),
+            f"{TITLE_TOKENS_KEY}_mask": padding(title_tokens)}
+
+
 def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
     """The 0-order path alone (query and title tokens -> logit [N]), sharing weights.
 
@@ -367,10 +438,11 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
               for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY)}
     embed = token_scorer.get_layer(EMBEDDING_LAYER)
     padding = token_scorer.get_layer("padding_mask")
+    vector_scorer = token_scorer.get_layer(VECTOR_SCORER)
     q, t = inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY]
-    features = token_scorer.get_layer("kernel_pooling")((embed(q), padding(q), embed(t), padding(t)))
-    vector = token_scorer.get_layer("order0_hidden")(features)
-    logit = tf.keras.layers.Reshape(())(token_scorer.get_layer("order0_logit")(vector))
+    features = vector_scorer.get_layer("kernel_pooling")((embed(q), padding(q), embed(t), padding(t)))
+    vector = vector_scorer.get_layer("order0_hidden")(features)
+    logit = tf.keras.layers.Reshape(())(vector_scorer.get_layer("order0_logit")(vector))
     return tf.keras.Model(inputs=inputs, outputs=logit, name="berm_zero_order")
 
 
