@@ -29,7 +29,9 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    the tables inside. Student rows score the joined `test` examples through
    `serving_default` (the contexts come from the examples); the BERM-O rows score raw
    (query, item_id, item_title) strings through `serve_raw` (contexts from the tables in
-   the model).
+   the model). One more student (`--human-order`, default k=1) learns the teacher's scores and
+   the `train` judgments (`--human-loss-weight`, default 3; 0 drops the row). Note that the
+   teacher, on 2 cores, fine-tunes on a 6,000-pair sample of those judgments.
 6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs, after
    one warm-up batch each: throughput (pairs over the summed call time) in batches of
    `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
@@ -161,7 +163,8 @@ def read_examples(pattern: str) -> List[bytes]:
     return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
 
 
-def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir: str) -> Dict[str, Any]:
+def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir: str,
+                  overrides: Optional[Dict[str, Any]] = None, tag: str = "") -> Dict[str, Any]:
     from tfx.components.trainer.fn_args_utils import FnArgs
 
     from trainer import student
@@ -170,10 +173,11 @@ def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir
                      "epochs": args.student_epochs, "seed": args.seed,
                      "log_every_steps": 500}
     custom_config.update(args.student_overrides)
+    custom_config.update(overrides or {})
     fn_args = FnArgs(train_files=[os.path.join(examples_dir, "Split-train", "*")],
                      eval_files=[os.path.join(examples_dir, "Split-eval", "*")],
-                     serving_model_dir=os.path.join(work_dir, f"student_k{order}"),
-                     model_run_dir=os.path.join(work_dir, f"student_k{order}_run"),
+                     serving_model_dir=os.path.join(work_dir, f"student_k{order}{tag}"),
+                     model_run_dir=os.path.join(work_dir, f"student_k{order}{tag}_run"),
                      custom_config=custom_config)
     log(f"student k={order}: distilling, custom_config {custom_config}")
     start = time.perf_counter()
@@ -310,6 +314,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--berm-order", type=int, default=2,
                         help="the student exported as the BERM-O rows (default: 2, the pipeline's)")
     parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--human-loss-weight", type=float, default=3.0,
+                        help="one more student row, trained with this human_loss_weight on the "
+                             "train judgments besides the teacher's scores (0: no such row)")
+    parser.add_argument("--human-order", type=int, default=1,
+                        help="max_order of that student (default: %(default)s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a student custom_config key (VALUE parsed as JSON); repeatable")
     parser.add_argument("--batch-size", type=int, default=100,
@@ -413,6 +422,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # 5. Students.
     students = {order: train_student(args, order, examples_dir, tables_all, work_dir)
                 for order in args.orders}
+    human = None
+    if args.human_loss_weight:
+        human = train_student(args, args.human_order, examples_dir, tables_all, work_dir,
+                              overrides={"human_loss_weight": args.human_loss_weight}, tag="_human")
 
     test = parts["test"]
     queries = [r["query"] for r in test]
@@ -434,16 +447,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             {"model": f"teacher (BERT {args.teacher_profile} profile)",
              "metrics": rm.evaluate(queries, teacher_test, relevance, k=NDCG_K)}]
     student_scores = {}
-    for order, info in students.items():
+    labelled = [(order, info, f"student k={order}" + (" (0-order only)" if order == 0 else ""))
+                for order, info in students.items()]
+    if human:
+        labelled.append(("human", human, f"student k={args.human_order} + human judgments "
+                                          f"(human_loss_weight {args.human_loss_weight:g})"))
+    for key, info, label in labelled:
         loaded = tf.saved_model.load(info["model_dir"])
         serve = loaded.signatures["serving_default"]
         scores = np.concatenate([serve(examples=tf.constant(test_examples[i:i + LABEL_BATCH]))["score"].numpy()
                                  for i in range(0, len(test_examples), LABEL_BATCH)]).astype(float)
-        student_scores[order] = scores
+        student_scores[key] = scores
         manifest = berm_serving.read_manifest(info["model_dir"])
         info["params"] = manifest.get("params")
-        rows.append({"model": f"student k={order}" + (" (0-order only)" if order == 0 else ""),
-                     "metrics": rm.evaluate(queries, scores, relevance, k=NDCG_K),
+        rows.append({"model": label, "metrics": rm.evaluate(queries, scores, relevance, k=NDCG_K),
                      "train_seconds": info["train_seconds"]})
 
     berm_dir = students[args.berm_order]["model_dir"]
@@ -498,6 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "graph_stats": graph_stats,
         "teacher": {k: v for k, v in teacher_info.items()},
         "students": {str(k): {kk: vv for kk, vv in v.items()} for k, v in students.items()},
+        "student_with_human_loss": human,
         "berm_o_serve_raw_vs_serving_default_max_abs_diff": agreement,
         "timings": timings,
         "speed": speeds,
