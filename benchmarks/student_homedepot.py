@@ -311,8 +311,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "(a quick check of the script; default: all)")
     parser.add_argument("--orders", type=int, nargs="+", default=[0, 1, 2],
                         help="student max_order values to train (default: 0 1 2)")
-    parser.add_argument("--berm-order", type=int, default=2,
-                        help="the student exported as the BERM-O rows (default: 2, the pipeline's)")
+    parser.add_argument("--berm-order", type=int, default=1,
+                        help="the student exported as the BERM-O rows (default: %(default)s, the "
+                             "best student on the eval queries)")
     parser.add_argument("--student-epochs", type=int, default=4)
     parser.add_argument("--human-loss-weight", type=float, default=3.0,
                         help="one more student row, trained with this human_loss_weight on the "
