@@ -1,0 +1,117 @@
+"""Student settings compared on the Home Depot *eval* queries, the split meant for tuning.
+
+`benchmarks/student_homedepot.py --work-dir DIR` leaves in DIR the teacher-labelled, graph-joined
+examples and the neighbour tables. This script distils one student setting on them
+(`trainer.student.run_fn`, as that benchmark does) and scores the `eval` split's judged pairs
+(AUC with relevant = relevance >= 2.33, per-query AUC, NDCG@10) next to the teacher's scores of
+the same pairs. The `test` split is never read, so the settings it helps pick are still judged on
+queries nobody tuned on::
+
+    .venv/bin/python benchmarks/student_tuning.py --work-dir runs/homedepot/benchmark \\
+        --order 0 --set teacher_pointwise_weight=0.1 --out k0_pw01.json
+
+Caveat: the student early-stops on the eval logs' teacher scores, so the eval split is not
+untouched by training itself; it is the split the student's own run already looks at.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Dict, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import relevance_metrics as rm  # noqa: E402
+from benchmarks import student_homedepot as sh  # noqa: E402
+from benchmarks import teacher_homedepot as th  # noqa: E402
+
+SCORE_BATCH = 256
+
+
+def eval_pairs(examples_dir: str) -> Dict[str, Any]:
+    """The eval split's serialized examples, their queries, judgments and teacher scores."""
+    import numpy as np
+    import tensorflow as tf
+
+    serialized = sh.read_examples(os.path.join(examples_dir, "Split-eval", "*"))
+    if not serialized:
+        raise FileNotFoundError(f"no eval examples under {examples_dir}/Split-eval")
+    decoded = [tf.train.Example.FromString(e).features.feature for e in serialized]
+    # Judgments come back from tf.Example as float32 (2.33 -> 2.3299999); the scale's own
+    # precision is far coarser than 1e-6.
+    relevance = np.round([f["relevance"].float_list.value[0] for f in decoded], 6)
+    return {"serialized": serialized,
+            "queries": [f["query"].bytes_list.value[0].decode("utf-8") for f in decoded],
+            "relevance": relevance,
+            "teacher": np.array([f["teacher_score"].float_list.value[0] for f in decoded])}
+
+
+def score_examples(model_dir: str, serialized: Sequence[bytes]):
+    import numpy as np
+    import tensorflow as tf
+    import tensorflow_text  # noqa: F401  (the student's tokeniser ops)
+
+    serve = tf.saved_model.load(model_dir).signatures["serving_default"]
+    return np.concatenate([serve(examples=tf.constant(serialized[i:i + SCORE_BATCH]))["score"].numpy()
+                           for i in range(0, len(serialized), SCORE_BATCH)]).astype(float)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", required=True,
+                        help="a benchmarks/student_homedepot.py --work-dir (student_examples/, "
+                             "tables_all_logs/)")
+    parser.add_argument("--order", type=int, default=1, help="the student's max_order")
+    parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a student custom_config setting (repeatable)")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--name", default=None,
+                        help="folder under --work-dir/tuning for the model (default from the settings)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    args.student_overrides = th.parse_overrides(parser, args.overrides)
+    for sub in ("student_examples", "tables_all_logs"):
+        if not os.path.isdir(os.path.join(args.work_dir, sub)):
+            parser.error(f"{args.work_dir}/{sub} not found: run benchmarks/student_homedepot.py "
+                         f"--work-dir {args.work_dir} first")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    name = args.name or "_".join([f"k{args.order}"] + [f"{k}={v}" for k, v in
+                                                       sorted(args.student_overrides.items())])
+    run_dir = os.path.join(args.work_dir, "tuning", name)
+    info = sh.train_student(args, args.order, os.path.join(args.work_dir, "student_examples"),
+                            os.path.join(args.work_dir, "tables_all_logs"), run_dir)
+    pairs = eval_pairs(os.path.join(args.work_dir, "student_examples"))
+    result = {
+        "benchmark": "student_tuning", "git_commit": th.git_commit(), "split": "eval",
+        "order": args.order, "settings": args.student_overrides, "epochs_run": info["epochs_run"],
+        "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
+        "teacher": rm.evaluate(pairs["queries"], pairs["teacher"], pairs["relevance"], k=sh.NDCG_K),
+        "student": rm.evaluate(pairs["queries"], score_examples(info["model_dir"], pairs["serialized"]),
+                               pairs["relevance"], k=sh.NDCG_K),
+    }
+    k = sh.NDCG_K
+    for who in ("teacher", "student"):
+        m = result[who]
+        print(f"{who:8s} eval AUC {m['auc']:.3f}  per-query AUC {m['per_query_auc']:.3f}  "
+              f"NDCG@{k} {m[f'ndcg@{k}']:.3f}  ({m['pairs']} pairs, {m['queries']} queries)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
