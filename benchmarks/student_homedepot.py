@@ -270,10 +270,7 @@ def race_only(args) -> Dict[str, Any]:
                    "machine": dict(th.machine_info(), load_average_before=list(load_before),
                                    load_average_after=list(os.getloadavg()))})
     print(json.dumps({k: v for k, v in result.items() if k in ("throughput", "latency")}, indent=2))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True, default=str)
-        print(f"wrote {args.out}")
+    th.write_result(args.out, result)
     return result
 
 
@@ -532,10 +529,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"{speeds['throughput']['speedup']:.1f}x the teacher's pairs/s; machine {result['machine']['cores']} cores "
           f"{result['machine']['cpu_model']}, load {load_before[0]:.2f} -> {load_after[0]:.2f}; "
           f"wall {result['wall_seconds']:.0f}s; work dir {work_dir}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True, default=str)
-        print(f"wrote {args.out}")
+    th.write_result(args.out, result)
     if not args.work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     return result

@@ -16,7 +16,6 @@ untouched by training itself; it is the split the student's own run already look
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Dict, Optional, Sequence
@@ -106,10 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         m = result[who]
         print(f"{who:8s} eval AUC {m['auc']:.3f}  per-query AUC {m['per_query_auc']:.3f}  "
               f"NDCG@{k} {m[f'ndcg@{k}']:.3f}  ({m['pairs']} pairs, {m['queries']} queries)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"wrote {args.out}")
+    th.write_result(args.out, result)
     return result
 
 

@@ -254,6 +254,15 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def write_result(path: Optional[str], result: Dict[str, Any]) -> None:
+    """A benchmark's result as sorted, indented JSON at `path` (nothing when path is None)."""
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, sort_keys=True, default=str)
+    print(f"wrote {path}")
+
+
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -460,10 +469,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"machine {result['machine']['cores']} cores {result['machine']['cpu_model']}, "
           f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     result["markdown_table"] = table
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"wrote {args.out}")
+    write_result(args.out, result)
     return result
 
 

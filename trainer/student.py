@@ -68,14 +68,10 @@ Use as the `module_file` of a TFX Trainer. `run_fn(fn_args)` exports to
 Settings: `StudentConfig` (every custom_config key optional; unknown keys are
 an error).
 
-Measured at the defaults on 2 shared CPU cores (embedded default data: 6,220
-training pairs, tables of 400 queries and 1,452 items): 47,150 trainable
-parameters plus the frozen 30522 x 384 teacher embedding table (11.7 M; a
-52 MB SavedModel); about 20 s per training epoch (the first ~45 s, tracing).
-On Home Depot (README, benchmarks/student_homedepot.py) `serve_raw` of a k=2
-BERM-O scores 100 pairs in 16 ms (p50) on 2 idle cores. With the human
-judgments standing in for the teacher (2,200 judged pairs), contexts up to
-order 2 reached eval NDCG@5 0.88-0.90 against 0.79-0.82 for max_order=0.
+At the defaults (k=2) the student has 47,150 trainable parameters next to the
+frozen 30522 x 384 teacher embedding table (11.7 M). Quality, speed and
+SavedModel sizes on Home Depot: README, *Student on Home Depot*
+(benchmarks/student_homedepot.py).
 """
 from __future__ import annotations
 
