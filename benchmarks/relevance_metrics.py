@@ -68,8 +68,11 @@ def _check_aligned(**arrays: np.ndarray) -> None:
 
 
 def binary_labels(relevance, threshold: float = RELEVANT_THRESHOLD) -> np.ndarray:
-    """1 where relevance >= threshold, else 0."""
-    return (_as_1d("relevance", relevance, float) >= threshold).astype(np.int64)
+    """1 where relevance >= threshold, else 0, compared in float32 as the pipeline does
+    (`components.graph.eval_features.is_relevant`): a judgment read back from tf.Example
+    as 2.3299999 meets the threshold 2.33."""
+    values = _as_1d("relevance", relevance, float).astype(np.float32)
+    return (values >= np.float32(threshold)).astype(np.int64)
 
 
 def average_ranks(values) -> np.ndarray:

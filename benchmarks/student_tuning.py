@@ -43,12 +43,10 @@ def eval_pairs(examples_dir: str) -> Dict[str, Any]:
     if not serialized:
         raise FileNotFoundError(f"no eval examples under {examples_dir}/Split-eval")
     decoded = [tf.train.Example.FromString(e).features.feature for e in serialized]
-    # Judgments come back from tf.Example as float32 (2.33 -> 2.3299999); the scale's own
-    # precision is far coarser than 1e-6.
-    relevance = np.round([f["relevance"].float_list.value[0] for f in decoded], 6)
+    relevance = np.array([f["relevance"].float_list.value[0] for f in decoded])
     return {"serialized": serialized,
             "queries": [f["query"].bytes_list.value[0].decode("utf-8") for f in decoded],
-            "relevance": relevance,
+            "relevance": relevance,  # float32 values: rm's labels compare at float32
             "teacher": np.array([f["teacher_score"].float_list.value[0] for f in decoded])}
 
 

@@ -199,3 +199,10 @@ def test_idf_overlap_ranks_the_covering_title_first():
 def test_idf_overlap_rejects_misaligned_inputs():
     with pytest.raises(ValueError):
         rm.IdfOverlapScorer().fit(["a"]).score(["a", "b"], ["a"])
+
+
+def test_binary_labels_count_a_float32_judgment_at_the_threshold():
+    # As in the pipeline's eval features: 2.33 read back from tf.Example is still relevant.
+    stored = np.array([np.float32(2.33), np.float32(2.0), 2.33, 3.0], dtype=np.float64)
+    assert stored[0] < 2.33
+    np.testing.assert_array_equal(rm.binary_labels(stored, 2.33), [1, 0, 1, 1])

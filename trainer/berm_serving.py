@@ -264,9 +264,9 @@ def encode_texts(scorer: tf.keras.Model, texts: Sequence[str]) -> Tuple[np.ndarr
     token_scorer = scorer.get_layer(student.TOKEN_SCORER)
     dim = token_scorer.get_layer(student.EMBEDDING_LAYER).embedding_dim
     vectors, present = [np.zeros([1, dim], np.float32)], [np.zeros([1], bool)]
+    tokenizer = scorer.get_layer(student.CONTEXT_WORDPIECE) if texts else None
     for start in range(0, len(texts), _ENCODE_BATCH):
-        tokens = scorer.get_layer(student.CONTEXT_WORDPIECE)(
-            tf.constant(texts[start:start + _ENCODE_BATCH]))
+        tokens = tokenizer(tf.constant(texts[start:start + _ENCODE_BATCH]))
         batch_vectors, batch_present = student.encode_neighbour_texts(token_scorer, tokens)
         vectors.append(batch_vectors.numpy())
         present.append(batch_present.numpy())
