@@ -265,8 +265,8 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         cosine = tf.einsum("nid,nmjd->nmij", centre, other)  # [N, M, Tc, To]
         shape = tf.shape(cosine, out_type=tf.int64)
         # The kernels cost K times the interaction, and most of it is padding: texts are padded to
-        # the batch's longest (a 4-token query to 16, a 12-token title to 32) and most neighbour
-        # slots are empty. So everything below runs on the real (centre token, other token)
+        # the batch's longest (up to 16 query and 32 title tokens) and most neighbour slots are
+        # empty. So everything below runs on the real (centre token, other token)
         # pairs only; padding never enters the arithmetic.
         real = tf.where(tf.logical_and(centre_mask[:, tf.newaxis, :, tf.newaxis],
                                        other_mask[:, :, tf.newaxis, :]))  # [P, 4]: (n, m, i, j)
@@ -280,7 +280,8 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         soft_tf = tf.math.segment_sum(kernels, tf.cumsum(tf.cast(starts, tf.int64)) - 1)  # [U, K]
         first = tf.boolean_mask(real, starts)  # [U, 4]
         # A centre token with no real partner would add log1p(0) = 0: leaving it out is the same.
-        total = tf.math.unsorted_segment_sum(tf.math.log1p(soft_tf), first[:, 0] * shape[1] + first[:, 1],
+        text = first[:, 0] * shape[1] + first[:, 1]
+        total = tf.math.unsorted_segment_sum(tf.math.log1p(soft_tf), text,
                                              shape[0] * shape[1])  # [N * M, K]
         count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)[:, tf.newaxis, tf.newaxis]
         features = tf.math.divide_no_nan(
