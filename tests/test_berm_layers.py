@@ -55,6 +55,36 @@ def test_kernel_pooling_counts_exact_matches_and_ignores_padding():
     np.testing.assert_array_equal(single, 0.0)
 
 
+def test_kernel_pooling_weighs_centre_tokens():
+    pooling = berm_layers.InteractionKernelPooling(num_kernels=5)
+    table = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)
+    centre = tf.constant(table[[1, 2, 0]][None])
+    centre_mask = tf.constant([[True, True, False]])
+    other = tf.constant(table[[1, 5, 7]][None])  # one other text: token 1 matches, token 2 not
+    other_mask = tf.ones([1, 3], tf.bool)
+    plain = pooling((centre, centre_mask, other, other_mask)).numpy()
+    # Equal weights are the plain mean; weight 0.8 on the matching token gives 0.8 * log 2.
+    half = pooling((centre, centre_mask, other, other_mask, tf.constant([[0.5, 0.5, 0.0]])))
+    np.testing.assert_allclose(half.numpy(), plain, atol=1e-6)
+    skewed = pooling((centre, centre_mask, other, other_mask, tf.constant([[0.8, 0.2, 9.0]])))
+    assert skewed.numpy()[0, 0] == pytest.approx(0.8 * np.log(2.0), abs=1e-4)
+
+
+def test_term_gating_starts_uniform_and_ignores_padding():
+    gating = berm_layers.TermGating()
+    vectors = tf.constant(np.random.default_rng(1).normal(size=(2, 4, 8)).astype(np.float32))
+    mask = tf.constant([[True, True, True, False], [False, False, False, False]])
+    weights = gating((vectors, mask)).numpy()
+    np.testing.assert_allclose(weights, [[1 / 3, 1 / 3, 1 / 3, 0.0], [0.0] * 4], atol=1e-6)
+    # Once trained the weights differ per token, still sum to one over real tokens, and no
+    # value in a padding slot (even inf) reaches them.
+    gating.set_weights([np.arange(8, dtype=np.float32)[:, None] / 8])
+    noisy = tf.tensor_scatter_nd_update(vectors, [[0, 3]], tf.fill([1, 8], np.inf))
+    weights = gating((noisy, mask)).numpy()
+    assert weights[0, 3] == 0.0 and weights[0, :3].sum() == pytest.approx(1.0)
+    assert len(set(np.round(weights[0, :3], 6))) == 3
+
+
 def test_kernel_centres_follow_knrm():
     mus, sigmas = berm_layers.kernel_centres(11)
     np.testing.assert_allclose(mus, [1.0, 0.9, 0.7, 0.5, 0.3, 0.1, -0.1, -0.3, -0.5, -0.7, -0.9], atol=1e-9)

@@ -9,6 +9,7 @@ serialisable (`get_config`), so a saved student can be re-loaded with
   * `TokenEmbedding`: ids -> vectors; a plain trainable table, or the teacher's
     frozen WordPiece embeddings through a trainable projection.
   * `MaskedMeanPooling`: the cheap text encoder (mean of real token vectors).
+  * `TermGating`: how much each token of a text counts (DRMM term gating).
   * `InteractionKernelPooling`: K-NRM kernel pooling of the cosine interaction
     matrix between a centre text and other texts -> relevance features.
   * `NeighbourAttention`: graph attention over a node's (padded) neighbours:
@@ -234,6 +235,26 @@ def kernel_centres(num_kernels: int) -> Tuple[List[float], List[float]]:
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
+class TermGating(tf.keras.layers.Layer):
+    """How much each real token of a text counts: ([N, T, D], mask [N, T]) -> weights [N, T].
+
+    DRMM's term gating (Guo et al., CIKM 2016): softmax over the real tokens of a
+    learned linear score of each token vector, zero on padding. The score starts
+    at zero, so the weights start as the plain mean's 1 / (real tokens).
+    """
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._score = tf.keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros",
+                                            name="score")
+
+    def call(self, inputs: Tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
+        vectors, mask = inputs
+        vectors = tf.where(mask[..., tf.newaxis], vectors, tf.zeros_like(vectors))
+        return masked_softmax(tf.squeeze(self._score(vectors), -1), mask)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
 class InteractionKernelPooling(tf.keras.layers.Layer):
     """Word-level interaction of a centre text with other texts, read by RBF kernels.
 
@@ -244,6 +265,8 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
     tokens i of log1p(sum over the other's real tokens j of
     exp(-(cos(c_i, o_j) - mu_k)^2 / (2 sigma_k^2))) (K-NRM soft-TF, with log1p so
     that an empty other text gives 0 rather than log(0)).
+    An optional fifth input, centre_weights [N, Tc] (e.g. `TermGating`'s), turns
+    the mean into the weighted sum over the centre's real tokens.
     """
 
     def __init__(self, num_kernels: int = 11, **kwargs):
@@ -255,7 +278,8 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
                                                            tf.float32)
 
     def call(self, inputs: Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
-        centre, centre_mask, other, other_mask = inputs
+        centre, centre_mask, other, other_mask = inputs[:4]
+        centre_weights = inputs[4] if len(inputs) > 4 else None
         single = other.shape.rank == 3
         if single:
             other = other[:, tf.newaxis]
@@ -281,12 +305,15 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         first = tf.boolean_mask(real, starts)  # [U, 4]
         # A centre token with no real partner would add log1p(0) = 0: leaving it out is the same.
         text = first[:, 0] * shape[1] + first[:, 1]
-        total = tf.math.unsorted_segment_sum(tf.math.log1p(soft_tf), text,
-                                             shape[0] * shape[1])  # [N * M, K]
-        count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)[:, tf.newaxis, tf.newaxis]
-        features = tf.math.divide_no_nan(
-            tf.reshape(total, tf.concat([shape[:2], [self.num_kernels]], 0)), count)  # [N, M, K]
-        return features[:, 0] if single else features
+        log_tf = tf.math.log1p(soft_tf)
+        if centre_weights is not None:
+            log_tf *= tf.gather_nd(centre_weights, tf.gather(first, [0, 2], axis=1))[:, tf.newaxis]
+        total = tf.reshape(tf.math.unsorted_segment_sum(log_tf, text, shape[0] * shape[1]),
+                           tf.concat([shape[:2], [self.num_kernels]], 0))  # [N, M, K]
+        if centre_weights is None:
+            count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)
+            total = tf.math.divide_no_nan(total, count[:, tf.newaxis, tf.newaxis])
+        return total[:, 0] if single else total
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), num_kernels=self.num_kernels)

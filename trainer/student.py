@@ -7,7 +7,10 @@ features joined by the GraphContexts component, see
 
   * 0-order relevance: the cosine interaction matrix between the query's and the
     title's WordPiece token embeddings, read by K-NRM kernel pooling
-    (`berm_layers.InteractionKernelPooling`) into `num_kernels` features.
+    (`berm_layers.InteractionKernelPooling`) into `num_kernels` features. With
+    `term_gating` (default) the query's tokens count by learned weights
+    (`berm_layers.TermGating`, DRMM's term gate) rather than equally, and so do
+    the title's where it is matched against the query's neighbours.
   * k-order relevance, k = 1..max_order, two components per order:
       - `q_o{k}`: the item title against the query's order-k neighbours
         (k=1: the items the query led to; k=2: related queries; k=3: items of
@@ -68,7 +71,7 @@ Use as the `module_file` of a TFX Trainer. `run_fn(fn_args)` exports to
 Settings: `StudentConfig` (every custom_config key optional; unknown keys are
 an error).
 
-At the defaults (k=2) the student has 47,150 trainable parameters next to the
+At the defaults (k=2) the student has 47,278 trainable parameters next to the
 frozen 30522 x 384 teacher embedding table (11.7 M). Quality, speed and
 SavedModel sizes on Home Depot: README, *Student on Home Depot*
 (benchmarks/student_homedepot.py).
@@ -121,6 +124,7 @@ CONTEXT_WORDPIECE = "context_wordpiece"
 TOKEN_SCORER = "berm_token_scorer"
 VECTOR_SCORER = "berm_vector_scorer"
 EMBEDDING_LAYER = "token_embedding"
+TERM_GATES = {QUERY_TOKENS_KEY: "query_term_gate", TITLE_TOKENS_KEY: "title_term_gate"}
 
 RANKING_LOSSES = ("softmax_loss", "approx_ndcg_loss", "pairwise_logistic_loss")
 MAX_ORDER = 3
@@ -150,6 +154,8 @@ class StudentConfig:
       vocab_file: WordPiece vocab (None: the checkpoint's).
       num_kernels: K-NRM kernels (one exact-match + num_kernels-1 soft).
       hidden_dim: size of the per-order vectors, attention and gate layers.
+      term_gating: the query's (and, for the query's neighbours, the title's)
+        tokens count by learned weights in the kernel features, not equally.
       max_query_tokens, max_title_tokens, max_context_tokens: WordPiece tokens
         kept per query, title and neighbour text.
       max_context_texts: neighbours read per (node, order) (the graph's top_n).
@@ -183,6 +189,7 @@ class StudentConfig:
     vocab_file: Optional[str] = None
     num_kernels: int = 11
     hidden_dim: int = 32
+    term_gating: bool = True
     max_query_tokens: int = 16
     max_title_tokens: int = 32
     max_context_texts: int = 10
@@ -315,7 +322,8 @@ def vector_inputs(max_order: int, embedding_dim: int) -> Dict[str, tf.keras.Inpu
 
 
 def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels: int = 11,
-                        hidden_dim: int = 32, name: str = VECTOR_SCORER) -> tf.keras.Model:
+                        hidden_dim: int = 32, term_gating: bool = True,
+                        name: str = VECTOR_SCORER) -> tf.keras.Model:
     """BERM on embedded text: `vector_inputs(max_order, embedding_dim)` -> logit [N].
 
     Query and title arrive as token vectors [N, T, D] with their masks; each
@@ -323,6 +331,9 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     `present` [N, C] (the text has a real token). Everything trainable after the
     embedding lives here, so BERM-O can feed it neighbour vectors computed once
     at export instead of embedding every neighbour text per request.
+    With `term_gating`, a centre text's tokens count by learned weights
+    (`berm_layers.TermGating`: `query_term_gate`, `title_term_gate`) instead
+    of equally in the kernel features.
     Layer names: `mean_pooling`, `kernel_pooling`, `order0_hidden`,
     `order0_logit`, `{prefix}_attention`, `{prefix}_hidden`, `{prefix}_logit`
     (prefix q_o1, i_o1, ...), `order_fusion`.
@@ -330,13 +341,17 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     inputs = vector_inputs(max_order, embedding_dim)
     mean = berm_layers.MaskedMeanPooling(name="mean_pooling")
     kernels = berm_layers.InteractionKernelPooling(num_kernels, name="kernel_pooling")
+    # The title is a centre text only for the query's neighbours (k >= 1).
+    gated = [QUERY_TOKENS_KEY] + ([TITLE_TOKENS_KEY] if max_order else []) if term_gating else []
     texts = {}
     for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
         vectors, mask = inputs[f"{key}_vectors"], inputs[f"{key}_mask"]
         texts[key] = (vectors, mask, mean((vectors, mask)))
+        if key in gated:
+            texts[key] += (berm_layers.TermGating(name=TERM_GATES[key])((vectors, mask)),)
     query, title = texts[QUERY_TOKENS_KEY], texts[TITLE_TOKENS_KEY]
 
-    zero_order = kernels((query[0], query[1], title[0], title[1]))  # [N, K]
+    zero_order = kernels(query[:2] + title[:2] + query[3:])  # [N, K]
     vector = tf.keras.layers.Dense(hidden_dim, activation="relu", name="order0_hidden")(zero_order)
     vectors = [vector]
     logits = [tf.keras.layers.Dense(1, name="order0_logit")(vector)]
@@ -353,7 +368,7 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
                             tf.keras.layers.Reshape((-1, 1, embedding_dim),
                                                     name=f"{prefix}_neighbour_tokens")(neighbours),
                             tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_neighbour_mask")(
-                                inputs[f"{prefix}_present"])))  # [N, C, K]
+                                inputs[f"{prefix}_present"])) + centre[3:])  # [N, C, K]
         weights = inputs[f"{prefix}_weights"]
         values = tf.keras.layers.Concatenate(axis=-1, name=f"{prefix}_values")(
             [features, tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_weight_feature")(weights)])
@@ -375,7 +390,8 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
 
 def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
                        pretrained_dim: Optional[int] = None, num_kernels: int = 11,
-                       hidden_dim: int = 32, name: str = TOKEN_SCORER) -> tf.keras.Model:
+                       hidden_dim: int = 32, term_gating: bool = True,
+                       name: str = TOKEN_SCORER) -> tf.keras.Model:
     """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
 
     See the module docstring for the architecture. The embedding
@@ -394,7 +410,8 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
         features.update({f"{prefix}_vectors": vectors, f"{prefix}_present": present,
                          f"{prefix}_weights": inputs[f"{prefix}_weights"],
                          f"{prefix}_length": inputs[f"{prefix}_length"]})
-    logit = build_vector_scorer(max_order, embedding_dim, num_kernels, hidden_dim)(features)
+    logit = build_vector_scorer(max_order, embedding_dim, num_kernels, hidden_dim,
+                                term_gating)(features)
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
 
 
@@ -439,7 +456,10 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
     padding = token_scorer.get_layer("padding_mask")
     vector_scorer = token_scorer.get_layer(VECTOR_SCORER)
     q, t = inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY]
-    features = vector_scorer.get_layer("kernel_pooling")((embed(q), padding(q), embed(t), padding(t)))
+    query = (embed(q), padding(q))
+    gate = [layer for layer in vector_scorer.layers if layer.name == TERM_GATES[QUERY_TOKENS_KEY]]
+    features = vector_scorer.get_layer("kernel_pooling")(
+        query + (embed(t), padding(t)) + tuple(g(query) for g in gate))
     vector = vector_scorer.get_layer("order0_hidden")(features)
     logit = tf.keras.layers.Reshape(())(vector_scorer.get_layer("order0_logit")(vector))
     return tf.keras.Model(inputs=inputs, outputs=logit, name="berm_zero_order")
@@ -449,7 +469,8 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
                   max_query_tokens: int = 16, max_title_tokens: int = 32,
                   max_context_tokens: int = 16, embedding_dim: int = 64,
                   pretrained_embeddings: Optional[np.ndarray] = None, num_kernels: int = 11,
-                  hidden_dim: int = 32, name: str = "berm") -> tf.keras.Model:
+                  hidden_dim: int = 32, term_gating: bool = True,
+                  name: str = "berm") -> tf.keras.Model:
     """The student on raw strings: `string_inputs(...)` -> relevance logit [N].
 
     Inputs: `query`, `item_title` tf.string [N]; per context prefix (q_o1, i_o1,
@@ -468,7 +489,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
     vocab = list(vocab)
     pretrained_dim = None if pretrained_embeddings is None else int(pretrained_embeddings.shape[1])
     token_scorer = build_token_scorer(max_order, len(vocab), embedding_dim, pretrained_dim,
-                                      num_kernels, hidden_dim)
+                                      num_kernels, hidden_dim, term_gating)
     if pretrained_embeddings is not None:
         token_scorer.get_layer(EMBEDDING_LAYER).set_pretrained(pretrained_embeddings)
     inputs = string_inputs(max_order, max_context_texts)
@@ -536,7 +557,7 @@ def student_from_config(config: StudentConfig) -> tf.keras.Model:
     return build_student(vocab, config.max_order, config.max_context_texts,
                          config.max_query_tokens, config.max_title_tokens,
                          config.max_context_tokens, config.embedding_dim, embeddings,
-                         config.num_kernels, config.hidden_dim)
+                         config.num_kernels, config.hidden_dim, config.term_gating)
 
 
 # --- Features -----------------------------------------------------------------------
