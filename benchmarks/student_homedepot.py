@@ -14,7 +14,7 @@ clicks), so the query-item graph is built from all of them; human judgments exis
 
 1. Data: the pipeline's own adapter, row rules and by-query split (`teacher_homedepot`):
    train / eval / test = 8/1/1 hash buckets of the query, as the ExampleGen splits it.
-2. Teacher: fine-tuned on (a by-query subsample of) the `train` judgments through
+2. Teacher: fine-tuned on the `train` judgments (or a by-query subsample) through
    `trainer.teacher.run_fn`, early-stopped on `eval` (or `--teacher-model DIR`: an exported
    teacher SavedModel to reuse, e.g. from an earlier `--work-dir`).
 3. Labelling: the teacher scores every logged pair (`serve_raw`); that is `teacher_score`,
@@ -30,8 +30,8 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    `serving_default` (the contexts come from the examples); the BERM-O rows score raw
    (query, item_id, item_title) strings through `serve_raw` (contexts from the tables in
    the model). One more student (`--human-order`, default k=1) learns the teacher's scores and
-   the `train` judgments (`--human-loss-weight`, default 3; 0 drops the row). Note that the
-   teacher, on 2 cores, fine-tunes on a 6,000-pair sample of those judgments.
+   the `train` judgments (`--human-loss-weight`, default 3; 0 drops the row), the same
+   judgments the teacher fine-tunes on.
 6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs, after
    one warm-up batch each: throughput (pairs over the summed call time) in batches of
    `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
@@ -299,9 +299,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--teacher-model", default=None,
                         help="an exported teacher SavedModel to reuse instead of fine-tuning one")
     parser.add_argument("--teacher-profile", choices=("quick", "full"), default="full")
-    parser.add_argument("--max-teacher-train-pairs", type=int, default=6000,
-                        help="teacher fine-tuning pairs, whole train queries by hash "
-                             "(default: %(default)s; what fits on 2 cores)")
+    parser.add_argument("--max-teacher-train-pairs", type=int, default=None,
+                        help="teacher fine-tuning pairs, whole train queries by hash (default: all "
+                             "47,050, about 20 min on 2 cores; the students read them all too)")
     parser.add_argument("--teacher-epochs", type=int, default=1)
     parser.add_argument("--max-pairs", type=int, default=None,
                         help="use only this many pairs of the whole data, whole queries by hash "
