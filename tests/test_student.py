@@ -277,7 +277,14 @@ def test_cold_start_pair_gets_the_zero_order_score(vocab):
     zero_order = student.zero_order_scorer(token_scorer)
     queries, titles = ["red drill", "garden hose", "café lámpara"], ["red steel drill", "blue lamp", ""]
     cold = student.tokenize_features(scorer, student.string_features(_parsed(queries, titles, {}), 2, TOP_N))
-    expected = zero_order({k: cold[k] for k in ("query_tokens", "title_tokens")}).numpy()
+    centre = {k: cold[k] for k in ("query_tokens", "title_tokens")}
+    untrained_gate = zero_order(centre).numpy()
+    # A trained term gate no longer weighs the query's tokens equally; the 0-order path uses it.
+    gate = token_scorer.get_layer(student.VECTOR_SCORER).get_layer(student.QUERY_TERM_GATE)
+    gate.set_weights([np.random.default_rng(0).normal(size=w.shape).astype(np.float32)
+                      for w in gate.get_weights()])
+    expected = zero_order(centre).numpy()
+    assert np.abs(expected - untrained_gate).max() > 1e-4
     np.testing.assert_allclose(token_scorer(cold).numpy(), expected, rtol=0, atol=1e-6)
     # The same pairs with context score differently (so the comparison above means something).
     warm = student.string_features(_parsed(queries, titles, {"i_o1": [[("red drill", 0.9)]] * 3}), 2, TOP_N)
