@@ -49,7 +49,7 @@ def _tiny_student(vocab, **overrides):
     tf.keras.utils.set_random_seed(0)
     return student.build_student(vocab, config.max_order, config.max_context_texts, config.max_query_tokens,
                                  config.max_title_tokens, config.max_context_tokens, config.embedding_dim,
-                                 None, config.num_kernels, config.hidden_dim)
+                                 None, config.num_kernels, config.hidden_dim, config.term_gating)
 
 
 # --- A tiny shop, its click graph and its teacher ------------------------------------
@@ -300,6 +300,24 @@ def test_cold_start_pair_gets_the_zero_order_score(vocab):
         serving.serve_raw(tf.constant(queries), tf.constant(["P1"] * 3), tf.constant(titles))["score"],
         tf.sigmoid(ablation.get_layer(student.TOKEN_SCORER)(ablation_tokens)), rtol=0, atol=1e-6)
     assert serving.manifest["max_order"] == 0
+
+
+def test_term_gating_can_be_switched_off(vocab):
+    def layer_names(scorer):
+        token_scorer = scorer.get_layer(student.TOKEN_SCORER)
+        return [layer.name for layer in token_scorer.get_layer(student.VECTOR_SCORER).layers]
+
+    assert student.QUERY_TERM_GATE in layer_names(_tiny_student(vocab))
+    plain = _tiny_student(vocab, term_gating=False)
+    assert student.QUERY_TERM_GATE not in layer_names(plain)
+    # Without the gate the cold-start path is still exactly the 0-order scorer.
+    token_scorer = plain.get_layer(student.TOKEN_SCORER)
+    cold = student.tokenize_features(plain, student.string_features(
+        _parsed(["red drill", "garden hose"], ["red steel drill", "blue lamp"], {}), 2, TOP_N))
+    np.testing.assert_allclose(
+        token_scorer(cold).numpy(),
+        student.zero_order_scorer(token_scorer)(
+            {k: cold[k] for k in ("query_tokens", "title_tokens")}).numpy(), rtol=0, atol=1e-6)
 
 
 # --- Grouping per query and the ranking loss -----------------------------------------

@@ -277,7 +277,7 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         self._negative_inverse_two_variances = tf.constant([-1.0 / (2.0 * s * s) for s in sigmas],
                                                            tf.float32)
 
-    def call(self, inputs: Tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]) -> tf.Tensor:
+    def call(self, inputs: Tuple[tf.Tensor, ...]) -> tf.Tensor:
         centre, centre_mask, other, other_mask = inputs[:4]
         centre_weights = inputs[4] if len(inputs) > 4 else None
         single = other.shape.rank == 3
