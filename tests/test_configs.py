@@ -53,12 +53,17 @@ def test_graph_settings_use_the_graph_module_validation(tmp_path):
 def test_the_home_depot_profile_loads_and_builds_valid_trainer_settings():
     import os
 
+    from trainer import student, teacher
+
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "pipeline", "profiles", "homedepot.yaml")
     config = configs.load_config(path)
-    assert config.teacher.profile == "full" and config.teacher.settings["steps_per_epoch"] > 0
-    assert configs.teacher_custom_config(config)["num_layers"] == 6
-    assert configs.student_custom_config(config)["max_order"] == config.graph.max_order
+    assert config.teacher.profile == "full"
+    teacher_config = teacher.TeacherConfig.from_custom_config(configs.teacher_custom_config(config))
+    assert teacher_config.num_layers == 6 and teacher_config.epochs >= 1
+    student_config = student.StudentConfig.from_custom_config(configs.student_custom_config(config))
+    assert student_config.max_order == config.graph.max_order
+    assert student_config.human_loss_weight > 0
     assert set(config.evaluation.gates) <= set(configs.GATE_METRICS)
 
 
