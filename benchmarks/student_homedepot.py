@@ -35,8 +35,9 @@ clicks), so the query-item graph is built from all of them; human judgments exis
 6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs, after
    one warm-up batch each: throughput (pairs over the summed call time) in batches of
    `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
-   batches of `--batch-size` (100). `--race-only --work-dir DIR` repeats just this step with the
-   models an earlier run kept in DIR.
+   batches of `--batch-size` (100), each race `--race-passes` (3) times over the test pairs
+   (the first call of each model excluded). `--race-only --work-dir DIR` repeats just this
+   step with the models an earlier run kept in DIR.
 
 Everything runs on this machine's CPU; TensorFlow uses every core, so note the load (the
 JSON records the load average before and after).
@@ -202,14 +203,18 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else math.nan
 
 
-def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int) -> Dict[str, Any]:
-    """Teacher and BERM-O serve_raw, alternating batch by batch; per-batch wall times."""
+def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int,
+         passes: int = 1) -> Dict[str, Any]:
+    """Teacher and BERM-O serve_raw, alternating batch by batch, `passes` times over the pairs;
+    per-batch wall times."""
     import tensorflow as tf
 
     batches = [(tf.constant(queries[i:i + batch_size]), tf.constant(item_ids[i:i + batch_size]),
                 tf.constant(titles[i:i + batch_size]))
                for i in range(0, len(queries), batch_size)]
-    batches = [b for b in batches if int(b[0].shape[0]) == batch_size]  # full batches only
+    # Full batches only. Repeating the pairs matters at large batches: the test split is only
+    # a few batches of 1,000, and on 2 cores one pass spreads by +-5 % from run to run.
+    batches = [b for b in batches if int(b[0].shape[0]) == batch_size] * passes
     times = {"teacher": [], "berm_o": []}
     for index, (query, item_id, title) in enumerate(batches):
         start = time.perf_counter()
@@ -230,16 +235,17 @@ def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int) -> D
                      "p50_ms": 1000 * percentile(seconds, 50), "p99_ms": 1000 * percentile(seconds, 99)}
     out["speedup"] = out["berm_o"]["pairs_per_second"] / out["teacher"]["pairs_per_second"]
     out["batch_size"] = batch_size
+    out["passes"] = passes
     return out
 
 
 def speed(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch: int,
-          throughput_batch: int) -> Dict[str, Any]:
+          throughput_batch: int, passes: int = 1) -> Dict[str, Any]:
     """Throughput at `throughput_batch` and per-call latency at `latency_batch`, both models."""
     log(f"speed: teacher vs BERM-O serve_raw, throughput at batch {throughput_batch}...")
-    throughput = race(teacher_raw, berm_raw, queries, item_ids, titles, throughput_batch)
+    throughput = race(teacher_raw, berm_raw, queries, item_ids, titles, throughput_batch, passes)
     log(f"speed: latency at batch {latency_batch}...")
-    latency = race(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch)
+    latency = race(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch, passes)
     log(f"speed: BERM-O {throughput['speedup']:.1f}x the teacher's pairs/s at batch {throughput_batch}, "
         f"{latency['speedup']:.1f}x at batch {latency_batch}")
     return {"throughput": throughput, "latency": latency}
@@ -261,7 +267,8 @@ def race_only(args) -> Dict[str, Any]:
     berm_raw = tf.saved_model.load(berm_dir).signatures[student.RAW_SIGNATURE]
     load_before = os.getloadavg()
     result = speed(teacher_raw, berm_raw, [r["query"] for r in test], [r["item_id"] for r in test],
-                   [r["item_title"] for r in test], args.batch_size, args.throughput_batch_size)
+                   [r["item_title"] for r in test], args.batch_size, args.throughput_batch_size,
+                   args.race_passes)
     result.update({"benchmark": "student_homedepot --race-only",
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "git_commit": th.git_commit(), "test_pairs": len(test),
@@ -323,6 +330,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="latency batch: p50/p99 per call of this many pairs (default: 100)")
     parser.add_argument("--throughput-batch-size", type=int, default=1000,
                         help="throughput batch, the same for both models (default: 1000)")
+    parser.add_argument("--race-passes", type=int, default=3,
+                        help="passes over the test pairs in each speed race (default: 3)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the speed race, with the teacher and BERM-O an earlier run left in "
                              "--work-dir (e.g. to repeat it on an idle machine)")
@@ -337,6 +346,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"input not found: {args.input}")
     if args.race_only and not args.work_dir:
         parser.error("--race-only needs the --work-dir of an earlier run")
+    if args.race_passes < 1:
+        parser.error("--race-passes must be at least 1")
     if args.teacher_model and not os.path.isdir(args.teacher_model):
         parser.error(f"--teacher-model: no such folder {args.teacher_model}")
     args.student_overrides = th.parse_overrides(parser, args.overrides)
@@ -476,7 +487,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     # 6. Speed, sizes.
     speeds = speed(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size,
-                   args.throughput_batch_size)
+                   args.throughput_batch_size, args.race_passes)
     teacher_bytes = directory_bytes(teacher_info["model_dir"])
     berm_bytes = directory_bytes(berm_dir)
     rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",
