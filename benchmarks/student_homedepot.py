@@ -204,7 +204,7 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int,
-         passes: int = 1) -> Dict[str, Any]:
+         passes: int) -> Dict[str, Any]:
     """Teacher and BERM-O serve_raw, alternating batch by batch, `passes` times over the pairs;
     per-batch wall times."""
     import tensorflow as tf
@@ -240,7 +240,7 @@ def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int,
 
 
 def speed(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch: int,
-          throughput_batch: int, passes: int = 1) -> Dict[str, Any]:
+          throughput_batch: int, passes: int) -> Dict[str, Any]:
     """Throughput at `throughput_batch` and per-call latency at `latency_batch`, both models."""
     log(f"speed: teacher vs BERM-O serve_raw, throughput at batch {throughput_batch}...")
     throughput = race(teacher_raw, berm_raw, queries, item_ids, titles, throughput_batch, passes)
