@@ -45,7 +45,7 @@ softmax_loss, approx_ndcg_loss or pairwise_logistic_loss), plus optionally
     the weight 0.1 gave AUC 0.645 and 1.0 gave 0.673, with per-query AUC 0.570
     and 0.588 (k=0, a teacher fine-tuned on 6,000 pairs). With the teacher
     fine-tuned on all train pairs, 10.0 beat 1.0 by 0.014 AUC at k=1 (mean of
-    3 seeds) and 0.021 at k=0, per-query AUC unchanged (README);
+    3 seeds) and 0.021 at k=0 (one seed), per-query AUC unchanged (README);
   * `human_loss_weight` x sigmoid cross-entropy against the human judgment
     (`relevance`, scaled to [0, 1] on relevance_min..relevance_max) where the
     pair has one (relevance >= 0). Default 0.0: pure distillation, as in the
