@@ -41,11 +41,9 @@ softmax_loss, approx_ndcg_loss or pairwise_logistic_loss), plus optionally
     scores (default 10.0): it pins the scale, so that `sigmoid(logit)` - the
     exported `score` - stays comparable to the teacher's score across queries,
     which a pure listwise loss leaves free. The ranking loss alone learns the
-    order within a query but not across queries: on the Home Depot eval queries
-    the weight 0.1 gave AUC 0.645 and 1.0 gave 0.673, with per-query AUC 0.570
-    and 0.588 (k=0, a teacher fine-tuned on 6,000 pairs). With the teacher
-    fine-tuned on all train pairs, 10.0 beat 1.0 by 0.014 AUC at k=1 (mean of
-    3 seeds) and 0.021 at k=0 (one seed), per-query AUC unchanged (README);
+    order within a query but not across queries, which costs AUC over all
+    pairs; on the Home Depot eval queries 10 beat 1 and 0.1 (the README's
+    *Student on Home Depot* has the sweep and its commands);
   * `human_loss_weight` x sigmoid cross-entropy against the human judgment
     (`relevance`, scaled to [0, 1] on relevance_min..relevance_max) where the
     pair has one (relevance >= 0). Default 0.0: pure distillation, as in the
