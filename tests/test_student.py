@@ -497,3 +497,71 @@ def test_student_with_teacher_embeddings_builds_and_scores():
     assert params["non_trainable"] == 30522 * 384
     logits = scorer(student.string_features(_parsed(["cordless drill"], ["dewalt cordless drill"], {}), 2, TOP_N))
     assert logits.shape == (1,) and np.isfinite(logits.numpy()).all()
+
+
+# --- The title-vector path --------------------------------------------------------------
+
+def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
+    """run_fn with the TitleEncoder's vectors: the table travels in BERM-O, both signatures and a
+    re-loaded scorer agree, unknown titles take the fallback, and cold start is still 0-order."""
+    from trainer import sentence_vectors
+
+    titles = sorted(set(world["titles"].values()))
+    train_queries = world["queries"][:30]
+    encoder = sentence_vectors.SentenceEncoder()
+    vectors_dir = tmp_path / "title_vectors"
+    os.makedirs(vectors_dir)
+    with tf.io.TFRecordWriter(str(vectors_dir / "vectors-00000-of-00001.gz"), "GZIP") as writer:
+        for kind, texts in (("title", titles), ("query", train_queries)):
+            for text, vector in zip(texts, encoder.encode(texts)):
+                writer.write(sentence_vectors.to_tf_example(text, kind, vector).SerializeToString())
+    split = {"train": [], "eval": []}
+    for query, item_id in world["pairs"]:
+        split["train" if query in train_queries else "eval"].append(pair_record(world, query, item_id))
+    for name, records in split.items():
+        write_records(str(tmp_path / f"Split-{name}" / "data.gz"), [serialize(r) for r in records])
+    tables = str(tmp_path / "tables")
+    write_tables(world, tables)
+    fn_args = FnArgs(
+        train_files=[str(tmp_path / "Split-train" / "*")], eval_files=[str(tmp_path / "Split-eval" / "*")],
+        serving_model_dir=str(tmp_path / "serving_model"), model_run_dir=str(tmp_path / "model_run"),
+        custom_config=dict(TINY, init_from_teacher_embeddings=True, max_order=1, epochs=2, batch_size=4,
+                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir)))
+    student.run_fn(fn_args)
+    model_dir = fn_args.serving_model_dir
+    assert berm_serving.read_manifest(model_dir)["title_vectors"] == len(titles)
+
+    loaded = tf.saved_model.load(model_dir)
+    serve_raw, serve_examples = loaded.signatures[student.RAW_SIGNATURE], loaded.signatures["serving_default"]
+    records = split["eval"][:30]
+    unknown = dict(records[0], item_title="a title the encoder never saw")
+    records.append(unknown)
+    raw = serve_raw(query=tf.constant([r["query"] for r in records]),
+                    item_id=tf.constant([r["item_id"] for r in records]),
+                    item_title=tf.constant([r["item_title"] for r in records]))["score"].numpy()
+    by_example = serve_examples(examples=tf.constant([serialize(r) for r in records]))["score"].numpy()
+    assert np.isfinite(raw).all()
+    np.testing.assert_allclose(raw, by_example, rtol=0, atol=1e-5)
+    assert abs(raw[-1] - raw[0]) > 1e-4  # The unknown title is matched through the fallback map.
+
+    # The table is part of the scorer's weights: a re-loaded scorer rebuilds the same BERM-O.
+    scorer = berm_serving.load_scorer(model_dir)
+    rebuilt = berm_serving.build_serving_model(scorer, tables)
+    args = [tf.constant([r[k] for r in records]) for k in ("query", "item_id", "item_title")]
+    np.testing.assert_allclose(rebuilt.serve_raw(*args)["score"].numpy(), raw, rtol=0, atol=1e-5)
+
+    # A pair without context still gets exactly the 0-order score, the title path included.
+    token_scorer = scorer.get_layer(student.TOKEN_SCORER)
+    cold = student.tokenize_features(scorer, student.string_features(
+        _parsed([r["query"] for r in records], [r["item_title"] for r in records], {}), 1, TOP_N))
+    zero_order = student.zero_order_scorer(token_scorer)
+    np.testing.assert_allclose(token_scorer(cold).numpy(), zero_order(
+        {k: cold[k] for k in zero_order.input}).numpy(), rtol=0, atol=1e-5)
+    match = token_scorer.get_layer(student.VECTOR_SCORER).get_layer(student.SENTENCE_MATCH)
+    assert match.query_map.trainable and not match.fallback_map.trainable
+
+
+def test_title_vectors_need_the_teacher_embeddings(tmp_path):
+    config = student.StudentConfig.from_custom_config(dict(TINY, title_vectors_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="title-vector path needs them"):
+        student.student_from_config(config)

@@ -193,8 +193,13 @@ class TokenEmbedding(tf.keras.layers.Layer):
         self.kernel.assign(kernel.astype(np.float32))
         self.bias.assign(-(mean @ kernel).astype(np.float32))
 
-    def call(self, ids: tf.Tensor) -> tf.Tensor:
+    def call(self, ids: tf.Tensor, projected: bool = True) -> tf.Tensor:
+        """`projected=False`: the frozen pretrained vectors [..., P] themselves."""
         ids = tf.cast(ids, tf.int32)
+        if not projected:
+            if self.pretrained_dim is None:
+                raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
+            return tf.gather(self.pretrained, ids)
         if self.pretrained_dim is None:
             return tf.gather(self.embeddings, ids)
         flat = tf.reshape(ids, [-1])
@@ -218,6 +223,113 @@ class MaskedMeanPooling(tf.keras.layers.Layer):
         total = tf.reduce_sum(tf.where(mask, vectors, tf.zeros_like(vectors)), axis=-2)
         count = tf.reduce_sum(_as_float_mask(mask, vectors.dtype), axis=-2)
         return tf.math.divide_no_nan(total, count)
+
+
+def text_fingerprints(texts: tf.Tensor) -> tf.Tensor:
+    """Whitespace-stripped strings -> int64 FarmHash fingerprints in [0, 2^63 - 1)."""
+    return tf.strings.to_hash_bucket_fast(tf.strings.strip(texts), _FINGERPRINT_RANGE)
+
+
+_FINGERPRINT_RANGE = 2 ** 63 - 1
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class TitleVectorTable(tf.keras.layers.Layer):
+    """Item titles [N] -> (their stored sentence vectors [N, dim], has one [N] bool).
+
+    Unknown titles get zeros and False. The keys are the titles' 64-bit
+    fingerprints, sorted, in a non-trainable weight searched with
+    `tf.searchsorted`, rather than a hash table's constants: they are saved and
+    restored with the other weights, so a layer rebuilt from its config (sizes
+    only) gets its table back, and the config stays small however large the
+    catalogue. Two titles sharing a fingerprint (odds about n^2 / 2^64) would
+    share a vector; `set_table` refuses such a table.
+    """
+
+    def __init__(self, size: int, dim: int, **kwargs):
+        super().__init__(**kwargs)
+        if size < 1 or dim < 1:
+            raise ValueError(f"TitleVectorTable needs size >= 1 and dim >= 1, got {size}, {dim}")
+        self.size, self.dim = int(size), int(dim)
+
+    def build(self, input_shape):
+        self.keys = self.add_weight("keys", shape=[self.size], dtype=tf.int64,
+                                    initializer="zeros", trainable=False)
+        self.vectors = self.add_weight("vectors", shape=[self.size, self.dim],
+                                       initializer="zeros", trainable=False)
+        super().build(input_shape)
+
+    def set_table(self, titles: Sequence[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, np.float32)
+        if vectors.shape != (self.size, self.dim) or len(titles) != self.size:
+            raise ValueError(f"expected {self.size} titles and vectors [{self.size}, {self.dim}], "
+                             f"got {len(titles)} and {list(vectors.shape)}")
+        if not self.built:
+            self.build(tf.TensorShape([None]))
+        keys = text_fingerprints(tf.constant(list(titles), tf.string)).numpy()
+        order = np.argsort(keys, kind="stable")
+        if len(np.unique(keys)) != len(keys):
+            raise ValueError("TitleVectorTable: titles repeat (after stripping whitespace) or "
+                             "share a fingerprint; pass each title once")
+        self.keys.assign(keys[order])
+        self.vectors.assign(vectors[order])
+
+    def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        keys = text_fingerprints(titles)
+        position = tf.minimum(tf.searchsorted(self.keys, keys), self.size - 1)
+        known = tf.equal(tf.gather(self.keys, position), keys)
+        vectors = tf.where(known[:, tf.newaxis], tf.gather(self.vectors, position),
+                           tf.zeros([tf.shape(keys)[0], self.dim], self.vectors.dtype))
+        return vectors, known
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), size=self.size, dim=self.dim)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class SentenceMatch(tf.keras.layers.Layer):
+    """scale * cos(query, title) in a sentence encoder's space -> [N].
+
+    Inputs: (query_static [N, P], title_static [N, P], title_vector [N, S],
+    title_known [N]). The query's side is its pretrained WordPiece mean through
+    a trainable map [P, S] (`query_map`, started by `set_maps` at a ridge fit
+    onto the encoder's vectors of the train queries). The title's side is its
+    stored encoder vector where it has one, else its own WordPiece mean through
+    a frozen map (`fallback_map`, a ridge fit onto the stored title vectors), so
+    an item outside the table is still matched. `scale` is trainable.
+    """
+
+    def __init__(self, sentence_dim: int, initial_scale: float = 2.0, **kwargs):
+        super().__init__(**kwargs)
+        self.sentence_dim = int(sentence_dim)
+        self.initial_scale = float(initial_scale)
+
+    def build(self, input_shape):
+        static_dim = int(input_shape[0][-1])
+        self.query_map = self.add_weight("query_map", shape=[static_dim, self.sentence_dim],
+                                         initializer="glorot_uniform", trainable=True)
+        self.fallback_map = self.add_weight("fallback_map", shape=[static_dim, self.sentence_dim],
+                                            initializer="glorot_uniform", trainable=False)
+        self.scale = self.add_weight(
+            "scale", shape=[], trainable=True,
+            initializer=tf.keras.initializers.Constant(self.initial_scale))
+        super().build(input_shape)
+
+    def set_maps(self, query_map: np.ndarray, fallback_map: np.ndarray) -> None:
+        self.query_map.assign(np.asarray(query_map, np.float32))
+        self.fallback_map.assign(np.asarray(fallback_map, np.float32))
+
+    def call(self, inputs):
+        query_static, title_static, title_vector, title_known = inputs
+        query = tf.math.l2_normalize(tf.matmul(query_static, self.query_map), axis=-1)
+        title = tf.where(title_known[:, tf.newaxis], title_vector,
+                         tf.matmul(title_static, self.fallback_map))
+        title = tf.math.l2_normalize(title, axis=-1)
+        return self.scale * tf.reduce_sum(query * title, axis=-1)
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), sentence_dim=self.sentence_dim,
+                    initial_scale=self.initial_scale)
 
 
 def kernel_centres(num_kernels: int) -> Tuple[List[float], List[float]]:

