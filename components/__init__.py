@@ -6,4 +6,5 @@ from components.artifacts import (  # noqa: F401
     GraphStatistics,
     NeighbourTables,
     Quarantine,
+    TitleVectors,
 )

@@ -33,3 +33,11 @@ class GraphStatistics(Artifact):
     """`stats.json` (nodes, edges, degrees, components) and `capped_hubs.jsonl` of one graph build."""
 
     TYPE_NAME = "components.GraphStatistics"
+
+
+class TitleVectors(Artifact):
+    """Sentence vectors of the logged item titles (and the train queries) from the pretrained
+    encoder, as gzipped TFRecords of tf.Example (`text`, `kind`, `vector`): the student's stored
+    title vectors (trainer/sentence_vectors.py)."""
+
+    TYPE_NAME = "components.TitleVectors"

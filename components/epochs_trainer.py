@@ -6,6 +6,10 @@ run_fn contract) with one more optional integer exec property, `epochs`; when it
 executor writes it into `custom_config["epochs"]` before calling the module's `run_fn`. The
 local runner leaves it unset (the config's custom_config is used as is); the Kubeflow runner
 passes a RuntimeParameter so each run can choose the number of epochs.
+
+It also takes an optional `title_vectors` input (the TitleEncoder's output): a Trainer's run_fn
+sees only its standard inputs, so the executor hands that folder to the module as
+`custom_config["title_vectors_dir"]` (the student's stored title vectors, trainer/student.py).
 """
 from __future__ import annotations
 
@@ -17,10 +21,15 @@ from tfx.dsl.components.base import base_component, executor_spec
 from tfx.orchestration.data_types import RuntimeParameter
 from tfx.proto import trainer_pb2
 from tfx.types import channel, standard_artifacts, standard_component_specs
-from tfx.types.component_spec import ExecutionParameter
+from tfx.types import artifact_utils
+from tfx.types.component_spec import ChannelParameter, ExecutionParameter
 from tfx.utils import json_utils
 
+from components import artifacts
+
 EPOCHS_KEY = "epochs"
+TITLE_VECTORS_KEY = "title_vectors"
+TITLE_VECTORS_DIR = "title_vectors_dir"
 
 
 class EpochsTrainerSpec(standard_component_specs.TrainerSpec):
@@ -28,16 +37,27 @@ class EpochsTrainerSpec(standard_component_specs.TrainerSpec):
         **standard_component_specs.TrainerSpec.PARAMETERS,
         EPOCHS_KEY: ExecutionParameter(type=int, optional=True),
     }
+    INPUTS = {
+        **standard_component_specs.TrainerSpec.INPUTS,
+        TITLE_VECTORS_KEY: ChannelParameter(type=artifacts.TitleVectors, optional=True),
+    }
 
 
-def merged_exec_properties(exec_properties: Dict[str, Any]) -> Dict[str, Any]:
-    """Trainer exec properties with `epochs`, when set, moved into `custom_config`."""
+def merged_exec_properties(exec_properties: Dict[str, Any],
+                           title_vectors_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Trainer exec properties with `epochs` and the title vectors' folder, when set, moved into
+    `custom_config`."""
     properties = dict(exec_properties)
     epochs = properties.pop(EPOCHS_KEY, None)
+    extra = {}
     if epochs is not None:
+        extra["epochs"] = int(epochs)
+    if title_vectors_dir:
+        extra[TITLE_VECTORS_DIR] = title_vectors_dir
+    if extra:
         key = standard_component_specs.CUSTOM_CONFIG_KEY
         custom = json_utils.loads(properties.get(key) or "null") or {}
-        properties[key] = json_utils.dumps({**custom, "epochs": int(epochs)})
+        properties[key] = json_utils.dumps({**custom, **extra})
     return properties
 
 
@@ -45,11 +65,15 @@ class EpochsExecutor(trainer_executor.GenericExecutor):
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
-        super().Do(input_dict, output_dict, merged_exec_properties(exec_properties))
+        input_dict = dict(input_dict)
+        vectors = input_dict.pop(TITLE_VECTORS_KEY, None)
+        vectors_dir = artifact_utils.get_single_uri(vectors) if vectors else None
+        super().Do(input_dict, output_dict, merged_exec_properties(exec_properties, vectors_dir))
 
 
 class EpochsTrainer(Trainer):
-    """tfx.components.Trainer (run_fn style, GenericExecutor) plus an optional `epochs` override."""
+    """tfx.components.Trainer (run_fn style, GenericExecutor) plus an optional `epochs` override
+    and an optional `title_vectors` input."""
 
     SPEC_CLASS = EpochsTrainerSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(EpochsExecutor)
@@ -66,6 +90,7 @@ class EpochsTrainer(Trainer):
         hyperparameters: Optional[channel.BaseChannel] = None,
         train_args: Optional[trainer_pb2.TrainArgs] = None,
         eval_args: Optional[trainer_pb2.EvalArgs] = None,
+        title_vectors: Optional[channel.BaseChannel] = None,
     ):
         spec = EpochsTrainerSpec(
             examples=examples,
@@ -78,6 +103,7 @@ class EpochsTrainer(Trainer):
             run_fn=run_fn,
             custom_config=json_utils.dumps(custom_config),
             epochs=epochs,
+            title_vectors=title_vectors,
             model=channel.Channel(type=standard_artifacts.Model),
             model_run=channel.Channel(type=standard_artifacts.ModelRun),
         )

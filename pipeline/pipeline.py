@@ -20,6 +20,7 @@ from components.epochs_trainer import EpochsTrainer
 from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
+from components.title_encoder import TitleEncoder
 from pipeline import evaluation
 from pipeline.configs import (PipelineConfig, eval_feature_config, student_custom_config,
                               teacher_custom_config)
@@ -147,17 +148,32 @@ def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNo
 
 
 def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
-    """Distil the teacher's scores into the BERM student, then package BERM-O with the graph's tables."""
+    """Distil the teacher's scores into the BERM student, then package BERM-O with the graph's tables.
+
+    With `student.title_vectors`, TitleEncoder first encodes every logged title (and the train
+    queries) with the pretrained sentence encoder, and the student stores those vectors.
+    """
+    out: Dict[str, base_node.BaseNode] = {}
+    title_vectors = None
+    if config.student.title_vectors:
+        encoder = TitleEncoder(
+            examples=nodes["GraphContexts"].outputs["log_examples"],
+            query_split="train",
+        ).with_id("TitleEncoder")
+        out[encoder.id] = encoder
+        title_vectors = encoder.outputs["title_vectors"]
     trainer = EpochsTrainer(
         run_fn="trainer.student.run_fn",
         examples=nodes["TeacherLabeller"].outputs["output_examples"],
         custom_config=student_custom_config(config),
+        title_vectors=title_vectors,
     ).with_id("StudentTrainer")
     exporter = BermServingExporter(
         model=trainer.outputs["model"],
         neighbour_tables=nodes["GraphContexts"].outputs["neighbour_tables"],
     ).with_id("BermServingExporter")
-    return {trainer.id: trainer, exporter.id: exporter}
+    out.update({trainer.id: trainer, exporter.id: exporter})
+    return out
 
 
 def evaluation_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode],

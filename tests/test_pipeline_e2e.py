@@ -92,7 +92,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     # The generator injects a few faults on purpose: they are counted, not dropped.
     assert summary["inputs"]["logs"]["quarantined"] > 0
     assert all(info and info["state"] == "COMPLETE" for info in summary["nodes"].values())
-    assert len(summary["nodes"]) == 19
+    assert len(summary["nodes"]) == 20
 
     # Graph: statistics, and contexts joined onto both inputs.
     assert summary["graph"]["nodes"]["query"] > 0 and summary["graph"]["edges"]["after_hub_cap"] > 0
@@ -130,6 +130,13 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         item_id=tf.constant([known["item_id"], "NO-SUCH-ITEM"]),
         item_title=tf.constant([known["item_title"], "Some Title 3ml"]))["score"].numpy()
     assert scores.shape == (2,) and all(0.0 <= s <= 1.0 for s in scores)
+    # ... and carries the TitleEncoder's vector of every logged title.
+    from trainer import berm_serving, sentence_vectors
+
+    vectors = sentence_vectors.read_sentence_vectors(nodes["TitleEncoder"]["outputs"]["title_vectors"][0]["uri"])
+    assert sorted(vectors.titles) == sorted({r["item_title"].strip() for r in labelled} - {""})
+    assert berm_serving.read_manifest(path_utils.serving_model_path(
+        nodes["BermServingExporter"]["outputs"]["serving_model"][0]["uri"]))["title_vectors"] == len(vectors.titles)
 
     # Evaluation: TFMA metrics for both models on the held-out judged pairs; the student cleared
     # its gates, so BERM-O was pushed as version 1 of the TF Serving layout.
@@ -154,7 +161,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     assert "Blessed and pushed" in markdown and "| auc | all pairs |" in markdown
 
     # Progress names each step with its position and time.
-    assert any(m.startswith("[1/19] ") and m.endswith("...") for m in messages)
+    assert any(m.startswith("[1/20] ") and m.endswith("...") for m in messages)
     assert any("BermServingExporter done in" in m for m in messages)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
@@ -210,8 +217,8 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
                    "--config", str(config_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert re.search(r"\[\d+/19\] BermServingExporter done in", result.stdout)
-    assert "[19/19] Pusher done in" in result.stdout
+    assert re.search(r"\[\d+/20\] BermServingExporter done in", result.stdout)
+    assert "[20/20] Pusher done in" in result.stdout
     assert "pushed: BERM-O version" in result.stdout
     assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in result.stdout
 

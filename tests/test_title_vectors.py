@@ -1,0 +1,116 @@
+"""The title-vector path: the pretrained sentence encoder, the TitleEncoder's Beam pipeline, the
+title table and the match layer (trainer/sentence_vectors.py, components/title_encoder.py,
+berm_layers.TitleVectorTable / SentenceMatch). The student that uses them: tests/test_student.py."""
+import os
+
+import apache_beam as beam
+import numpy as np
+import pytest
+import tensorflow as tf
+from apache_beam.options.pipeline_options import PipelineOptions
+from tfx.types import artifact_utils, standard_artifacts
+
+from components import title_encoder
+from components.epochs_trainer import merged_exec_properties
+from trainer import berm_layers, sentence_vectors
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return sentence_vectors.SentenceEncoder(batch_size=2)
+
+
+def test_sentence_encoder_gives_unit_vectors_that_place_alike_titles_closer(encoder):
+    texts = ["cordless drill", "dewalt 20v max cordless drill driver", "50 ft garden hose", ""]
+    vectors = encoder.encode(texts)
+    assert vectors.shape == (4, 384) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    cosine = vectors @ vectors.T
+    assert cosine[0, 1] > cosine[0, 2] + 0.2
+    # Batching does not change a text's vector.
+    np.testing.assert_allclose(encoder.encode(texts[1:2]), vectors[1:2], atol=1e-5)
+    assert encoder.encode([]).shape == (0, 384)
+
+
+def _write_split(root, split, pairs):
+    os.makedirs(os.path.join(root, f"Split-{split}"))
+    with tf.io.TFRecordWriter(os.path.join(root, f"Split-{split}", "data.gz"), "GZIP") as writer:
+        for query, title in pairs:
+            example = tf.train.Example()
+            example.features.feature["query"].bytes_list.value.append(query.encode())
+            example.features.feature["item_title"].bytes_list.value.append(title.encode())
+            writer.write(example.SerializeToString())
+
+
+def test_title_encoder_encodes_every_distinct_title_and_the_train_queries(tmp_path, encoder):
+    examples = standard_artifacts.Examples()
+    examples.uri = str(tmp_path / "examples")
+    examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
+    _write_split(examples.uri, "train", [("drill", "cordless drill"), ("drill", "hammer drill"),
+                                         ("hose", " garden hose "), ("hose", "")])
+    _write_split(examples.uri, "eval", [("paint", "cordless drill"), ("brush", "paint brush")])
+    out = str(tmp_path / "vectors")
+    options = PipelineOptions(["--direct_running_mode=in_memory", "--direct_num_workers=1"])
+    with beam.Pipeline(options=options) as pipeline:
+        title_encoder.encode_texts(pipeline, examples, out, query_split="train")
+    got = sentence_vectors.read_sentence_vectors(out)
+    # Titles of every split, once each, stripped; empty ones skipped. Queries of `train` only.
+    assert sorted(got.titles) == ["cordless drill", "garden hose", "hammer drill", "paint brush"]
+    assert sorted(got.queries) == ["drill", "hose"]
+    np.testing.assert_allclose(got.title_vectors, encoder.encode(got.titles), atol=1e-5)
+    np.testing.assert_allclose(got.query_vectors, encoder.encode(got.queries), atol=1e-5)
+
+    with beam.Pipeline() as pipeline, pytest.raises(ValueError, match="query_split 'test'"):
+        title_encoder.encode_texts(pipeline, examples, out, query_split="test")
+    with pytest.raises(FileNotFoundError, match="no sentence vector files"):
+        sentence_vectors.read_sentence_vectors(str(tmp_path))
+
+
+def test_trainer_hands_the_title_vectors_folder_to_the_module():
+    merged = merged_exec_properties({"custom_config": '{"max_order": 1}', "epochs": 2}, "/x/vectors")
+    assert tf.nest.flatten(merged["custom_config"])  # still JSON
+    import json
+    assert json.loads(merged["custom_config"]) == {"max_order": 1, "epochs": 2,
+                                                   "title_vectors_dir": "/x/vectors"}
+
+
+def test_title_vector_table_finds_known_titles_after_a_reload(tmp_path):
+    titles = ["red drill", "blue saw", "garden hose"]
+    vectors = np.arange(9, dtype=np.float32).reshape(3, 3)
+    table = berm_layers.TitleVectorTable(3, 3)
+    table.set_table(titles, vectors)
+    got, known = table(tf.constant(["blue saw", " red drill ", "no such title", ""]))
+    np.testing.assert_array_equal(known.numpy(), [True, True, False, False])
+    np.testing.assert_array_equal(got.numpy(), [vectors[1], vectors[0], [0, 0, 0], [0, 0, 0]])
+    # Rebuilt from its config (sizes only), the table comes back with the weights.
+    inputs = tf.keras.Input(shape=(), dtype=tf.string)
+    model = tf.keras.Model(inputs, table(inputs)[0])
+    model.save(str(tmp_path / "m"), save_format="tf", save_traces=False)
+    reloaded = tf.keras.models.load_model(str(tmp_path / "m"), compile=False)
+    np.testing.assert_array_equal(reloaded(tf.constant(["garden hose", "x"])).numpy(),
+                                  [vectors[2], [0, 0, 0]])
+    with pytest.raises(ValueError, match="repeat"):
+        berm_layers.TitleVectorTable(2, 3).set_table(["a", " a"], vectors[:2])
+
+
+def test_sentence_match_uses_the_stored_vector_or_the_fallback_map():
+    rng = np.random.default_rng(0)
+    layer = berm_layers.SentenceMatch(4, initial_scale=3.0)
+    query, title_static = rng.normal(size=(2, 5)).astype(np.float32), rng.normal(size=(2, 5)).astype(np.float32)
+    stored = rng.normal(size=(2, 4)).astype(np.float32)
+    layer((query, title_static, stored, tf.constant([True, False])))
+    query_map, fallback = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+    layer.set_maps(query_map, fallback)
+    got = layer((query, title_static, stored, tf.constant([True, False]))).numpy()
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(query @ query_map)
+    np.testing.assert_allclose(got, 3.0 * np.sum(q * unit(np.stack([stored[0], title_static[1] @ fallback])), -1),
+                               rtol=1e-5)
+    assert [w.name.split("/")[-1].split(":")[0] for w in layer.trainable_weights] == ["query_map", "scale"]
+
+
+def test_ridge_map_recovers_a_linear_relation():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(200, 6))
+    w = rng.normal(size=(6, 3))
+    np.testing.assert_allclose(sentence_vectors.fit_linear_map(x, x @ w, l2=1e-6), w, atol=1e-4)
