@@ -24,6 +24,9 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    and `JoinContexts` joins every logged pair with its contexts, as the component does.
    A second table set is built from the `train` and `eval` logs only, for the cold-start
    row: BERM-O scoring `test` queries that were never logged.
+   Then the TitleEncoder component's Beam pipeline (`components.title_encoder.encode_texts`)
+   encodes every logged title and the `train` queries with the pretrained sentence encoder,
+   for the students' title-vector path (`--no-title-vectors`: students without it).
 5. Students: `trainer.student.run_fn` distils each max_order in `--orders` from the teacher
    scores of the `train` logs, early-stopping on the `eval` logs, and exports BERM-O with
    the tables inside. Student rows score the joined `test` examples through
@@ -68,6 +71,7 @@ from benchmarks import teacher_homedepot as th  # noqa: E402
 SPLITS = th.SPLITS
 NDCG_K = th.NDCG_K
 LABEL_BATCH = 256
+TITLE_VECTORS = "title_vectors"  # the TitleEncoder's output under --work-dir
 NO_JUDGMENT = -1.0  # components.graph.executor.NO_JUDGMENT: a logged pair without a judgment
 
 
@@ -164,8 +168,26 @@ def read_examples(pattern: str) -> List[bytes]:
     return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
 
 
+def encode_title_vectors(examples_dir: str, out_dir: str) -> None:
+    """The TitleEncoder component's Beam pipeline on the joined examples of every split."""
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from tfx.types import artifact_utils, standard_artifacts
+
+    from components import title_encoder
+    from pipeline.configs import PipelineConfig
+
+    examples = standard_artifacts.Examples()
+    examples.uri = examples_dir
+    examples.split_names = artifact_utils.encode_split_names(list(SPLITS))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    with beam.Pipeline(options=PipelineOptions(PipelineConfig().beam_pipeline_args)) as pipeline:
+        title_encoder.encode_texts(pipeline, examples, out_dir, query_split="train")
+
+
 def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir: str,
-                  overrides: Optional[Dict[str, Any]] = None, tag: str = "") -> Dict[str, Any]:
+                  overrides: Optional[Dict[str, Any]] = None, tag: str = "",
+                  title_vectors_dir: Optional[str] = None) -> Dict[str, Any]:
     from tfx.components.trainer.fn_args_utils import FnArgs
 
     from trainer import student
@@ -173,6 +195,8 @@ def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir
     custom_config = {"max_order": order, "neighbour_tables_dir": tables_dir,
                      "epochs": args.student_epochs, "seed": args.seed,
                      "log_every_steps": 500}
+    if title_vectors_dir:
+        custom_config["title_vectors_dir"] = title_vectors_dir
     custom_config.update(args.student_overrides)
     custom_config.update(overrides or {})
     fn_args = FnArgs(train_files=[os.path.join(examples_dir, "Split-train", "*")],
@@ -319,6 +343,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="the student exported as the BERM-O rows (default: %(default)s, the "
                              "best student on the eval queries)")
     parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--no-title-vectors", dest="title_vectors", action="store_false",
+                        help="students without the title-vector path (the pipeline's "
+                             "student.title_vectors: false)")
     parser.add_argument("--human-loss-weight", type=float, default=3.0,
                         help="one more student row, trained with this human_loss_weight on the "
                              "train judgments besides the teacher's scores (0: no such row)")
@@ -427,14 +454,24 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         graph_stats = json.load(f)
     log(f"graph built in {timings['graph_seconds']:.0f}s: {graph_stats['nodes']} nodes, "
         f"{graph_stats['edges']} edges")
+    title_vectors = None
+    if args.title_vectors:
+        title_vectors = os.path.join(work_dir, TITLE_VECTORS)
+        log("title vectors: encoding every logged title and the train queries...")
+        start = time.perf_counter()
+        encode_title_vectors(examples_dir, title_vectors)
+        timings["title_vectors_seconds"] = time.perf_counter() - start
+        log(f"title vectors encoded in {timings['title_vectors_seconds']:.0f}s")
 
     # 5. Students.
-    students = {order: train_student(args, order, examples_dir, tables_all, work_dir)
+    students = {order: train_student(args, order, examples_dir, tables_all, work_dir,
+                                     title_vectors_dir=title_vectors)
                 for order in args.orders}
     human = None
     if args.human_loss_weight:
         human = train_student(args, args.human_order, examples_dir, tables_all, work_dir,
-                              overrides={"human_loss_weight": args.human_loss_weight}, tag="_human")
+                              overrides={"human_loss_weight": args.human_loss_weight}, tag="_human",
+                              title_vectors_dir=title_vectors)
 
     test = parts["test"]
     queries = [r["query"] for r in test]

@@ -1,7 +1,8 @@
 """Student settings compared on the Home Depot *eval* queries, the split meant for tuning.
 
 `benchmarks/student_homedepot.py --work-dir DIR` leaves in DIR the teacher-labelled, graph-joined
-examples and the neighbour tables. This script distils one student setting on them
+examples, the neighbour tables and the title vectors (a work dir from before the TitleEncoder
+gets them on first use). This script distils one student setting on them
 (`trainer.student.run_fn`, as that benchmark does) and scores the `eval` split's judged pairs
 (AUC with relevant = relevance >= 2.33, per-query AUC, NDCG@10) next to the teacher's scores of
 the same pairs. The `test` split is never read, so the settings it helps pick are still judged on
@@ -67,6 +68,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "tables_all_logs/)")
     parser.add_argument("--order", type=int, default=1, help="the student's max_order")
     parser.add_argument("--student-epochs", type=int, default=4)
+    parser.add_argument("--no-title-vectors", dest="title_vectors", action="store_false",
+                        help="a student without the title-vector path (by default it uses "
+                             "--work-dir's title_vectors/, encoding them first if missing)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="a student custom_config setting (repeatable)")
     parser.add_argument("--seed", type=int, default=42)
@@ -87,12 +91,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     name = args.name or "_".join([f"k{args.order}"] + [f"{k}={v}" for k, v in
                                                        sorted(args.student_overrides.items())])
     run_dir = os.path.join(args.work_dir, "tuning", name)
+    title_vectors = None
+    if args.title_vectors:
+        title_vectors = os.path.join(args.work_dir, sh.TITLE_VECTORS)
+        if not os.path.isdir(title_vectors):  # A work dir from before the TitleEncoder existed.
+            sh.log(f"title vectors: {title_vectors} not found, encoding them (once)...")
+            sh.encode_title_vectors(os.path.join(args.work_dir, "student_examples"), title_vectors)
     info = sh.train_student(args, args.order, os.path.join(args.work_dir, "student_examples"),
-                            os.path.join(args.work_dir, "tables_all_logs"), run_dir)
+                            os.path.join(args.work_dir, "tables_all_logs"), run_dir,
+                            title_vectors_dir=title_vectors)
     pairs = eval_pairs(os.path.join(args.work_dir, "student_examples"))
     result = {
         "benchmark": "student_tuning", "git_commit": th.git_commit(), "split": "eval",
-        "order": args.order, "settings": args.student_overrides, "epochs_run": info["epochs_run"],
+        "order": args.order, "settings": args.student_overrides, "title_vectors": title_vectors, "epochs_run": info["epochs_run"],
         "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
         "teacher": rm.evaluate(pairs["queries"], pairs["teacher"], pairs["relevance"], k=sh.NDCG_K),
         "student": rm.evaluate(pairs["queries"], score_examples(info["model_dir"], pairs["serialized"]),
