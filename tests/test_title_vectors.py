@@ -114,3 +114,14 @@ def test_ridge_map_recovers_a_linear_relation():
     x = rng.normal(size=(200, 6))
     w = rng.normal(size=(6, 3))
     np.testing.assert_allclose(sentence_vectors.fit_linear_map(x, x @ w, l2=1e-6), w, atol=1e-4)
+
+
+def test_pretrained_mean_averages_real_tokens_and_skips_rows():
+    embedding = berm_layers.TokenEmbedding(6, 2, pretrained_dim=3)
+    table = np.arange(18, dtype=np.float32).reshape(6, 3)
+    embedding.set_pretrained(table)
+    ids = tf.constant([[1, 2, 0], [0, 0, 0], [5, 0, 0], [3, 4, 5]])
+    np.testing.assert_allclose(embedding(ids, pretrained_mean=True).numpy(),
+                               [table[[1, 2]].mean(0), [0, 0, 0], table[5], table[[3, 4, 5]].mean(0)])
+    skipped = embedding(ids, pretrained_mean=True, skip_rows=tf.constant([True, False, False, True]))
+    np.testing.assert_allclose(skipped.numpy(), [[0, 0, 0], [0, 0, 0], table[5], [0, 0, 0]])

@@ -193,13 +193,14 @@ class TokenEmbedding(tf.keras.layers.Layer):
         self.kernel.assign(kernel.astype(np.float32))
         self.bias.assign(-(mean @ kernel).astype(np.float32))
 
-    def call(self, ids: tf.Tensor, projected: bool = True) -> tf.Tensor:
-        """`projected=False`: the frozen pretrained vectors [..., P] themselves."""
+    def call(self, ids: tf.Tensor, pretrained_mean: bool = False,
+             skip_rows: Optional[tf.Tensor] = None) -> tf.Tensor:
+        """ids [..., T] -> [..., T, embedding_dim]; with `pretrained_mean`, ids [N, T] -> the mean
+        of each row's real tokens' frozen pretrained vectors [N, P] (zeros for rows without a
+        real token, and for rows where the bool [N] `skip_rows` is True)."""
         ids = tf.cast(ids, tf.int32)
-        if not projected:
-            if self.pretrained_dim is None:
-                raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
-            return tf.gather(self.pretrained, ids)
+        if pretrained_mean:
+            return self._pretrained_mean(ids, skip_rows)
         if self.pretrained_dim is None:
             return tf.gather(self.embeddings, ids)
         flat = tf.reshape(ids, [-1])
@@ -207,6 +208,21 @@ class TokenEmbedding(tf.keras.layers.Layer):
         projected = tf.matmul(tf.gather(self.pretrained, unique), self.kernel) + self.bias
         out = tf.gather(projected, index)
         return tf.reshape(out, tf.concat([tf.shape(ids), [self.embedding_dim]], axis=0))
+
+    def _pretrained_mean(self, ids: tf.Tensor, skip_rows: Optional[tf.Tensor]) -> tf.Tensor:
+        if self.pretrained_dim is None:
+            raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
+        # Only the real tokens of the wanted rows are gathered: padding the batch to its longest
+        # text would otherwise gather (and average away) a 384-wide vector per padding slot.
+        keep = tf.not_equal(ids, PAD_ID)
+        if skip_rows is not None:
+            keep = tf.logical_and(keep, tf.logical_not(skip_rows)[:, tf.newaxis])
+        where = tf.where(keep)
+        rows, count = where[:, 0], tf.shape(ids, out_type=tf.int64)[0]
+        sums = tf.math.unsorted_segment_sum(tf.gather(self.pretrained, tf.gather_nd(ids, where)),
+                                            rows, count)
+        tokens = tf.math.unsorted_segment_sum(tf.ones_like(rows, self.pretrained.dtype), rows, count)
+        return tf.math.divide_no_nan(sums, tokens[:, tf.newaxis])
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), vocab_size=self.vocab_size,
@@ -291,7 +307,8 @@ class SentenceMatch(tf.keras.layers.Layer):
     """scale * cos(query, title) in a sentence encoder's space -> [N].
 
     Inputs: (query_static [N, P], title_static [N, P], title_vector [N, S],
-    title_known [N]). The query's side is its pretrained WordPiece mean through
+    title_known [N]); title_static is read only where title_known is False.
+    The query's side is its pretrained WordPiece mean through
     a trainable map [P, S] (`query_map`, started by `set_maps` at a ridge fit
     onto the encoder's vectors of the train queries). The title's side is its
     stored encoder vector where it has one, else its own WordPiece mean through
@@ -322,8 +339,11 @@ class SentenceMatch(tf.keras.layers.Layer):
     def call(self, inputs):
         query_static, title_static, title_vector, title_known = inputs
         query = tf.math.l2_normalize(tf.matmul(query_static, self.query_map), axis=-1)
-        title = tf.where(title_known[:, tf.newaxis], title_vector,
-                         tf.matmul(title_static, self.fallback_map))
+        # Served titles are nearly all in the table: map only the others (a [P, S] product per
+        # pair would cost as much as the query's).
+        unknown = tf.where(tf.logical_not(title_known))
+        fallback = tf.matmul(tf.gather_nd(title_static, unknown), self.fallback_map)
+        title = tf.tensor_scatter_nd_update(title_vector, unknown, fallback)
         title = tf.math.l2_normalize(title, axis=-1)
         return self.scale * tf.reduce_sum(query * title, axis=-1)
 

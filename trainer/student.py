@@ -127,7 +127,6 @@ EMBEDDING_LAYER = "token_embedding"
 QUERY_TERM_GATE = "query_term_gate"
 TITLE_VECTORS = "title_vectors"
 SENTENCE_MATCH = "sentence_match"
-STATIC_POOLING = "static_pooling"
 
 # The title-vector path's inputs: the title's stored sentence vector and whether it has one
 # (token scorer), plus the query's and title's pretrained WordPiece means (vector scorer).
@@ -445,8 +444,8 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     (`token_embedding`, with `padding_mask` and `neighbour_pooling`) turns ids
     into vectors; the nested `berm_vector_scorer` (`build_vector_scorer`) does
     the rest. With `sentence_dim` (which needs `pretrained_dim`), the query's and
-    title's pretrained WordPiece means (`static_pooling`) and the title's stored
-    vector feed the vector scorer's title-vector path.
+    title's pretrained WordPiece means (the embedding's `pretrained_mean` mode)
+    and the title's stored vector feed the vector scorer's title-vector path.
     """
     if sentence_dim and not pretrained_dim:
         raise ValueError("the title-vector path (sentence_dim) needs the teacher's pretrained "
@@ -456,9 +455,8 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
                                        name=EMBEDDING_LAYER)
     padding = berm_layers.PaddingMask(name="padding_mask")
     pooling = berm_layers.MaskedMeanPooling(name="neighbour_pooling")
-    static = berm_layers.MaskedMeanPooling(name=STATIC_POOLING) if sentence_dim else None
     features = _centre_features(embed, padding, inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY],
-                                static, _title_vector_features(inputs))
+                                _title_vector_features(inputs))
     for prefix in context_prefixes(max_order):
         vectors, present = neighbour_vectors(embed, padding, pooling, inputs[f"{prefix}_tokens"])
         features.update({f"{prefix}_vectors": vectors, f"{prefix}_present": present,
@@ -496,30 +494,36 @@ def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_
                    ) -> Dict[str, tf.Tensor]:
     """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs, plus the
     title-vector path's when the scorer has one (`title_vectors`: the title table's output)."""
-    static = _optional_layer(token_scorer, STATIC_POOLING)
-    if static is not None and title_vectors is None:
+    has_path = TITLE_VECTOR_KEY in token_scorer.input
+    if has_path and title_vectors is None:
         raise ValueError("this student has a title-vector path: pass title_vectors")
-    title = None if static is None else dict(zip((TITLE_VECTOR_KEY, TITLE_KNOWN_KEY), title_vectors))
+    title = dict(zip((TITLE_VECTOR_KEY, TITLE_KNOWN_KEY), title_vectors)) if has_path else None
     return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER),
                             token_scorer.get_layer("padding_mask"), query_tokens, title_tokens,
-                            static, title)
+                            title)
 
 
 def _optional_layer(model: tf.keras.Model, name: str) -> Optional[tf.keras.layers.Layer]:
     return next((layer for layer in model.layers if layer.name == name), None)
 
 
-def _centre_features(embed, padding, query_tokens, title_tokens, static=None,
-                     title_vectors=None) -> Dict[str, Any]:
+def _centre_features(embed, padding, query_tokens, title_tokens, title_vectors=None
+                     ) -> Dict[str, Any]:
     features = {f"{QUERY_TOKENS_KEY}_vectors": embed(query_tokens),
                 f"{QUERY_TOKENS_KEY}_mask": padding(query_tokens),
                 f"{TITLE_TOKENS_KEY}_vectors": embed(title_tokens),
                 f"{TITLE_TOKENS_KEY}_mask": padding(title_tokens)}
-    if static is not None:
-        for key, ids in ((QUERY_STATIC_KEY, query_tokens), (TITLE_STATIC_KEY, title_tokens)):
-            features[key] = static((embed(ids, projected=False), padding(ids)))
+    if title_vectors is not None:
         features.update(title_vectors)
+        features.update(_static_means(embed, query_tokens, title_tokens, title_vectors))
     return features
+
+
+def _static_means(embed, query_tokens, title_tokens, title_vectors) -> Dict[str, Any]:
+    # The title's mean feeds only the fallback, so titles in the table skip it.
+    return {QUERY_STATIC_KEY: embed(query_tokens, pretrained_mean=True),
+            TITLE_STATIC_KEY: embed(title_tokens, pretrained_mean=True,
+                                    skip_rows=title_vectors[TITLE_KNOWN_KEY])}
 
 
 def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
@@ -545,9 +549,9 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
         query + (embed(t), padding(t)) + tuple(g(query) for g in gate))
     vector = vector_scorer.get_layer("order0_hidden")(features)
     logit = tf.keras.layers.Reshape(())(vector_scorer.get_layer("order0_logit")(vector))
-    static = _optional_layer(token_scorer, STATIC_POOLING)
-    if static is not None:
-        centre = _centre_features(embed, padding, q, t, static, _title_vector_features(inputs))
+    title_vectors = _title_vector_features(inputs)
+    if title_vectors is not None:
+        centre = dict(title_vectors, **_static_means(embed, q, t, title_vectors))
         logit = logit + _sentence_match(vector_scorer.get_layer(SENTENCE_MATCH), centre)
     return tf.keras.Model(inputs=inputs, outputs=logit, name="berm_zero_order")
 
@@ -611,13 +615,11 @@ def static_means(scorer: tf.keras.Model, texts: Sequence[str], wordpiece: str,
                  batch_size: int = 4096) -> np.ndarray:
     """Texts -> float32 [N, P] means of their pretrained WordPiece embeddings, through the
     scorer's own `wordpiece` layer (QUERY_WORDPIECE or TITLE_WORDPIECE), as the path sees them."""
-    token_scorer = scorer.get_layer(TOKEN_SCORER)
-    embed, padding = token_scorer.get_layer(EMBEDDING_LAYER), token_scorer.get_layer("padding_mask")
-    pooling = token_scorer.get_layer(STATIC_POOLING)
+    embed = scorer.get_layer(TOKEN_SCORER).get_layer(EMBEDDING_LAYER)
     out = [np.zeros([0, embed.pretrained_dim], np.float32)]
     for start in range(0, len(texts), batch_size):
         ids = scorer.get_layer(wordpiece)(tf.constant(list(texts[start:start + batch_size])))
-        out.append(pooling((embed(ids, projected=False), padding(ids))).numpy())
+        out.append(embed(ids, pretrained_mean=True).numpy())
     return np.concatenate(out)
 
 
