@@ -79,6 +79,21 @@ def test_normalisation_follows_hf_not_nfkc_casefold():
     assert [g.decode() for g in got] == ["straße cafe", "abc d", "ok"]
 
 
+def test_printable_ascii_shortcut_gives_what_the_unicode_path_gives():
+    texts = ["Cordless DRILL 18V", "Straße CAFÉ", "tab\there", "a\x07b", "", " lead  space ",
+             "x" * 5_000, "1/2 in. x 10 ft. ~{PVC}", "ÉÉ", "plain"]
+    batch = tf.constant([texts, texts[::-1]])  # any shape, ASCII and not interleaved
+    got = te.normalize_text(batch, max_chars=4_000).numpy()
+    assert got.shape == (2, len(texts))
+    for lower_case in (True, False):
+        reference = te._normalize_unicode(tf.constant(texts), lower_case, 4_000).numpy()
+        np.testing.assert_array_equal(
+            te.normalize_text(tf.constant(texts), lower_case, 4_000).numpy(), reference)
+    np.testing.assert_array_equal(got[1], got[0][::-1])
+    assert got[0][0] == b"cordless drill 18v" and len(got[0][6]) == 4_000
+    assert te.normalize_text(tf.constant("ONE")).numpy() == b"one"  # a scalar stays a scalar
+
+
 # --- Truncation -----------------------------------------------------------------------
 
 def test_query_is_capped_and_title_fills_the_rest(encoder):
