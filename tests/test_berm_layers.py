@@ -55,6 +55,30 @@ def test_kernel_pooling_counts_exact_matches_and_ignores_padding():
     np.testing.assert_array_equal(single, 0.0)
 
 
+def test_kernel_pooling_of_one_token_texts_equals_the_general_case():
+    # Neighbour lists reach the layer as texts of one token ([N, M, 1, D]), which take a path of
+    # their own; it must give what the general path gives with a padding token beside each.
+    rng = np.random.default_rng(1)
+    centre = tf.constant(rng.normal(size=(5, 4, 8)), tf.float32)
+    centre_mask = tf.constant(rng.random((5, 4)) > 0.3)
+    other = tf.constant(rng.normal(size=(5, 3, 1, 8)), tf.float32)
+    other_mask = tf.constant(rng.random((5, 3, 1)) > 0.4)
+    padded = tf.concat([other, tf.fill([5, 3, 1, 8], 7.0)], axis=2)
+    padded_mask = tf.concat([other_mask, tf.zeros([5, 3, 1], tf.bool)], axis=2)
+    pooling = berm_layers.InteractionKernelPooling(num_kernels=5)
+    for weights in ((), (tf.constant(rng.random((5, 4)), tf.float32),)):
+        one = pooling((centre, centre_mask, other, other_mask) + weights).numpy()
+        assert one.shape == (5, 3, 5)
+        np.testing.assert_allclose(
+            one, pooling((centre, centre_mask, padded, padded_mask) + weights).numpy(), atol=1e-6)
+    # Unit vectors given: the layer leaves the normalising to the caller.
+    unit = berm_layers.UnitVectors()
+    normalised = berm_layers.InteractionKernelPooling(num_kernels=5, unit_vectors=True)
+    np.testing.assert_allclose(
+        normalised((unit(centre), centre_mask, unit(other), other_mask)).numpy(),
+        pooling((centre, centre_mask, other, other_mask)).numpy(), atol=1e-6)
+
+
 def test_kernel_pooling_weighs_centre_tokens():
     pooling = berm_layers.InteractionKernelPooling(num_kernels=5)
     table = np.random.default_rng(0).normal(size=(10, 8)).astype(np.float32)

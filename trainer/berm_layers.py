@@ -9,6 +9,7 @@ serialisable (`get_config`), so a saved student can be re-loaded with
   * `TokenEmbedding`: ids -> vectors; a plain trainable table, or the teacher's
     frozen WordPiece embeddings through a trainable projection.
   * `MaskedMeanPooling`: the cheap text encoder (mean of real token vectors).
+  * `UnitVectors`: L2 normalisation, done once per text for all its interactions.
   * `TermGating`: how much each token of a text counts (DRMM term gating).
   * `InteractionKernelPooling`: K-NRM kernel pooling of the cosine interaction
     matrix between a centre text and other texts -> relevance features.
@@ -236,7 +237,8 @@ class MaskedMeanPooling(tf.keras.layers.Layer):
     def call(self, inputs: Tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         vectors, mask = inputs
         mask = tf.expand_dims(mask, -1)
-        total = tf.reduce_sum(tf.where(mask, vectors, tf.zeros_like(vectors)), axis=-2)
+        # A scalar zero, not zeros_like: the select broadcasts it instead of filling a padded copy.
+        total = tf.reduce_sum(tf.where(mask, vectors, tf.zeros([], vectors.dtype)), axis=-2)
         count = tf.reduce_sum(_as_float_mask(mask, vectors.dtype), axis=-2)
         return tf.math.divide_no_nan(total, count)
 
@@ -382,8 +384,16 @@ class TermGating(tf.keras.layers.Layer):
 
     def call(self, inputs: Tuple[tf.Tensor, tf.Tensor]) -> tf.Tensor:
         vectors, mask = inputs
-        vectors = tf.where(mask[..., tf.newaxis], vectors, tf.zeros_like(vectors))
+        vectors = tf.where(mask[..., tf.newaxis], vectors, tf.zeros([], vectors.dtype))
         return masked_softmax(tf.squeeze(self._score(vectors), -1), mask)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
+class UnitVectors(tf.keras.layers.Layer):
+    """Vectors [..., D] -> the same directions at unit L2 norm (zero vectors stay zero)."""
+
+    def call(self, vectors: tf.Tensor) -> tf.Tensor:
+        return tf.math.l2_normalize(vectors, axis=-1, epsilon=1e-12)
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
@@ -399,11 +409,14 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
     that an empty other text gives 0 rather than log(0)).
     An optional fifth input, centre_weights [N, Tc] (e.g. `TermGating`'s), turns
     the mean into the weighted sum over the centre's real tokens.
+    With `unit_vectors=True` the caller passes unit vectors (`UnitVectors`), so
+    that a text matched against several others is normalised once, not per call.
     """
 
-    def __init__(self, num_kernels: int = 11, **kwargs):
+    def __init__(self, num_kernels: int = 11, unit_vectors: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.num_kernels = num_kernels
+        self.unit_vectors = bool(unit_vectors)
         mus, sigmas = kernel_centres(num_kernels)
         self._mus = tf.constant(mus, tf.float32)
         self._negative_inverse_two_variances = tf.constant([-1.0 / (2.0 * s * s) for s in sigmas],
@@ -416,39 +429,73 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         if single:
             other = other[:, tf.newaxis]
             other_mask = other_mask[:, tf.newaxis]
-        centre = tf.math.l2_normalize(centre, axis=-1, epsilon=1e-12)
-        other = tf.math.l2_normalize(other, axis=-1, epsilon=1e-12)
-        cosine = tf.einsum("nid,nmjd->nmij", centre, other)  # [N, M, Tc, To]
-        shape = tf.shape(cosine, out_type=tf.int64)
+        if not self.unit_vectors:
+            centre = tf.math.l2_normalize(centre, axis=-1, epsilon=1e-12)
+            other = tf.math.l2_normalize(other, axis=-1, epsilon=1e-12)
+        if other.shape[2] == 1:
+            return self._one_token_others(centre, centre_mask, other[:, :, 0], other_mask[:, :, 0],
+                                          centre_weights)
+        other_shape = tf.shape(other, out_type=tf.int64)  # [N, M, To, D]
+        n, m = other_shape[0], other_shape[1]
+        tc = tf.shape(centre, out_type=tf.int64)[1]
+        # One batched matmul against the other texts' tokens side by side, laid out
+        # [N, Tc, M, To]: an einsum to [N, M, Tc, To] cost a transpose per call, which was
+        # most of the time of a neighbour list (To = 1).
+        cosine = tf.reshape(
+            tf.matmul(centre, tf.reshape(other, tf.stack([n, m * other_shape[2], other_shape[3]])),
+                      transpose_b=True),
+            tf.stack([n, tc, m, other_shape[2]]))
         # The kernels cost K times the interaction, and most of it is padding: texts are padded to
         # the batch's longest (up to 16 query and 32 title tokens) and most neighbour slots are
         # empty. So everything below runs on the real (centre token, other token)
         # pairs only; padding never enters the arithmetic.
-        real = tf.where(tf.logical_and(centre_mask[:, tf.newaxis, :, tf.newaxis],
-                                       other_mask[:, :, tf.newaxis, :]))  # [P, 4]: (n, m, i, j)
+        real = tf.where(tf.logical_and(centre_mask[:, :, tf.newaxis, tf.newaxis],
+                                       other_mask[:, tf.newaxis]))  # [P, 4]: (n, i, m, j)
         kernels = tf.exp(tf.math.squared_difference(tf.gather_nd(cosine, real)[:, tf.newaxis],
                                                     self._mus)
                          * self._negative_inverse_two_variances)  # [P, K]
-        # tf.where lists coordinates in row-major order, so each centre token's pairs are
-        # consecutive: number the runs and sum the kernels per centre token (soft-TF).
-        centre_token = (real[:, 0] * shape[1] + real[:, 1]) * shape[2] + real[:, 2]
+        # tf.where lists coordinates in row-major order, so the pairs of each (centre token,
+        # other text) are consecutive: number the runs and sum the kernels per run (soft-TF).
+        centre_token = (real[:, 0] * tc + real[:, 1]) * m + real[:, 2]
         starts = tf.not_equal(centre_token, tf.concat([[-1], centre_token], 0)[:-1])
         soft_tf = tf.math.segment_sum(kernels, tf.cumsum(tf.cast(starts, tf.int64)) - 1)  # [U, K]
         first = tf.boolean_mask(real, starts)  # [U, 4]
         # A centre token with no real partner would add log1p(0) = 0: leaving it out is the same.
-        text = first[:, 0] * shape[1] + first[:, 1]
+        text = first[:, 0] * m + first[:, 2]
         log_tf = tf.math.log1p(soft_tf)
         if centre_weights is not None:
-            log_tf *= tf.gather_nd(centre_weights, tf.gather(first, [0, 2], axis=1))[:, tf.newaxis]
-        total = tf.reshape(tf.math.unsorted_segment_sum(log_tf, text, shape[0] * shape[1]),
-                           tf.concat([shape[:2], [self.num_kernels]], 0))  # [N, M, K]
+            log_tf *= tf.gather_nd(centre_weights, first[:, :2])[:, tf.newaxis]
+        total = tf.reshape(tf.math.unsorted_segment_sum(log_tf, text, n * m),
+                           tf.stack([n, m, tf.constant(self.num_kernels, tf.int64)]))  # [N, M, K]
         if centre_weights is None:
             count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)
             total = tf.math.divide_no_nan(total, count[:, tf.newaxis, tf.newaxis])
         return total[:, 0] if single else total
 
+    def _one_token_others(self, centre, centre_mask, other, other_mask, centre_weights):
+        """Others of one token each ([N, M, D], mask [N, M]; a neighbour list): soft-TF is then
+        a single kernel value, so the runs of the general case need no summing."""
+        shape = tf.shape(other, out_type=tf.int64)
+        cosine = tf.matmul(centre, other, transpose_b=True)  # [N, Tc, M]
+        real = tf.where(tf.logical_and(centre_mask[:, :, tf.newaxis],
+                                       other_mask[:, tf.newaxis]))  # [P, 3]: (n, i, m)
+        log_tf = tf.math.log1p(tf.exp(
+            tf.math.squared_difference(tf.gather_nd(cosine, real)[:, tf.newaxis], self._mus)
+            * self._negative_inverse_two_variances))  # [P, K]
+        if centre_weights is not None:
+            log_tf *= tf.gather_nd(centre_weights, real[:, :2])[:, tf.newaxis]
+        total = tf.reshape(
+            tf.math.unsorted_segment_sum(log_tf, real[:, 0] * shape[1] + real[:, 2],
+                                         shape[0] * shape[1]),
+            tf.stack([shape[0], shape[1], tf.constant(self.num_kernels, tf.int64)]))  # [N, M, K]
+        if centre_weights is None:
+            count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)
+            total = tf.math.divide_no_nan(total, count[:, tf.newaxis, tf.newaxis])
+        return total
+
     def get_config(self) -> Dict[str, Any]:
-        return dict(super().get_config(), num_kernels=self.num_kernels)
+        return dict(super().get_config(), num_kernels=self.num_kernels,
+                    unit_vectors=self.unit_vectors)
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")

@@ -127,6 +127,7 @@ EMBEDDING_LAYER = "token_embedding"
 QUERY_TERM_GATE = "query_term_gate"
 TITLE_VECTORS = "title_vectors"
 SENTENCE_MATCH = "sentence_match"
+UNIT_VECTORS = "unit_vectors"
 
 # The title-vector path's inputs: the title's stored sentence vector and whether it has one
 # (token scorer), plus the query's and title's pretrained WordPiece means (vector scorer).
@@ -373,17 +374,21 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     With `sentence_dims` (P, S), the title-vector path (`berm_layers.SentenceMatch`,
     layer `sentence_match`) adds its logit to the fused one; it is outside the
     gate so that it counts for every pair, with context or without.
-    Layer names: `mean_pooling`, `kernel_pooling`, `order0_hidden`,
+    Layer names: `mean_pooling`, `unit_vectors`, `kernel_pooling`, `order0_hidden`,
     `order0_logit`, `{prefix}_attention`, `{prefix}_hidden`, `{prefix}_logit`
     (prefix q_o1, i_o1, ...), `order_fusion`.
     """
     inputs = vector_inputs(max_order, embedding_dim, sentence_dims)
     mean = berm_layers.MaskedMeanPooling(name="mean_pooling")
-    kernels = berm_layers.InteractionKernelPooling(num_kernels, name="kernel_pooling")
+    unit = berm_layers.UnitVectors(name=UNIT_VECTORS)
+    kernels = berm_layers.InteractionKernelPooling(num_kernels, unit_vectors=True,
+                                                   name="kernel_pooling")
+    # Per text: (unit token vectors, mask, mean vector[, term gate]); the kernels read the unit
+    # vectors, so each text is normalised once however many others it meets.
     texts = {}
     for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
         vectors, mask = inputs[f"{key}_vectors"], inputs[f"{key}_mask"]
-        texts[key] = (vectors, mask, mean((vectors, mask)))
+        texts[key] = (unit(vectors), mask, mean((vectors, mask)))
         if term_gating and key == QUERY_TOKENS_KEY:
             texts[key] += (berm_layers.TermGating(name=QUERY_TERM_GATE)((vectors, mask)),)
     query, title = texts[QUERY_TOKENS_KEY], texts[TITLE_TOKENS_KEY]
@@ -403,7 +408,8 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
         # BERM-O's context orders cheap enough for CPU serving (README, student benchmark).
         features = kernels((centre[0], centre[1],
                             tf.keras.layers.Reshape((-1, 1, embedding_dim),
-                                                    name=f"{prefix}_neighbour_tokens")(neighbours),
+                                                    name=f"{prefix}_neighbour_tokens")(
+                                                        unit(neighbours)),
                             tf.keras.layers.Reshape((-1, 1), name=f"{prefix}_neighbour_mask")(
                                 inputs[f"{prefix}_present"])) + centre[3:])  # [N, C, K]
         weights = inputs[f"{prefix}_weights"]
@@ -545,8 +551,9 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
     q, t = inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY]
     query = (embed(q), padding(q))
     gate = [layer for layer in vector_scorer.layers if layer.name == QUERY_TERM_GATE]
+    unit = _optional_layer(vector_scorer, UNIT_VECTORS) or (lambda vectors: vectors)
     features = vector_scorer.get_layer("kernel_pooling")(
-        query + (embed(t), padding(t)) + tuple(g(query) for g in gate))
+        (unit(query[0]), query[1], unit(embed(t)), padding(t)) + tuple(g(query) for g in gate))
     vector = vector_scorer.get_layer("order0_hidden")(features)
     logit = tf.keras.layers.Reshape(())(vector_scorer.get_layer("order0_logit")(vector))
     title_vectors = _title_vector_features(inputs)
