@@ -419,6 +419,9 @@ def test_export_signatures_and_manifest(distilled, world):
     assert sum(tables["records"].values()) == distilled["num_tables"]
     assert len(tables["source_files"]) == 1 and len(tables["source_files"][0]["sha256"]) == 64
     assert manifest["student_config"]["neighbour_tables_dir"] == distilled["tables"]
+    # The token embedding ships evaluated for the whole vocabulary (serving gathers its rows).
+    assert manifest["token_vectors_shape"] == [len(berm_layers.read_vocab(VOCAB_FILE)),
+                                               TINY["embedding_dim"]]
 
 
 def test_serve_raw_answers_raw_strings_and_unknown_ids(distilled, world):

@@ -335,6 +335,30 @@ class NeighbourTables(tf.Module):
         return features
 
 
+class TokenVectors(tf.Module):
+    """The student's token embedding evaluated once for the whole vocabulary, at export.
+
+    With the teacher's embeddings the student projects 384-wide frozen rows to its own width;
+    training needs that projection, serving does not: a request gathers rows of this
+    [vocab_size, D] table instead of gathering and projecting the batch's distinct tokens.
+    Called like `berm_layers.TokenEmbedding`; the pretrained means of the title-vector path
+    still come from the layer itself.
+    """
+
+    def __init__(self, embedding: tf.keras.layers.Layer, name: str = "token_vectors"):
+        super().__init__(name=name)
+        self._embedding = embedding
+        rows = [embedding(tf.range(start, min(start + _ENCODE_BATCH, embedding.vocab_size))[tf.newaxis])[0]
+                for start in range(0, embedding.vocab_size, _ENCODE_BATCH)]
+        self.table = tf.Variable(tf.concat(rows, axis=0), trainable=False, name="table")
+
+    def __call__(self, ids: tf.Tensor, pretrained_mean: bool = False,
+                 skip_rows: Optional[tf.Tensor] = None) -> tf.Tensor:
+        if pretrained_mean:
+            return self._embedding(ids, pretrained_mean=True, skip_rows=skip_rows)
+        return tf.gather(self.table, tf.cast(ids, tf.int32))
+
+
 class BermServing(tf.Module):
     """The student with its neighbour tables; `signatures` are what gets exported."""
 
@@ -342,6 +366,8 @@ class BermServing(tf.Module):
         super().__init__(name="berm_serving")
         self.scorer = scorer
         self.tables = tables
+        self.token_vectors = TokenVectors(
+            scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER))
         # A JSON string: a dict attribute would become a tracked (and unserialisable) wrapper.
         self._manifest_json = json.dumps(dict(manifest), sort_keys=True)
         settings = student.scorer_settings(scorer)
@@ -366,10 +392,12 @@ class BermServing(tf.Module):
         token_scorer = self.scorer.get_layer(student.TOKEN_SCORER)
         features = self.tables.lookup(query, item_id)
         table = student.title_vector_table(self.scorer)
+        # A request usually scores many items of few queries: tokenise each distinct query once.
+        queries, query_row = tf.unique(query)
+        query_tokens = tf.gather(self.scorer.get_layer(student.QUERY_WORDPIECE)(queries), query_row)
         features.update(student.centre_vectors(
-            token_scorer, self.scorer.get_layer(student.QUERY_WORDPIECE)(query),
-            self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title),
-            None if table is None else table(item_title)))
+            token_scorer, query_tokens, self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title),
+            None if table is None else table(item_title), embed=self.token_vectors))
         logit = token_scorer.get_layer(student.VECTOR_SCORER)(features, training=False)
         return {student.SCORE_KEY: tf.sigmoid(logit)}
 
@@ -405,6 +433,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
         data = read_neighbour_tables(neighbour_tables_dir, settings["max_order"],
                                      settings["max_context_texts"])
     tables = NeighbourTables(data, scorer)
+    embedding = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
     manifest = {
         "format_version": FORMAT_VERSION,
         "signatures": {"serving_default": ["examples"],
@@ -415,6 +444,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
         "neighbour_tables_dir": neighbour_tables_dir,
         "tables": data.summary(),
         "text_vectors_shape": list(tables.text_vectors.shape),
+        "token_vectors_shape": [embedding.vocab_size, embedding.embedding_dim],
         "title_vectors": settings["title_vectors"],
     }
     manifest.update(extra_manifest or {})

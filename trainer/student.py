@@ -496,15 +496,16 @@ def encode_neighbour_texts(token_scorer: tf.keras.Model, tokens: tf.Tensor
 
 
 def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_tokens: tf.Tensor,
-                   title_vectors: Optional[Tuple[tf.Tensor, tf.Tensor]] = None
+                   title_vectors: Optional[Tuple[tf.Tensor, tf.Tensor]] = None, embed=None
                    ) -> Dict[str, tf.Tensor]:
     """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs, plus the
-    title-vector path's when the scorer has one (`title_vectors`: the title table's output)."""
+    title-vector path's when the scorer has one (`title_vectors`: the title table's output).
+    `embed` stands in for the scorer's token embedding (BERM-O's precomputed table)."""
     has_path = TITLE_VECTOR_KEY in token_scorer.input
     if has_path and title_vectors is None:
         raise ValueError("this student has a title-vector path: pass title_vectors")
     title = dict(zip((TITLE_VECTOR_KEY, TITLE_KNOWN_KEY), title_vectors)) if has_path else None
-    return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER),
+    return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER) if embed is None else embed,
                             token_scorer.get_layer("padding_mask"), query_tokens, title_tokens,
                             title)
 
