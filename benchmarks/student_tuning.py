@@ -88,8 +88,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
-    name = args.name or "_".join([f"k{args.order}"] + [f"{k}={v}" for k, v in
-                                                       sorted(args.student_overrides.items())])
+    name = args.name or "_".join([f"k{args.order}"] + ([] if args.title_vectors else ["no_title_vectors"])
+                                 + [f"{k}={v}" for k, v in sorted(args.student_overrides.items())])
     run_dir = os.path.join(args.work_dir, "tuning", name)
     title_vectors = None
     if args.title_vectors:
