@@ -459,17 +459,9 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         centre_token = (real[:, 0] * tc + real[:, 1]) * m + real[:, 2]
         starts = tf.not_equal(centre_token, tf.concat([[-1], centre_token], 0)[:-1])
         soft_tf = tf.math.segment_sum(kernels, tf.cumsum(tf.cast(starts, tf.int64)) - 1)  # [U, K]
-        first = tf.boolean_mask(real, starts)  # [U, 4]
         # A centre token with no real partner would add log1p(0) = 0: leaving it out is the same.
-        text = first[:, 0] * m + first[:, 2]
-        log_tf = tf.math.log1p(soft_tf)
-        if centre_weights is not None:
-            log_tf *= tf.gather_nd(centre_weights, first[:, :2])[:, tf.newaxis]
-        total = tf.reshape(tf.math.unsorted_segment_sum(log_tf, text, n * m),
-                           tf.stack([n, m, tf.constant(self.num_kernels, tf.int64)]))  # [N, M, K]
-        if centre_weights is None:
-            count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)
-            total = tf.math.divide_no_nan(total, count[:, tf.newaxis, tf.newaxis])
+        total = self._mean_over_centre_tokens(tf.math.log1p(soft_tf), tf.boolean_mask(real, starts),
+                                              n, m, centre_mask, centre_weights)
         return total[:, 0] if single else total
 
     def _one_token_others(self, centre, centre_mask, other, other_mask, centre_weights):
@@ -482,12 +474,16 @@ class InteractionKernelPooling(tf.keras.layers.Layer):
         log_tf = tf.math.log1p(tf.exp(
             tf.math.squared_difference(tf.gather_nd(cosine, real)[:, tf.newaxis], self._mus)
             * self._negative_inverse_two_variances))  # [P, K]
+        return self._mean_over_centre_tokens(log_tf, real, shape[0], shape[1], centre_mask,
+                                             centre_weights)
+
+    def _mean_over_centre_tokens(self, log_tf, pairs, n, m, centre_mask, centre_weights):
+        """log_tf [P, K] of pairs whose first coordinates are (n, i, m) -> [N, M, K]: per other
+        text, the mean over the centre's real tokens, or the sum weighted by centre_weights."""
         if centre_weights is not None:
-            log_tf *= tf.gather_nd(centre_weights, real[:, :2])[:, tf.newaxis]
-        total = tf.reshape(
-            tf.math.unsorted_segment_sum(log_tf, real[:, 0] * shape[1] + real[:, 2],
-                                         shape[0] * shape[1]),
-            tf.stack([shape[0], shape[1], tf.constant(self.num_kernels, tf.int64)]))  # [N, M, K]
+            log_tf *= tf.gather_nd(centre_weights, pairs[:, :2])[:, tf.newaxis]
+        total = tf.reshape(tf.math.unsorted_segment_sum(log_tf, pairs[:, 0] * m + pairs[:, 2], n * m),
+                           tf.stack([n, m, tf.constant(self.num_kernels, tf.int64)]))
         if centre_weights is None:
             count = tf.reduce_sum(tf.cast(centre_mask, total.dtype), axis=1)
             total = tf.math.divide_no_nan(total, count[:, tf.newaxis, tf.newaxis])

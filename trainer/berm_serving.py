@@ -348,8 +348,9 @@ class TokenVectors(tf.Module):
     def __init__(self, embedding: tf.keras.layers.Layer, name: str = "token_vectors"):
         super().__init__(name=name)
         self._embedding = embedding
-        rows = [embedding(tf.range(start, min(start + _ENCODE_BATCH, embedding.vocab_size))[tf.newaxis])[0]
-                for start in range(0, embedding.vocab_size, _ENCODE_BATCH)]
+        size = embedding.vocab_size
+        rows = [embedding(tf.range(start, min(start + _ENCODE_BATCH, size))[tf.newaxis])[0]
+                for start in range(0, size, _ENCODE_BATCH)]
         self.table = tf.Variable(tf.concat(rows, axis=0), trainable=False, name="table")
 
     def __call__(self, ids: tf.Tensor, pretrained_mean: bool = False,
