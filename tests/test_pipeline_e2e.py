@@ -19,6 +19,9 @@ TINY_SHOP = {"default_data": {"num_items": 200, "num_queries": 40, "results_per_
 LOG_HEADER = ["query", "item_id", "item_title", "impressions", "clicks"]
 # Gates any model clears, for tests about plumbing (tests/test_evaluation_gates.py fails gates).
 PERMISSIVE_GATES = {"evaluation": {"gates": {"auc": {"bound": 0.0}, "ndcg": {"bound": 0.0}}}}
+# Models as small as the plumbing allows: the tests here are about the DAG, not model quality.
+SMALL_MODELS = {"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
+                "student": {"settings": {"epochs": 1}}}
 
 
 def write_logs_and_judgments(directory, extra_log_column=None, bad_log_rows=0):
@@ -74,10 +77,7 @@ def check_report_in_browser(path, expected_gates):
 def test_default_data_runs_through_the_whole_dag(tmp_path):
     from conftest import read_examples
 
-    config = configs.load_config(overrides={
-        **TINY_SHOP, **PERMISSIVE_GATES,
-        "teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
-        "student": {"settings": {"epochs": 1}}})
+    config = configs.load_config(overrides={**TINY_SHOP, **PERMISSIVE_GATES, **SMALL_MODELS})
     messages = []
     outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
@@ -185,15 +185,15 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
     assert "clicks_exceed_impressions 5" in outcome.message and "above the limit of 1.00%" in outcome.message
     assert outcome.summary["inputs"]["logs"]["quarantined"] == 5
 
-    relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}, **PERMISSIVE_GATES})
+    relaxed = configs.load_config(overrides={"data": {"max_quarantine_fraction": 0.1}, **PERMISSIVE_GATES,
+                                             **SMALL_MODELS})
     outcome = local_runner.run(relaxed, str(tmp_path / "run2"), logs=logs, judgments=judgments, echo=quiet)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
 
 
 def test_resume_reuses_unchanged_steps(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
-    config = configs.load_config(overrides={"teacher": {"settings": {"num_layers": 1, "max_seq_length": 32, "epochs": 1}},
-                                            "student": {"settings": {"epochs": 1}}, **PERMISSIVE_GATES})
+    config = configs.load_config(overrides={**SMALL_MODELS, **PERMISSIVE_GATES})
     first = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
     assert first.exit_code == local_runner.EXIT_OK, first.message
     second = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
@@ -213,7 +213,7 @@ def relkd(*args, cwd):
 def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
     config_path = tmp_path / "config.json"
-    config_path.write_text(json.dumps(PERMISSIVE_GATES))
+    config_path.write_text(json.dumps({**PERMISSIVE_GATES, **SMALL_MODELS}))
     result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
                    "--config", str(config_path), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
