@@ -200,9 +200,31 @@ def test_resume_reuses_unchanged_steps(tmp_path):
     assert second.exit_code == local_runner.EXIT_OK, second.message
     states = {node: info["state"] for node, info in second.summary["nodes"].items()}
     assert states["TeacherTrainer"] == "CACHED" and states["TeacherLabeller"] == "CACHED", states
-    # Without --resume every step runs again.
-    third = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet)
-    assert third.summary["nodes"]["TeacherTrainer"]["state"] == "COMPLETE"
+
+
+class _PipelineBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_only_resume_turns_the_cache_on(tmp_path, monkeypatch, resume):
+    # Without --resume every step runs again, even into a folder that holds a finished run: TFX
+    # recomputes whenever the pipeline's cache is off, so checking what the runner builds is
+    # enough (a third whole-DAG run above would spend two minutes showing the same).
+    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
+    built = {}
+
+    def capture(config, **_):
+        built["enable_cache"] = config.enable_cache
+        raise _PipelineBuilt
+
+    monkeypatch.setattr(local_runner, "create_pipeline", capture)
+    config = configs.load_config()
+    with pytest.raises(_PipelineBuilt):
+        local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet,
+                         resume=resume)
+    assert built["enable_cache"] is resume
+    assert config.enable_cache is False  # The caller's config is left as it was.
 
 
 def relkd(*args, cwd):
