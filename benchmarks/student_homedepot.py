@@ -392,7 +392,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import tensorflow as tf
     from absl import logging as absl_logging
 
-    from components.graph import metapaths
     from pipeline.configs import PipelineConfig
     from trainer import berm_serving, student, teacher
 
@@ -529,7 +528,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     berm_bytes = directory_bytes(berm_dir)
     rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",
                  "metrics": rm.evaluate(queries, berm_test, relevance, k=NDCG_K)})
-    rows.append({"model": f"BERM-O, test queries never logged (cold start; tables from train+eval logs)",
+    rows.append({"model": "BERM-O, test queries never logged (cold start; tables from train+eval logs)",
                  "metrics": rm.evaluate(queries, cold_test, relevance, k=NDCG_K)})
     for row in rows:
         if row["model"].startswith("teacher"):

@@ -10,7 +10,7 @@ The Evaluator is given this module as `module_path`, so TFMA finds the metrics b
     `gain` (relevance - relevance_min) and the judgment scale's width it is the MSE against
     the human judgments.
 """
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Iterable
 
 import apache_beam as beam
 import numpy as np

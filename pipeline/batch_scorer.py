@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import os
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List
 
 REQUIRED = ("id", "query", "item_id", "item_title")
 RAW_SIGNATURE = "serve_raw"

@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
-from pipeline import configs, metadata, run_summary
+from pipeline import metadata, run_summary
 from pipeline.configs import PipelineConfig
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
@@ -171,7 +171,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     logging.getLogger().addHandler(reporter)
     echo(f"Running pipeline '{config.name}' ({len(node_ids)} steps) into {output_dir}; full log: {log_path}")
     started = time.monotonic()
-    error, exit_code, message = None, EXIT_OK, ""
+    error, exit_code = None, EXIT_OK
     try:
         with reporter:
             tfx.orchestration.LocalDagRunner().run(tfx_pipeline)

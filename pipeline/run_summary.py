@@ -155,7 +155,7 @@ def gate_failures(summary: Dict[str, Any]) -> List[str]:
 
 
 def to_markdown(summary: Dict[str, Any]) -> str:
-    lines = [f"# relkd run summary", "", f"- status: **{summary.get('status', 'unknown')}**"]
+    lines = ["# relkd run summary", "", f"- status: **{summary.get('status', 'unknown')}**"]
     if summary.get("error"):
         lines += ["", "```", summary["error"], "```"]
     lines += ["", "## Inputs", "", "| input | rows in | accepted | quarantined | by reason | train / eval / test examples |",

@@ -78,9 +78,7 @@ SavedModel sizes on Home Depot: README, *Student on Home Depot*
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -102,7 +100,7 @@ RELEVANCE_KEY = "relevance"
 SCORE_KEY = "score"
 EXAMPLES_KEY = "examples"
 RAW_SIGNATURE = "serve_raw"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = training.HISTORY_FILE
 CONFIG_FILE = "student_config.json"
 
 # Token-level inputs of the token scorer (the string scorer makes them).
@@ -1036,14 +1034,6 @@ def count_params(model: tf.keras.Model) -> Dict[str, int]:
 
 # --- TFX entry point ------------------------------------------------------------------
 
-def _write_json(directory: Optional[str], name: str, value: Any) -> None:
-    if not directory:
-        return
-    tf.io.gfile.makedirs(directory)
-    with tf.io.gfile.GFile(os.path.join(directory, name), "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-
-
 def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     """TFX Trainer entry point: distil, early-stop, export (see `berm_serving`).
 
@@ -1065,7 +1055,5 @@ def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     berm_serving.export_serving_model(
         scorer, fn_args.serving_model_dir, neighbour_tables_dir=config.neighbour_tables_dir,
         extra_manifest={"student_config": config.to_dict(), "params": count_params(scorer)})
-    _write_json(model_run_dir, HISTORY_FILE,
-                {k: [float(x) for x in v] for k, v in history.history.items()})
-    _write_json(model_run_dir, CONFIG_FILE, config.to_dict())
+    training.write_run_files(model_run_dir, history, CONFIG_FILE, config.to_dict())
     return history

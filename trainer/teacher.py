@@ -78,11 +78,9 @@ about 1.5 minutes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 from absl import logging
 import tensorflow as tf
@@ -99,7 +97,7 @@ LABEL_KEY = "relevance"
 SCORE_KEY = "score"
 EXAMPLES_KEY = "examples"
 RAW_SIGNATURE = "serve_raw"
-HISTORY_FILE = "history.json"
+HISTORY_FILE = training.HISTORY_FILE
 HEAD_LAYER = "relevance_logit"
 CALIBRATION_BATCHES = 8
 CONFIG_FILE = "teacher_config.json"
@@ -604,14 +602,6 @@ def export_teacher(model: tf.keras.Model, serving_model_dir: str) -> None:
 
 # --- TFX entry point ------------------------------------------------------------------
 
-def _write_json(directory: Optional[str], name: str, value: Any) -> None:
-    if not directory:
-        return
-    tf.io.gfile.makedirs(directory)
-    with tf.io.gfile.GFile(os.path.join(directory, name), "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-
-
 def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     """TFX Trainer entry point: train, early-stop, export. Returns the Keras History.
 
@@ -648,7 +638,5 @@ def run_fn(fn_args: Any) -> tf.keras.callbacks.History:
     history = train(model, config, fn_args.train_files, fn_args.eval_files,
                     examples_per_epoch=examples_per_epoch, log_dir=model_run_dir)
     export_teacher(model, fn_args.serving_model_dir)
-    _write_json(model_run_dir, HISTORY_FILE,
-                {k: [float(x) for x in v] for k, v in history.history.items()})
-    _write_json(model_run_dir, CONFIG_FILE, config.to_dict())
+    training.write_run_files(model_run_dir, history, CONFIG_FILE, config.to_dict())
     return history

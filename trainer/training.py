@@ -1,12 +1,16 @@
 """Training plumbing shared by the teacher and student module files."""
 import dataclasses
+import json
 import math
-from typing import Any, List, Sequence, TypeVar
+import os
+from typing import Any, List, Mapping, Optional, Sequence, TypeVar
 
 import tensorflow as tf
 from absl import logging
 
 C = TypeVar("C")
+
+HISTORY_FILE = "history.json"
 
 
 class RestoreBestEarlyStopping(tf.keras.callbacks.EarlyStopping):
@@ -64,3 +68,16 @@ def record_dataset(file_patterns: Sequence[str]) -> tf.data.Dataset:
     if len(gzipped) != 1:
         raise ValueError(f"mix of gzipped and plain TFRecord files: {files}")
     return tf.data.TFRecordDataset(files, compression_type="GZIP" if gzipped.pop() else "")
+
+
+def write_run_files(model_run_dir: Optional[str], history: tf.keras.callbacks.History,
+                    config_file: str, config: Mapping[str, Any]) -> None:
+    """Writes HISTORY_FILE (per-epoch metrics) and `config_file` into the Trainer's run dir,
+    for the run summary and people; nothing without a run dir."""
+    if not model_run_dir:
+        return
+    tf.io.gfile.makedirs(model_run_dir)
+    epochs = {k: [float(x) for x in v] for k, v in history.history.items()}
+    for name, value in ((HISTORY_FILE, epochs), (config_file, dict(config))):
+        with tf.io.gfile.GFile(os.path.join(model_run_dir, name), "w") as f:
+            json.dump(value, f, indent=2, sort_keys=True)

@@ -8,7 +8,6 @@ quarantine file.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from typing import Any, Dict, Iterable, List, Optional, Tuple
