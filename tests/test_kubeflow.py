@@ -128,6 +128,20 @@ def test_every_component_is_a_task_with_the_same_upstream_dependencies(compiled)
     assert expected["GraphContexts"] == ["DataValidationGate", "JudgmentsExampleGen", "LogsExampleGen"]
 
 
+def test_the_baseline_query_is_scoped_by_type_and_blessing_only(compiled):
+    # What the README's caveat on baselines says: TFX 1.15 compiles LatestBlessedStudent into a
+    # query that names neither the pipeline nor the StudentEvaluator. If a TFX upgrade scopes it,
+    # this fails and the caveat can go.
+    resolvers = {label: executor["resolver"]["outputArtifactQueries"]
+                 for label, executor in _spec(compiled["job"])["deploymentSpec"]["executors"].items()
+                 if "resolver" in executor}
+    blessing = resolvers[f"{RESOLVER_TASKS[0]}_executor"]["model_blessing"]["filter"]
+    assert blessing == ('schema_title="tfx.ModelBlessing" AND state=LIVE AND '
+                        'metadata.blessed.number_value=1')
+    model = resolvers[f"{RESOLVER_TASKS[1]}_executor"]["model"]["filter"]
+    assert "current_model_id" in model and "BermServingExporter" not in model
+
+
 def test_every_task_runs_the_configured_image_with_the_configured_beam_args(compiled):
     spec = _spec(compiled["job"])
     executors = spec["deploymentSpec"]["executors"]

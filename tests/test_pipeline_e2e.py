@@ -107,6 +107,12 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     assert {r["query_segment"] for r in judged} <= {"head", "torso", "tail", "unlogged"}
     assert {r["graph_context"] for r in judged} <= {"warm", "cold"} and "warm" in {r["graph_context"] for r in judged}
 
+    # Only the StudentEvaluator blesses: on Kubeflow the baseline query matches any ModelBlessing
+    # with blessed=1 (tests/test_kubeflow.py), so a blessed teacher would become the student's
+    # baseline there.
+    assert "blessed" not in nodes["TeacherEvaluator"]["outputs"]["blessing"][0]["properties"]
+    assert nodes["StudentEvaluator"]["outputs"]["blessing"][0]["properties"]["blessed"] == 1
+
     # Teacher: trained, and every accepted logged pair labelled once with a score in [0, 1].
     assert summary["teacher"]["epochs"] == 1
     labelled_uri = nodes["TeacherLabeller"]["outputs"]["output_examples"][0]["uri"]
