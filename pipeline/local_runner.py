@@ -171,6 +171,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     logging.getLogger().addHandler(reporter)
     echo(f"Running pipeline '{config.name}' ({len(node_ids)} steps) into {output_dir}; full log: {log_path}")
     started = time.monotonic()
+    started_ms = int(time.time() * 1000)
     error, exit_code = None, EXIT_OK
     try:
         with reporter:
@@ -192,7 +193,8 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
         file_handler.flush()
 
     summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids,
-                                  gates=config.evaluation.gates, ndcg_k=config.evaluation.ndcg_k)
+                                  gates=config.evaluation.gates, ndcg_k=config.evaluation.ndcg_k,
+                                  since_ms=started_ms)
     student = (summary.get("evaluation") or {}).get("student") or {}
     if exit_code == EXIT_OK and student and not student.get("blessed"):
         # The pipeline finished, but the model in serving stays what it was.

@@ -23,12 +23,19 @@ def sqlite_connection(path: str) -> metadata_store_pb2.ConnectionConfig:
     return config
 
 
-def latest_node_outputs(store: metadata_store.MetadataStore, pipeline_name: str, node_id: str) -> Optional[Dict[str, Any]]:
-    """The newest execution of a node and its output artifacts (key -> list of uri/properties)."""
+def latest_node_outputs(store: metadata_store.MetadataStore, pipeline_name: str, node_id: str,
+                        since_ms: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """The newest execution of a node and its output artifacts (key -> list of uri/properties).
+
+    `since_ms` (milliseconds since the epoch) ignores executions created before it: a run that
+    stops early must not report the steps it never reached from an earlier run in the same
+    metadata store (a reused output folder, or a shared MySQL database).
+    """
     context = store.get_context_by_type_and_name("node", f"{pipeline_name}.{node_id}")
     if context is None:
         return None
-    executions = store.get_executions_by_context(context.id)
+    executions = [e for e in store.get_executions_by_context(context.id)
+                  if since_ms is None or e.create_time_since_epoch >= since_ms]
     if not executions:
         return None
     execution = max(executions, key=lambda e: e.id)
@@ -101,14 +108,15 @@ def _evaluation(nodes: Dict[str, Any], gates: Dict[str, Dict[str, float]], ndcg_
 
 def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_name: str,
             node_ids: List[str], gates: Optional[Dict[str, Dict[str, float]]] = None,
-            ndcg_k: int = 10) -> Dict[str, Any]:
+            ndcg_k: int = 10, since_ms: Optional[int] = None) -> Dict[str, Any]:
     """`metadata`: a SQLite file path or any ML Metadata connection (pipeline/metadata.py).
 
-    `gates` and `ndcg_k` (the config's evaluation settings) describe the student's gates.
+    `gates` and `ndcg_k` (the config's evaluation settings) describe the student's gates;
+    `since_ms`, when the run started: only its own executions count (latest_node_outputs).
     """
     store = metadata_store.MetadataStore(
         metadata if isinstance(metadata, metadata_store_pb2.ConnectionConfig) else sqlite_connection(metadata))
-    nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id) for node_id in node_ids}
+    nodes = {node_id: latest_node_outputs(store, pipeline_name, node_id, since_ms) for node_id in node_ids}
     summary: Dict[str, Any] = {"nodes": nodes, "inputs": {}}
     for kind in ("logs", "judgments"):
         prefix = kind.capitalize()

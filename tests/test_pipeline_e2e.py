@@ -263,6 +263,19 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     assert "run_summary.json" in result.stdout and "pipeline root" in result.stdout
     assert "Traceback" not in result.stderr
 
+    # A later run into the same folder that stops at the data gate reports only what it ran: not
+    # the evaluation and push the run above left in the same metadata store.
+    drifted_logs, _ = write_logs_and_judgments(str(tmp_path / "drifted"), extra_log_column="device")
+    rejected = relkd("run", "--logs", drifted_logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
+                     "--config", str(config_path), cwd=tmp_path)
+    assert rejected.returncode == local_runner.EXIT_DATA_REJECTED, rejected.stdout + rejected.stderr
+    assert "column 'device'" in rejected.stdout
+    assert "pushed:" not in rejected.stdout and "eval student" not in rejected.stdout, rejected.stdout
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["status"] == "data rejected" and "evaluation" not in summary
+    assert summary["nodes"]["Pusher"] is None and summary["nodes"]["StudentTrainer"] is None
+    assert summary["nodes"]["DataValidationGate"]["state"] == "FAILED"
+
 
 @pytest.mark.parametrize("args,message", [
     (["--logs", "x.csv"], "give both --logs and --judgments"),
