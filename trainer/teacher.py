@@ -56,24 +56,15 @@ optional). Profiles are just values of these keys (`PROFILES`):
     pooling=mean (a 2-layer teacher trains 2x and scores 3x faster than 6 layers; on
     the embedded data's 2,200 judged pairs the default 3e-5 over 2 epochs stayed at eval
     AUC 0.5, 1e-4 over 4 epochs on the pooler reached 0.81, and with mean pooling and
-    the calibrated head 0.87, in about 2 minutes);
+    the calibrated head 0.87);
   * full: num_layers=6 (all of all-MiniLM-L6-v2), max_seq_length=40, epochs=3,
     learning_rate=5e-5, pooling=segments. The sentence similarity of
     all-MiniLM-L6-v2 needs all 6 layers: zero-shot on the Home Depot eval split, the
     mean-pooled cosine of query and title encoded apart has AUC 0.70 with 6 layers
     and 0.58 with 2. 40 tokens hold 96% of Home Depot's pairs whole (48: 99%).
 
-Home Depot (`benchmarks/teacher_homedepot.py`, eval split, 1 epoch): quick with
-mean pooling on 12,000 pairs reached AUC 0.64 / per-query AUC 0.55 / NDCG@10 0.929,
-full on 6,000 pairs 0.71 / 0.58 / 0.937 (IDF overlap baseline: 0.65 / 0.57 / 0.932);
-on the test split the full one gets 0.71 / 0.59 / 0.939 against the baseline's
-0.66 / 0.57 / 0.935 (the old quick teacher on the pooler: 0.58 / 0.50).
-
-Measured on 2 shared CPU cores (batch 32, max_seq_length 48): training about
-50-75 pairs/s with 2 layers and 25 pairs/s with 6 layers (about 30 at 40 tokens);
-scoring about 350 and 120 pairs/s (6 layers at 40 tokens: 140-220). The quick profile
-on the embedded data (2,200 judged pairs) thus takes about 35 s an epoch, the full one
-about 1.5 minutes.
+Quality and speed on Home Depot, each figure with the command that measured it and the
+machine it ran on: README, *Teacher on Home Depot* and *Student on Home Depot*.
 """
 from __future__ import annotations
 
