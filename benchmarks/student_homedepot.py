@@ -40,7 +40,8 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
    batches of `--batch-size` (100), each race `--race-passes` (3) times over the test pairs
    (the first call of each model excluded). `--race-only --work-dir DIR` repeats just this
-   step with the models an earlier run kept in DIR.
+   step with the models an earlier run kept in DIR, or with any teacher and BERM-O given by
+   `--teacher-model` and `--berm-model` (say, the ones a pipeline run trained and pushed).
 
 Everything runs on this machine's CPU; TensorFlow uses every core, so note the load (the
 JSON records the load average before and after).
@@ -286,7 +287,7 @@ def race_only(args) -> Dict[str, Any]:
     test = [r for r in th.subsample_by_query(data["records"], args.max_pairs)
             if assign(r["query"]) == "test"]
     teacher_dir = args.teacher_model or os.path.join(args.work_dir, "teacher_model")
-    berm_dir = os.path.join(args.work_dir, f"student_k{args.berm_order}")
+    berm_dir = args.berm_model or os.path.join(args.work_dir, f"student_k{args.berm_order}")
     teacher_raw = tf.saved_model.load(teacher_dir).signatures[teacher.RAW_SIGNATURE]
     berm_raw = tf.saved_model.load(berm_dir).signatures[student.RAW_SIGNATURE]
     load_before = os.getloadavg()
@@ -296,6 +297,7 @@ def race_only(args) -> Dict[str, Any]:
     result.update({"benchmark": "student_homedepot --race-only",
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "git_commit": th.git_commit(), "test_pairs": len(test),
+                   "models": {"teacher": teacher_dir, "berm_o": berm_dir},
                    "saved_model_bytes": {"teacher": directory_bytes(teacher_dir),
                                          "berm_o": directory_bytes(berm_dir)},
                    "machine": dict(th.machine_info(), load_average_before=list(load_before),
@@ -362,6 +364,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--race-only", action="store_true",
                         help="only the speed race, with the teacher and BERM-O an earlier run left in "
                              "--work-dir (e.g. to repeat it on an idle machine)")
+    parser.add_argument("--berm-model", default=None,
+                        help="with --race-only: the BERM-O SavedModel to race instead of the work "
+                             "dir's student_k<--berm-order> (e.g. a version the Pusher wrote)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--work-dir", default=None,
                         help="keep models, tables and examples here (default: a temporary folder)")
@@ -377,6 +382,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--race-passes must be at least 1")
     if args.teacher_model and not os.path.isdir(args.teacher_model):
         parser.error(f"--teacher-model: no such folder {args.teacher_model}")
+    if args.berm_model and not args.race_only:
+        parser.error("--berm-model is for --race-only (a full run trains its own BERM-O)")
+    if args.berm_model and not os.path.isdir(args.berm_model):
+        parser.error(f"--berm-model: no such folder {args.berm_model}")
     args.student_overrides = th.parse_overrides(parser, args.overrides)
     return args
 
