@@ -69,3 +69,20 @@ def example_gen(tmp_path):
         return run_example_gen(tmp_path, kind, input_path, **kwargs)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_berm_o(tmp_path_factory):
+    """A BERM-O SavedModel of a tiny untrained student (0-order path: no tables), read-only."""
+    import tensorflow as tf
+
+    from trainer import berm_layers, berm_serving, bert_checkpoint, student
+
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    tf.keras.utils.set_random_seed(1)
+    scorer = student.build_student(vocab, max_order=1, max_context_texts=3, max_query_tokens=8,
+                                   max_title_tokens=12, max_context_tokens=8, embedding_dim=8,
+                                   pretrained_embeddings=None, num_kernels=5, hidden_dim=8)
+    path = str(tmp_path_factory.mktemp("export") / "berm_o")
+    berm_serving.export_serving_model(scorer, path)
+    return path

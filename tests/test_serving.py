@@ -2,7 +2,7 @@
 
 The server runs on a real loopback socket and is only ever reached through
 `tensorflow_serving.apis` stubs (or the client built on them); the model is a real BERM-O export
-of a tiny student (trainer/student.py, trainer/berm_serving.py).
+of a tiny student (trainer/student.py, trainer/berm_serving.py; conftest's `tiny_berm_o`).
 """
 import csv
 import os
@@ -20,7 +20,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from pipeline import batch_scorer, model_server, scoring_client
-from trainer import berm_layers, berm_serving, bert_checkpoint, student
+from trainer import berm_serving, student
 
 MODEL = "relkd"
 QUERIES = ["cordless drill", "garden hose", "red paint", "a query nobody typed"]
@@ -32,19 +32,6 @@ def _string(values):
     return tf.make_tensor_proto(np.array([v.encode() for v in values], dtype=object), dtype=tf.string)
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory):
-    """A BERM-O SavedModel of a tiny untrained student (0-order path: no tables)."""
-    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
-    tf.keras.utils.set_random_seed(1)
-    scorer = student.build_student(vocab, max_order=1, max_context_texts=3, max_query_tokens=8,
-                                   max_title_tokens=12, max_context_tokens=8, embedding_dim=8,
-                                   pretrained_embeddings=None, num_kernels=5, hidden_dim=8)
-    path = str(tmp_path_factory.mktemp("export") / "berm_o")
-    berm_serving.export_serving_model(scorer, path)
-    return path
-
-
 def own_scores(path, queries, item_ids, titles):
     model = tf.saved_model.load(path)
     return model.signatures["serve_raw"](query=tf.constant(queries), item_id=tf.constant(item_ids),
@@ -52,9 +39,9 @@ def own_scores(path, queries, item_ids, titles):
 
 
 @pytest.fixture
-def server(tmp_path, export):
+def server(tmp_path, tiny_berm_o):
     base = tmp_path / "serving" / MODEL
-    shutil.copytree(export, base / "1")
+    shutil.copytree(tiny_berm_o, base / "1")
     running = model_server.ModelServer(str(base), port=0, poll_seconds=0.2).start()
     yield running, base
     running.stop()
@@ -79,14 +66,14 @@ def raw_request(queries, item_ids, titles, name=MODEL, version=None):
     return request
 
 
-def test_predictions_equal_the_saved_models_own_outputs(server, export):
+def test_predictions_equal_the_saved_models_own_outputs(server, tiny_berm_o):
     running, _ = server
     predict, models = stubs(running.port)
     ids, titles = [i for i, _ in ITEMS], [t for _, t in ITEMS]
     response = predict.Predict(raw_request(QUERIES, ids, titles), timeout=30)
     assert response.model_spec.version.value == 1 and response.model_spec.signature_name == "serve_raw"
     np.testing.assert_allclose(tf.make_ndarray(response.outputs["score"]),
-                               own_scores(export, QUERIES, ids, titles), rtol=0, atol=1e-6)
+                               own_scores(tiny_berm_o, QUERIES, ids, titles), rtol=0, atol=1e-6)
 
     metadata = predict.GetModelMetadata(get_model_metadata_pb2.GetModelMetadataRequest(
         model_spec={"name": MODEL}, metadata_field=["signature_def"]), timeout=30)
@@ -138,7 +125,7 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_a_new_version_is_picked_up_while_clients_run_without_a_failed_request(server, export):
+def test_a_new_version_is_picked_up_while_clients_run_without_a_failed_request(server, tiny_berm_o):
     running, base = server
     predict, models = stubs(running.port)
     failures, versions, stop = [], [], threading.Event()
@@ -155,7 +142,7 @@ def test_a_new_version_is_picked_up_while_clients_run_without_a_failed_request(s
     for t in threads:
         t.start()
     time.sleep(1.0)
-    shutil.copytree(export, base / "2")  # what the Pusher does: copy into a new numbered folder
+    shutil.copytree(tiny_berm_o, base / "2")  # what the Pusher does: copy into a new numbered folder
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and 2 not in versions[-8:]:
         time.sleep(0.2)
@@ -206,9 +193,9 @@ class socket_nobody_listens_on:
         return False
 
 
-def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, export):
+def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o):
     base = tmp_path / "serving" / MODEL
-    shutil.copytree(export, base / "3")
+    shutil.copytree(tiny_berm_o, base / "3")
     rows = [(f"r{k}", QUERIES[k % 4], ITEMS[k % 4][0], ITEMS[(k * 3) % 4][1]) for k in range(2500)]
     pairs = tmp_path / "pairs.csv"
     with open(pairs, "w", newline="") as f:
@@ -224,7 +211,7 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, export):
     with open(out) as f:
         scored = list(csv.DictReader(f))
     assert [r["id"] for r in scored] == [r[0] for r in rows]
-    expected = own_scores(export, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
+    expected = own_scores(tiny_berm_o, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
     np.testing.assert_allclose([float(r["score"]) for r in scored], expected, atol=1e-6)
     assert any("pairs scored" in m for m in messages) and "2,500 pairs" in messages[-1]
 
@@ -235,9 +222,9 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, export):
     assert not os.path.exists(tmp_path / "never.csv") and not os.path.exists(tmp_path / "never.csv.partial")
 
 
-def test_cli_score_online_against_relkd_serve(tmp_path, export):
+def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
     base = tmp_path / "serving" / MODEL
-    shutil.copytree(export, base / "1")
+    shutil.copytree(tiny_berm_o, base / "1")
     items = tmp_path / "items.csv"
     with open(items, "w", newline="") as f:
         writer = csv.writer(f)
