@@ -43,15 +43,6 @@ _CALL_WRAPPERS = ("StatefulPartitionedCall", "PartitionedCall")
 _NUMBERED = re.compile(r"_\d+$")
 
 
-def test_pairs(input_path: str, work_dir: str) -> Pairs:
-    """The pipeline's test split of the Home Depot judgments, as serve_raw's three inputs."""
-    data = th.load_judgments(input_path, work_dir)
-    assign = th.pipeline_split_assigner()
-    test = [r for r in data["records"] if assign(r["query"]) == "test"]
-    return ([r["query"] for r in test], [r["item_id"] for r in test],
-            [r["item_title"] for r in test])
-
-
 def _batches(pairs: Pairs, batch_size: int) -> List[Pairs]:
     """Full batches only, so every call scores the same number of pairs."""
     queries, item_ids, titles = pairs
@@ -173,7 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     work_dir = args.work_dir or (os.path.join(os.path.dirname(os.path.abspath(args.out)), "converted")
                                  if args.out else tempfile.mkdtemp(prefix="berm_profile_"))
-    pairs = test_pairs(args.input, work_dir)
+    pairs = th.split_pairs(args.input, work_dir, "test")
     load_before = os.getloadavg()
     alone = time_alone(args.model, pairs, args.batch_size, args.rounds)
     for number, result in enumerate(alone, 1):

@@ -282,21 +282,18 @@ def race_only(args) -> Dict[str, Any]:
 
     from trainer import student, teacher
 
-    data = th.load_judgments(args.input, os.path.join(args.work_dir, "converted"))
-    assign = th.pipeline_split_assigner()
-    test = [r for r in th.subsample_by_query(data["records"], args.max_pairs)
-            if assign(r["query"]) == "test"]
+    queries, item_ids, titles = th.split_pairs(args.input, os.path.join(args.work_dir, "converted"),
+                                               "test", args.max_pairs)
     teacher_dir = args.teacher_model or os.path.join(args.work_dir, "teacher_model")
     berm_dir = args.berm_model or os.path.join(args.work_dir, f"student_k{args.berm_order}")
     teacher_raw = tf.saved_model.load(teacher_dir).signatures[teacher.RAW_SIGNATURE]
     berm_raw = tf.saved_model.load(berm_dir).signatures[student.RAW_SIGNATURE]
     load_before = os.getloadavg()
-    result = speed(teacher_raw, berm_raw, [r["query"] for r in test], [r["item_id"] for r in test],
-                   [r["item_title"] for r in test], args.batch_size, args.throughput_batch_size,
-                   args.race_passes)
+    result = speed(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size,
+                   args.throughput_batch_size, args.race_passes)
     result.update({"benchmark": "student_homedepot --race-only",
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                   "git_commit": th.git_commit(), "test_pairs": len(test),
+                   "git_commit": th.git_commit(), "test_pairs": len(queries),
                    "models": {"teacher": teacher_dir, "berm_o": berm_dir},
                    "saved_model_bytes": {"teacher": directory_bytes(teacher_dir),
                                          "berm_o": directory_bytes(berm_dir)},

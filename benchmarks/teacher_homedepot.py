@@ -63,7 +63,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -163,6 +163,17 @@ def subsample_by_query(records: Sequence[Dict[str, Any]], max_pairs: Optional[in
             break
         chosen.extend(by_query[query])
     return chosen
+
+
+def split_pairs(input_path: str, work_dir: str, split: str = "test",
+                max_pairs: Optional[int] = None) -> Tuple[List[str], List[str], List[str]]:
+    """One split's judged pairs (of `subsample_by_query(max_pairs)`) as serve_raw's three inputs:
+    queries, item ids, titles."""
+    data = load_judgments(input_path, work_dir)
+    assign = pipeline_split_assigner()
+    chosen = [r for r in subsample_by_query(data["records"], max_pairs) if assign(r["query"]) == split]
+    return ([r["query"] for r in chosen], [r["item_id"] for r in chosen],
+            [r["item_title"] for r in chosen])
 
 
 def write_tfrecords(records: Sequence[Dict[str, Any]], path: str) -> None:
