@@ -6,14 +6,19 @@ pipeline's own by-query split, as in `student_homedepot.py`), in calls of `--bat
   1. Alone: `--rounds` passes over the pairs with nothing else between the calls (the speed
      race in `student_homedepot.py` alternates BERM-O with the teacher); median and mean
      milliseconds per call, per round.
-  2. Parts: `--trace-calls` calls through a TF1 session with full tracing (`RunMetadata` step
+  2. Cold: one pass per `--pauses` value with the process idle for that many seconds before
+     each call, and with `--teacher-model` one pass with a teacher call before each (the race's
+     order). A call that follows idle time or another model's call finds the caches cold;
+     this tells how much of the race's BERM-O time is that rather than BERM-O's own work.
+  3. Parts: `--trace-calls` calls through a TF1 session with full tracing (`RunMetadata` step
      stats). Each op's time is credited to the part of the model its name scope says it runs
      in: a layer of the nested vector scorer, the tokenisers, the token embedding, or the
      tables' lookups and gathers of `serve_raw` itself. Tracing slows every op, so the shares
      tell where the time goes, not how long a call takes.
 
     .venv/bin/python benchmarks/berm_profile.py \\
-        --model runs/homedepot_p8/serving/relkd/1796395876 --out runs/race_p8/profile.json
+        --model runs/homedepot_p8/serving/relkd/1796395876 --out runs/race_p8/profile.json \\
+        --teacher-model runs/homedepot_p8/pipeline_root/TeacherTrainer/model/12/Format-Serving
 
 Everything runs on this machine's CPU with TensorFlow's default threads.
 """
@@ -27,7 +32,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -50,27 +55,70 @@ def _batches(pairs: Pairs, batch_size: int) -> List[Pairs]:
             for i in range(0, len(queries) - batch_size + 1, batch_size)]
 
 
-def time_alone(model_dir: str, pairs: Pairs, batch_size: int, rounds: int) -> List[Dict[str, Any]]:
-    """Per round: calls, median and mean ms per call; one warm-up call first."""
+def _batch_tensors(pairs: Pairs, batch_size: int) -> List[Tuple[Any, Any, Any]]:
+    import tensorflow as tf
+
+    batches = [tuple(tf.constant(x) for x in b) for b in _batches(pairs, batch_size)]
+    if not batches:
+        raise ValueError(f"fewer than --batch-size {batch_size} pairs")
+    return batches
+
+
+def _load_raw(model_dir: str):
     import tensorflow as tf
 
     from trainer import student
 
-    raw = tf.saved_model.load(model_dir).signatures[student.RAW_SIGNATURE]
-    batches = [tuple(tf.constant(x) for x in b) for b in _batches(pairs, batch_size)]
-    if not batches:
-        raise ValueError(f"fewer than --batch-size {batch_size} pairs")
+    return tf.saved_model.load(model_dir).signatures[student.RAW_SIGNATURE]
+
+
+def _time_calls(raw, batches, rounds: int,
+                before: Optional[Callable[[Tuple[Any, Any, Any]], Any]] = None
+                ) -> List[Dict[str, Any]]:
+    """Per round: calls, median and mean ms per BERM-O call (one untimed warm-up call first);
+    `before(batch)`, if given, runs untimed before each call."""
+    from trainer import student
+
     call = lambda b: raw(query=b[0], item_id=b[1], item_title=b[2])[student.SCORE_KEY].numpy()  # noqa: E731
     call(batches[0])
     out = []
     for _ in range(rounds):
         seconds = []
         for batch in batches:
+            if before is not None:
+                before(batch)
             start = time.perf_counter()
             call(batch)
             seconds.append(time.perf_counter() - start)
         out.append({"calls": len(seconds), "median_ms": 1000 * statistics.median(seconds),
                     "mean_ms": 1000 * statistics.mean(seconds)})
+    return out
+
+
+def time_alone(model_dir: str, pairs: Pairs, batch_size: int, rounds: int) -> List[Dict[str, Any]]:
+    """Per round: calls, median and mean ms per call, back to back; one warm-up call first."""
+    return _time_calls(_load_raw(model_dir), _batch_tensors(pairs, batch_size), rounds)
+
+
+def time_cold(model_dir: str, pairs: Pairs, batch_size: int, pauses: Sequence[float],
+              teacher_dir: Optional[str] = None) -> List[Dict[str, Any]]:
+    """One pass per pause (the process idle that many seconds before each call) and, with
+    `teacher_dir`, one with that teacher's serve_raw on the same batch before each call."""
+    import tensorflow as tf
+
+    from trainer import teacher
+
+    batches = _batch_tensors(pairs, batch_size)
+    raw = _load_raw(model_dir)
+    out = []
+    for pause in pauses:
+        result = _time_calls(raw, batches, 1, lambda _, seconds=pause: time.sleep(seconds))[0]
+        out.append(dict(result, before="pause", pause_seconds=pause))
+    if teacher_dir:
+        teacher_raw = tf.saved_model.load(teacher_dir).signatures[teacher.RAW_SIGNATURE]
+        result = _time_calls(raw, batches, 1, lambda b: teacher_raw(
+            query=b[0], item_title=b[2])[teacher.SCORE_KEY].numpy())[0]
+        out.append(dict(result, before="teacher", teacher_model=teacher_dir))
     return out
 
 
@@ -142,6 +190,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=100, help="pairs per call (default: 100)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="timed passes over the test pairs (default: 3)")
+    parser.add_argument("--pauses", type=float, nargs="*", default=[0.05, 0.45],
+                        help="seconds idle before each call, one pass per value (default: 0.05 "
+                             "0.45, about a teacher call at batch 100; none skips these passes)")
+    parser.add_argument("--teacher-model", default=None,
+                        help="a teacher SavedModel: one more pass with its call before each BERM-O "
+                             "call, as in the speed race")
     parser.add_argument("--trace-calls", type=int, default=27,
                         help="traced calls for the parts' shares (default: 27; 0 skips the trace)")
     parser.add_argument("--work-dir", default=None,
@@ -153,6 +207,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--model: no such folder {args.model}")
     if not os.path.exists(args.input):
         parser.error(f"input not found: {args.input}")
+    if args.teacher_model and not os.path.isdir(args.teacher_model):
+        parser.error(f"--teacher-model: no such folder {args.teacher_model}")
+    if any(p < 0 for p in args.pauses):
+        parser.error("--pauses must be seconds >= 0")
     if args.batch_size < 1 or args.rounds < 1 or args.trace_calls < 0:
         parser.error("--batch-size and --rounds must be at least 1, --trace-calls at least 0")
     return args
@@ -170,6 +228,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     for number, result in enumerate(alone, 1):
         print(f"alone, round {number}: median {result['median_ms']:.2f} ms, mean "
               f"{result['mean_ms']:.2f} ms over {result['calls']} calls of {args.batch_size} pairs")
+    cold = time_cold(args.model, pairs, args.batch_size, args.pauses, args.teacher_model)
+    for result in cold:
+        before = (f"{result['pause_seconds']:g} s idle" if result["before"] == "pause"
+                  else "a teacher call")
+        print(f"after {before}: median {result['median_ms']:.2f} ms, mean {result['mean_ms']:.2f} ms "
+              f"over {result['calls']} calls")
     trace = trace_parts(args.model, pairs, args.batch_size, args.trace_calls) if args.trace_calls else None
     if trace:
         print(f"traced: {trace['ops_per_call']:.0f} ops and {trace['traced_ms_per_call']:.2f} ms of op "
@@ -177,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for part in trace["parts"][:15]:
             print(f"  {100 * part['share']:5.1f} %  {part['ops_per_call']:5.0f} ops  {part['part']}")
     result = {"benchmark": "berm_profile", "model": args.model, "batch_size": args.batch_size,
-              "test_pairs": len(pairs[0]), "alone": alone, "trace": trace,
+              "test_pairs": len(pairs[0]), "alone": alone, "cold": cold, "trace": trace,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "git_commit": th.git_commit(),
               "machine": dict(th.machine_info(), load_average_before=list(load_before),
