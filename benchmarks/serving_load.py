@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import json
 import os
 import random
 import subprocess
@@ -161,10 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"p99 {result['p99_ms']:.1f} ms")
     if result["errors"]:
         print("errors, e.g.:", *result["error_examples"], sep="\n  ")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        print(f"wrote {args.out}")
+    th.write_result(args.out, result)
     return result
 
 
