@@ -8,8 +8,9 @@ pipeline's own by-query split, as in `student_homedepot.py`), in calls of `--bat
      milliseconds per call, per round.
   2. Cold: one pass per `--pauses` value with the process idle for that many seconds before
      each call, and with `--teacher-model` one pass with a teacher call before each (the race's
-     order). A call that follows idle time or another model's call finds the caches cold;
-     this tells how much of the race's BERM-O time is that rather than BERM-O's own work.
+     order). A call that follows idle time or another model's call finds the machine cold
+     (caches, idle cores); this tells how much of the race's BERM-O time is that rather than
+     BERM-O's own work.
   3. Parts: `--trace-calls` calls through a TF1 session with full tracing (`RunMetadata` step
      stats). Each op's time is credited to the part of the model its name scope says it runs
      in: a layer of the nested vector scorer, the tokenisers, the token embedding, or the
