@@ -8,6 +8,9 @@ pairs/s, p50/p99 latency per request and the error count (every error is counted
 
     .venv/bin/python benchmarks/serving_load.py --model-base runs/default/serving/relkd
 
+`--batching` (with `--max-batch-size`, `--batch-timeout-ms`) starts the server with its
+server-side batching on, so the same load measures what merging concurrent requests gains.
+
 Queries and items come from the embedded default shop (pipeline/default_data.py), so the texts
 look like real ones; each request draws a query and `--items` items at random (seeded). Bounded
 in time, and the server is stopped at the end whatever happens.
@@ -46,10 +49,11 @@ def shop_texts(seed: int) -> Dict[str, List]:
     return {"queries": queries, "items": items}
 
 
-def start_server(model_base: str, model_name: Optional[str]):
+def start_server(model_base: str, model_name: Optional[str], server_flags: Sequence[str] = ()):
     command = [sys.executable, "-m", "pipeline.cli", "serve", "--model-base", model_base, "--port", "0"]
     if model_name:
         command += ["--model-name", model_name]
+    command += list(server_flags)
     process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
     deadline = time.monotonic() + 300
@@ -68,12 +72,20 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def server_flags(args) -> List[str]:
+    """`relkd serve` flags from this benchmark's own."""
+    if not args.batching:
+        return []
+    return ["--batching", "--max-batch-size", str(args.max_batch_size),
+            "--batch-timeout-ms", f"{args.batch_timeout_ms:g}"]
+
+
 def run(args) -> Dict[str, Any]:
     from pipeline import scoring_client
 
     texts = shop_texts(args.seed)
     model_name = args.model_name or os.path.basename(os.path.abspath(args.model_base).rstrip("/"))
-    process, port = start_server(args.model_base, model_name)
+    process, port = start_server(args.model_base, model_name, server_flags(args))
     target = f"127.0.0.1:{port}"
     latencies: List[float] = []
     errors: List[str] = []
@@ -122,7 +134,8 @@ def run(args) -> Dict[str, Any]:
         "machine": dict(th.machine_info(), load_average_after=list(os.getloadavg())),
         "settings": {"model_base": os.path.abspath(args.model_base), "model": model_name,
                      "clients": args.clients, "items_per_request": args.items,
-                     "seconds": args.seconds, "seed": args.seed},
+                     "seconds": args.seconds, "seed": args.seed,
+                     "server_flags": server_flags(args)},
         "requests": requests, "errors": len(errors), "error_examples": errors[:5],
         "wall_seconds": wall,
         "requests_per_second": requests / wall if wall else float("nan"),
@@ -141,6 +154,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=20.0, help="how long to send (default 20)")
     parser.add_argument("--timeout", type=float, default=30.0, help="deadline per request")
     parser.add_argument("--seed", type=int, default=20221207)
+    parser.add_argument("--batching", action="store_true",
+                        help="start the server with --batching (concurrent requests share calls)")
+    parser.add_argument("--max-batch-size", type=int, default=1000,
+                        help="with --batching: the server's --max-batch-size (default 1000)")
+    parser.add_argument("--batch-timeout-ms", type=float, default=0.0,
+                        help="with --batching: the server's --batch-timeout-ms (default 0)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.model_base):

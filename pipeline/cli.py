@@ -147,6 +147,15 @@ def _add_serve(subparsers) -> None:
                    help="address to bind (default 127.0.0.1; 0.0.0.0 exposes it to the network)")
     p.add_argument("--poll-seconds", type=float, default=1.0, help="how often to look for new versions")
     p.add_argument("--max-versions", type=int, default=2, help="newest versions kept loaded (default 2)")
+    p.add_argument("--batching", action="store_true",
+                   help="score concurrent requests for the same version and signature in one model "
+                        "call (as TF Serving's --enable_batching); off by default")
+    p.add_argument("--max-batch-size", type=int, default=1000,
+                   help="with --batching: most rows (pairs) per merged call (default 1000); a larger "
+                        "request runs alone")
+    p.add_argument("--batch-timeout-ms", type=float, default=0.0,
+                   help="with --batching: how long a request waits for others to join it (default 0: "
+                        "it takes only those already queued, which under load is plenty)")
 
 
 def _cmd_serve(args) -> int:
@@ -154,9 +163,13 @@ def _cmd_serve(args) -> int:
 
     if args.max_versions < 1 or args.poll_seconds <= 0:
         raise UsageError("--max-versions must be >= 1 and --poll-seconds > 0")
+    if args.max_batch_size < 1 or args.batch_timeout_ms < 0:
+        raise UsageError("--max-batch-size must be >= 1 and --batch-timeout-ms >= 0")
     try:
         return model_server.serve(args.model_base, args.model_name, args.host, args.port,
-                                  args.poll_seconds, args.max_versions)
+                                  args.poll_seconds, args.max_versions, batching=args.batching,
+                                  max_batch_size=args.max_batch_size,
+                                  batch_timeout_seconds=args.batch_timeout_ms / 1000.0)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from e
 

@@ -14,6 +14,8 @@ ModelService.GetModelStatus), so clients, tests and benchmarks are written once:
     the server carries on.
   * It never loads a path a request names: only the version folders of its own base directory.
   * It binds 127.0.0.1 unless told otherwise, and caps the size of a message.
+  * With `batching`, concurrent requests for one version and signature are scored in one call
+    (`request_batching.RequestBatcher`, like TF Serving's `--enable_batching`).
 """
 from __future__ import annotations
 
@@ -24,11 +26,14 @@ import threading
 from typing import Dict, List, Optional, Tuple
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2, model_pb2,
                                      model_service_pb2_grpc, predict_pb2,
                                      prediction_service_pb2_grpc, status_pb2)
+
+from pipeline import request_batching
 
 log = logging.getLogger("relkd.serve")
 
@@ -160,9 +165,11 @@ def _requested_version(model_spec: model_pb2.ModelSpec) -> Optional[int]:
 class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer,
                 model_service_pb2_grpc.ModelServiceServicer):
 
-    def __init__(self, models: ModelVersions, max_string_bytes: int):
+    def __init__(self, models: ModelVersions, max_string_bytes: int,
+                 batcher: Optional[request_batching.RequestBatcher] = None):
         self.models = models
         self.max_string_bytes = max_string_bytes
+        self.batcher = batcher
 
     def _version(self, model_spec: model_pb2.ModelSpec) -> _Version:
         if model_spec.name != self.models.name:
@@ -178,7 +185,7 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer,
                          f" loaded; loaded versions: {available or 'none yet'}")
         return version
 
-    def _inputs(self, version: _Version, signature_name: str, inputs) -> Dict[str, tf.Tensor]:
+    def _inputs(self, version: _Version, signature_name: str, inputs) -> Dict[str, np.ndarray]:
         signature = version.signatures.get(signature_name)
         if signature is None:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
@@ -191,7 +198,7 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer,
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                          f"signature {signature_name!r} takes inputs {sorted(expected)}"
                          + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
-        tensors, batch = {}, None
+        arrays, batch = {}, None
         for name, spec in expected.items():
             proto = inputs[name]
             if proto.dtype != spec.dtype.as_datatype_enum:
@@ -220,15 +227,24 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer,
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                                  f"input {name!r} holds a string of {longest} bytes; the limit is "
                                  f"{self.max_string_bytes}")
-            tensors[name] = tf.constant(value, dtype=spec.dtype)
-        return tensors
+            arrays[name] = value
+        return arrays
 
     def Predict(self, request: predict_pb2.PredictRequest, context) -> predict_pb2.PredictResponse:
         try:
             version = self._version(request.model_spec)
             signature_name = request.model_spec.signature_name or "serving_default"
-            tensors = self._inputs(version, signature_name, request.inputs)
-            outputs = version.signatures[signature_name](**tensors)
+            arrays = self._inputs(version, signature_name, request.inputs)
+            signature = version.signatures[signature_name]
+            specs = signature.structured_input_signature[1]
+
+            def model(inputs):
+                outputs = signature(**{name: tf.constant(value, dtype=specs[name].dtype)
+                                       for name, value in inputs.items()})
+                return {name: value.numpy() for name, value in outputs.items()}
+
+            outputs = (model(arrays) if self.batcher is None else
+                       self.batcher.submit((id(version), signature_name), model, arrays))
             wanted = list(request.output_filter) or list(outputs)
             unknown = sorted(set(wanted) - set(outputs))
             if unknown:
@@ -241,7 +257,7 @@ class _Servicer(prediction_service_pb2_grpc.PredictionServiceServicer,
         response.model_spec.version.value = version.number
         response.model_spec.signature_name = signature_name
         for name in wanted:
-            response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name].numpy()))
+            response.outputs[name].CopyFrom(tf.make_tensor_proto(outputs[name]))
         return response
 
     def GetModelMetadata(self, request, context):
@@ -296,14 +312,18 @@ class ModelServer:
     def __init__(self, model_base: str, model_name: Optional[str] = None, host: str = "127.0.0.1",
                  port: int = DEFAULT_PORT, poll_seconds: float = 1.0, max_versions: int = 2,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, max_string_bytes: int = MAX_STRING_BYTES,
-                 workers: int = 8):
+                 workers: int = 8, batching: bool = False, max_batch_size: int = 1000,
+                 batch_timeout_seconds: float = 0.0):
         name = model_name or os.path.basename(os.path.abspath(model_base).rstrip("/"))
         self.models = ModelVersions(name, model_base, poll_seconds, max_versions)
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=workers),
             options=[("grpc.max_receive_message_length", max_message_bytes),
                      ("grpc.max_send_message_length", max_message_bytes)])
-        servicer = _Servicer(self.models, max_string_bytes)
+        # The batcher's thread starts here and stops with the server.
+        self.batcher = (request_batching.RequestBatcher(max_batch_size, batch_timeout_seconds)
+                        if batching else None)
+        servicer = _Servicer(self.models, max_string_bytes, self.batcher)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, self._server)
         self.port = self._server.add_insecure_port(f"{host}:{port}")
@@ -319,21 +339,30 @@ class ModelServer:
     def stop(self, grace: float = 1.0) -> None:
         self.models.stop()
         self._server.stop(grace).wait()
+        if self.batcher is not None:
+            self.batcher.stop()
 
     def wait(self) -> None:
         self._server.wait_for_termination()
 
 
 def serve(model_base: str, model_name: Optional[str], host: str, port: int, poll_seconds: float,
-          max_versions: int, echo=print) -> int:
+          max_versions: int, echo=print, batching: bool = False, max_batch_size: int = 1000,
+          batch_timeout_seconds: float = 0.0) -> int:
     if not os.path.isdir(model_base):
         raise FileNotFoundError(f"model base directory not found: {model_base} (the Pusher's "
                                 "<serving base>/<model name>, holding numbered version folders)")
-    server = ModelServer(model_base, model_name, host, port, poll_seconds, max_versions).start()
+    server = ModelServer(model_base, model_name, host, port, poll_seconds, max_versions,
+                         batching=batching, max_batch_size=max_batch_size,
+                         batch_timeout_seconds=batch_timeout_seconds).start()
     available, failed = server.models.status()
     echo(f"Serving model {server.models.name!r} from {server.models.base} on {host}:{server.port} "
          f"(gRPC, TF Serving API); versions loaded: {available or 'none yet, waiting for one'}"
          + (f"; failed: {sorted(failed)}" if failed else ""))
+    if batching:
+        echo(f"Batching: concurrent requests for one version and signature are scored together, "
+             f"up to {max_batch_size} rows per call, waiting up to {1000 * batch_timeout_seconds:g} "
+             "ms for company.")
     echo("New version folders are picked up within "
          f"{poll_seconds:g}s. Ctrl-C stops the server.")
     try:

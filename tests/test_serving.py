@@ -88,6 +88,41 @@ def test_predictions_equal_the_saved_models_own_outputs(server, tiny_berm_o):
     assert version.version == 1 and version.state == get_model_status_pb2.ModelVersionStatus.AVAILABLE
 
 
+def test_with_batching_concurrent_requests_share_calls_and_each_gets_its_own_scores(tmp_path,
+                                                                                   tiny_berm_o):
+    base = tmp_path / "serving" / MODEL
+    shutil.copytree(tiny_berm_o, base / "1")
+    # A long wait for company, so that the four requests surely meet in the queue.
+    running = model_server.ModelServer(str(base), port=0, batching=True, max_batch_size=100,
+                                       batch_timeout_seconds=0.5).start()
+    try:
+        predict, _ = stubs(running.port)
+        ids, titles = [i for i, _ in ITEMS], [t for _, t in ITEMS]
+        requests = [([query] * (k + 1), ids[:k + 1], titles[:k + 1]) for k, query in enumerate(QUERIES)]
+        answers = [None] * len(requests)
+
+        def send(k):
+            answers[k] = tf.make_ndarray(predict.Predict(raw_request(*requests[k]), timeout=60)
+                                         .outputs["score"])
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(len(requests))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        for request, answer in zip(requests, answers):
+            assert answer is not None and answer.shape == (len(request[0]),)
+            np.testing.assert_allclose(answer, own_scores(tiny_berm_o, *request), rtol=0, atol=1e-6)
+        assert running.batcher.requests == 4 and running.batcher.model_calls < 4
+        # A bad request is refused before it reaches the batcher, which carries on.
+        with pytest.raises(grpc.RpcError) as refused:
+            predict.Predict(raw_request(["q", "q2"], ["i"], ["t"]), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert predict.Predict(raw_request(["q"], ["i"], ["t"]), timeout=30).outputs["score"].float_val
+    finally:
+        running.stop()
+
+
 def _bad_requests():
     missing = raw_request(["q"], ["i"], ["t"])
     del missing.inputs["item_id"]
@@ -232,15 +267,19 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
         writer.writerows(ITEMS)
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     server = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--model-base", str(base),
-                               "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
+                               "--port", "0", "--batching", "--max-batch-size", "500",
+                               "--batch-timeout-ms", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        port = None
+        port, batching = None, None
         for line in server.stdout:
             if "on 127.0.0.1:" in line:
                 port = int(line.split("on 127.0.0.1:")[1].split()[0])
+            if line.startswith("Batching:"):
+                batching = line
                 break
         assert port, "relkd serve did not report its address"
+        assert "up to 500 rows per call, waiting up to 1 ms" in batching
         result = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--target",
                                  f"127.0.0.1:{port}", "--model", MODEL, "--query", "cordless drill",
                                  "--items", str(items)], capture_output=True, text=True, timeout=300, env=env)
@@ -258,6 +297,15 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_relkd_serve_refuses_batching_settings_it_cannot_use(tmp_path, capsys):
+    from pipeline import cli
+
+    for flags, message in ((["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+                           (["--batch-timeout-ms", "-1"], "--batch-timeout-ms >= 0")):
+        assert cli.main(["serve", "--model-base", str(tmp_path), "--batching"] + flags) == 2
+        assert message in capsys.readouterr().err
 
 
 # --- Production serving manifests (kubeflow/serving/) ----------------------------------------
