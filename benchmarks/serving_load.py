@@ -22,6 +22,7 @@ import csv
 import datetime
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -80,6 +81,13 @@ def server_flags(args) -> List[str]:
             "--batch-timeout-ms", f"{args.batch_timeout_ms:g}"]
 
 
+def server_batching(output: str) -> Optional[Dict[str, int]]:
+    """The batcher's totals from what `relkd serve --batching` prints as it stops (warm-up
+    requests included); None without batching."""
+    match = re.search(r"Batching: (\d+) requests? in (\d+) model calls?", output or "")
+    return {"requests": int(match[1]), "model_calls": int(match[2])} if match else None
+
+
 def run(args) -> Dict[str, Any]:
     from pipeline import scoring_client
 
@@ -123,9 +131,10 @@ def run(args) -> Dict[str, Any]:
     finally:
         process.terminate()
         try:
-            process.wait(timeout=30)
+            farewell = process.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
             process.kill()
+            farewell = ""
     requests = len(latencies)
     return {
         "benchmark": "serving_load",
@@ -141,6 +150,7 @@ def run(args) -> Dict[str, Any]:
         "requests_per_second": requests / wall if wall else float("nan"),
         "pairs_per_second": requests * args.items / wall if wall else float("nan"),
         "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99),
+        "server_batching": server_batching(farewell),
     }
 
 
@@ -177,6 +187,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
           f"{result['errors']} errors; {result['requests_per_second']:.1f} requests/s = "
           f"{result['pairs_per_second']:,.0f} pairs/s; p50 {result['p50_ms']:.1f} ms, "
           f"p99 {result['p99_ms']:.1f} ms")
+    batching = result["server_batching"]
+    if batching:
+        print(f"server: {batching['requests']} requests in {batching['model_calls']} model calls")
     if result["errors"]:
         print("errors, e.g.:", *result["error_examples"], sep="\n  ")
     th.write_result(args.out, result)

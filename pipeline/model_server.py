@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import signal
 import threading
 from typing import Dict, List, Optional, Tuple
 
@@ -364,9 +365,23 @@ def serve(model_base: str, model_name: Optional[str], host: str, port: int, poll
              f"up to {max_batch_size} rows per call, waiting up to {1000 * batch_timeout_seconds:g} "
              "ms for company.")
     echo("New version folders are picked up within "
-         f"{poll_seconds:g}s. Ctrl-C stops the server.")
+         f"{poll_seconds:g}s. Ctrl-C (or SIGTERM, as Kubernetes and process managers send) stops "
+         "the server.")
+
+    def on_sigterm(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         server.wait()
     except KeyboardInterrupt:
-        server.stop()
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    server.stop()
+    if server.batcher is not None:
+        requests, calls = server.batcher.requests, server.batcher.model_calls
+        echo(f"Batching: {requests} request{'s' * (requests != 1)} in {calls} model "
+             f"call{'s' * (calls != 1)}" + (f" ({requests / calls:.2f} per call)" if calls else ""))
+    echo("Stopped.")
     return 0

@@ -294,9 +294,17 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
                                   str(items)], capture_output=True, text=True, timeout=300, env=env)
         assert missing.returncode == 1 and "does not have that model" in missing.stderr
         assert "Traceback" not in missing.stderr
-    finally:
+
+        # SIGTERM (what Kubernetes sends) stops it cleanly, with the batcher's totals.
         server.terminate()
-        server.wait(timeout=30)
+        farewell = server.communicate(timeout=60)[0]
+        assert server.returncode == 0, farewell
+        assert "Batching: 1 request in 1 model call (1.00 per call)" in farewell
+        assert farewell.rstrip().endswith("Stopped.")
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait(timeout=30)
 
 
 def test_relkd_serve_refuses_batching_settings_it_cannot_use(tmp_path, capsys):

@@ -1,0 +1,15 @@
+"""benchmarks/serving_load.py: the server flags it passes on and the batcher totals it reads back."""
+from benchmarks import serving_load
+
+
+def test_batching_flags_reach_the_server_and_its_totals_come_back():
+    args = serving_load.parse_args(["--model-base", ".", "--batching", "--max-batch-size", "500",
+                                    "--batch-timeout-ms", "2"])
+    assert serving_load.server_flags(args) == ["--batching", "--max-batch-size", "500",
+                                               "--batch-timeout-ms", "2"]
+    assert serving_load.server_flags(serving_load.parse_args(["--model-base", "."])) == []
+    farewell = "...\nBatching: 743 requests in 189 model calls (3.93 per call)\nStopped.\n"
+    assert serving_load.server_batching(farewell) == {"requests": 743, "model_calls": 189}
+    assert serving_load.server_batching("Batching: 1 request in 1 model call") == {
+        "requests": 1, "model_calls": 1}
+    assert serving_load.server_batching("Stopped.\n") is None
