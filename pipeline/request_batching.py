@@ -1,11 +1,11 @@
 """Server-side batching for `relkd serve`, as TF Serving's `--enable_batching` does it.
 
 Concurrent Predict requests for the same model version and signature are concatenated along
-the batch axis, scored in one model call, and each request gets its own rows back. A BERM-O
-call of a few hundred small ops costs nearly as much for 10 pairs as for 100 (README, *Student
-on Home Depot*, Speed), so under concurrent load one call for many requests raises the
-throughput; a request that arrives while the server is idle runs at once unless
-`timeout_seconds` asks the batcher to wait for company.
+the batch axis, scored in one model call, and each request gets its own rows back. Under
+concurrent load fewer, larger calls share out each call's fixed costs and cut the wait behind
+other requests' calls (README, *Scoring and serving*, Load, measures what that gains); a request
+that arrives while the server is idle runs at once unless `timeout_seconds` asks the batcher to
+wait for company.
 
   * One thread runs the batches, in arrival order of their first request: on a 2-core machine
     TensorFlow already spreads one call over both cores.
