@@ -83,7 +83,13 @@ class RequestBatcher:
                 if not self._queue:
                     return
                 batch = self._collect()
-            self._run(batch)
+            try:
+                self._run(batch)
+            except Exception as e:  # pylint: disable=broad-except
+                # Never leave a client waiting on a request the thread gave up on.
+                for request in batch:
+                    if not request.future.done():
+                        request.future.set_exception(e)
 
     def _collect(self) -> List[_Request]:
         """The oldest request and the queued ones of its key that fit, waiting up to the
@@ -118,8 +124,9 @@ class RequestBatcher:
             self._answer(batch[0])
             return
         total = sum(r.rows for r in batch)
-        merged = {name: np.concatenate([r.inputs[name] for r in batch]) for name in batch[0].inputs}
         try:
+            merged = {name: np.concatenate([r.inputs[name] for r in batch])
+                      for name in batch[0].inputs}
             outputs = self._call(batch[0].model, merged)
         except Exception as e:  # pylint: disable=broad-except
             for request in batch:

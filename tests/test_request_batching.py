@@ -43,7 +43,7 @@ def submit_together(batcher, requests):
 
 @pytest.fixture
 def batcher():
-    running = RequestBatcher(max_batch_size=10, timeout_seconds=0.3)
+    running = RequestBatcher(max_batch_size=10, timeout_seconds=0.5)
     yield running
     running.stop()
 
@@ -106,3 +106,11 @@ def test_settings_and_inputs_are_checked():
             running.submit("k", Recorder(), {"x": np.arange(2), "z": np.arange(3)})
     finally:
         running.stop()
+
+
+def test_requests_whose_inputs_cannot_be_merged_fail_instead_of_hanging(batcher):
+    model = Recorder()
+    results = submit_together(batcher, [("k", model, {"x": np.arange(2)}),
+                                        ("k", model, {"x": np.arange(4).reshape(2, 2)})])
+    assert all(isinstance(r, ValueError) for r in results)  # 1-D and 2-D rows do not concatenate
+    assert batcher.submit("k", model, {"x": np.arange(1)})["y"].tolist() == [0]
