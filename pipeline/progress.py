@@ -14,6 +14,8 @@ from typing import Callable, Dict, List, Optional
 
 _RUNNING = re.compile(r"Component (\S+) is running\.")
 _FINISHED = re.compile(r"Component (\S+) is finished\.")
+# TFX's launcher, between a node's two lines above, when --resume's cache supplies its outputs.
+_CACHED = re.compile(r"A cached execution \d+ is used\.")
 
 
 def _fmt(seconds: float) -> str:
@@ -28,6 +30,7 @@ class ProgressReporter(logging.Handler):
         self._echo = echo
         self._heartbeat_s = heartbeat_s
         self._current: Optional[str] = None
+        self._current_cached = False
         self._started = 0.0
         self._run_started = time.monotonic()
         self.durations: Dict[str, float] = {}
@@ -47,7 +50,11 @@ class ProgressReporter(logging.Handler):
         match = _RUNNING.search(message)
         if match:
             self._started, self._current = time.monotonic(), match.group(1)
+            self._current_cached = False
             self._echo(f"{self._position(self._current)} {self._current} ...")
+            return
+        if self._current and _CACHED.search(message):
+            self._current_cached = True
             return
         match = _FINISHED.search(message)
         if match:
@@ -55,7 +62,8 @@ class ProgressReporter(logging.Handler):
             elapsed = time.monotonic() - self._started
             self.durations[node] = elapsed
             self._current = None
-            self._echo(f"{self._position(node)} {node} done in {_fmt(elapsed)} "
+            done = "reused from an earlier run" if self._current_cached else f"done in {_fmt(elapsed)}"
+            self._echo(f"{self._position(node)} {node} {done} "
                        f"(total {_fmt(time.monotonic() - self._run_started)})")
 
     def _beat(self) -> None:

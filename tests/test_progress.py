@@ -19,6 +19,16 @@ def test_steps_are_numbered_and_timed():
     assert set(reporter.durations) == {"B"} and len(lines) == 2
 
 
+def test_a_step_taken_from_the_cache_says_so():
+    lines = []
+    reporter = ProgressReporter(["A", "B"], echo=lines.append)
+    for message in ("Component A is running.", "A cached execution 7 is used.", "Component A is finished.",
+                    "Component B is running.", "Going to run a new execution 8", "Component B is finished."):
+        reporter.emit(record(message))
+    assert lines[1].startswith("[1/2] A reused from an earlier run (total ")
+    assert lines[3].startswith("[2/2] B done in ")
+
+
 def test_heartbeat_counts_from_the_start_of_the_step():
     lines = []
     with ProgressReporter(["A"], echo=lines.append, heartbeat_s=1.5) as reporter:
