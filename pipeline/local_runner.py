@@ -272,7 +272,8 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
             echo(f"{'eval ' + name:>10}: {shown}")
     push = evaluation.get("push")
     if push and push.get("pushed"):
-        echo(f"{'pushed':>10}: BERM-O version {push.get('version')} -> {push.get('destination')}")
+        again = " (already served there: not copied again)" if push.get("already_served") else ""
+        echo(f"{'pushed':>10}: BERM-O version {push.get('version')} -> {push.get('destination')}{again}")
     if outcome.message:
         echo("")
         echo(outcome.message)

@@ -11,9 +11,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
-from tfx.dsl.components.base import base_node
+from tfx.dsl.components.base import base_node, executor_spec
 from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 
+from components import serving_pusher
 from components.berm_exporter import BermServingExporter
 from components.data_gate import DataValidationGate
 from components.epochs_trainer import EpochsTrainer
@@ -235,6 +236,7 @@ def student_gate_components(config: PipelineConfig, examples: Any, model: Any,
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_base, config.serving.model_name))),
+        custom_executor_spec=executor_spec.ExecutorClassSpec(serving_pusher.Executor),
     ).with_id("Pusher")
     return {n.id: n for n in (baseline, student_evaluator, pusher)}
 

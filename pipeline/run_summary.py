@@ -102,7 +102,9 @@ def _evaluation(nodes: Dict[str, Any], gates: Dict[str, Dict[str, float]], ndcg_
         properties = pushed[0]["properties"]
         out["push"] = {"pushed": bool(properties.get("pushed")),
                        "destination": properties.get("pushed_destination"),
-                       "version": properties.get("pushed_version")}
+                       "version": properties.get("pushed_version"),
+                       # components/serving_pusher.py: the newest version already held this model.
+                       "already_served": bool(properties.get("already_served"))}
     return out
 
 
