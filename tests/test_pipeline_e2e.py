@@ -194,17 +194,6 @@ def test_too_many_quarantined_rows_stop_the_run(tmp_path):
     # test_cli_run_prints_progress_and_where_outputs_are runs the whole DAG on them.
 
 
-def test_resume_reuses_unchanged_steps(tmp_path):
-    logs, judgments = write_logs_and_judgments(str(tmp_path / "in"))
-    config = configs.load_config(overrides={**SMALL_MODELS, **PERMISSIVE_GATES})
-    first = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
-    assert first.exit_code == local_runner.EXIT_OK, first.message
-    second = local_runner.run(config, str(tmp_path / "run"), logs=logs, judgments=judgments, echo=quiet, resume=True)
-    assert second.exit_code == local_runner.EXIT_OK, second.message
-    states = {node: info["state"] for node, info in second.summary["nodes"].items()}
-    assert states["TeacherTrainer"] == "CACHED" and states["TeacherLabeller"] == "CACHED", states
-
-
 class _PipelineBuilt(Exception):
     pass
 
@@ -235,6 +224,11 @@ def relkd(*args, cwd):
                           timeout=600)
 
 
+def _node_states(run_dir):
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    return {node: info["state"] for node, info in summary["nodes"].items()}
+
+
 def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     # With bad rows under a relaxed quarantine limit (the strict limit stops them:
     # test_too_many_quarantined_rows_stop_the_run).
@@ -242,13 +236,30 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps({**PERMISSIVE_GATES, **SMALL_MODELS,
                                        "data": {"max_quarantine_fraction": 0.1}}))
-    result = relkd("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
-                   "--config", str(config_path), cwd=tmp_path)
+    # --resume into a fresh folder is a whole run: there is nothing yet to reuse.
+    run_args = ("run", "--logs", logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
+                "--config", str(config_path), "--resume")
+    result = relkd(*run_args, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r"\[\d+/20\] BermServingExporter done in", result.stdout)
     assert "[20/20] Pusher done in" in result.stdout
     assert "pushed: BERM-O version" in result.stdout
     assert f"report: {tmp_path / 'run' / 'report' / 'report.html'}" in result.stdout
+    first_states = _node_states(tmp_path / "run")
+    assert set(first_states.values()) == {"COMPLETE"}, first_states
+
+    [version] = os.listdir(tmp_path / "run" / "serving" / "relkd")
+
+    # Run again with --resume and nothing changed: the slow steps come from TFX's cache, and the
+    # student, blessed again against itself, is not pushed as a second copy.
+    resumed = relkd(*run_args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    states = _node_states(tmp_path / "run")
+    assert states["TeacherTrainer"] == "CACHED" and states["TeacherLabeller"] == "CACHED", states
+    assert re.search(r"\[\d+/20\] TeacherTrainer reused from an earlier run", resumed.stdout)
+    assert f"pushed: BERM-O version {version} -> " in resumed.stdout
+    assert "(already served there: not copied again)" in resumed.stdout
+    assert os.listdir(tmp_path / "run" / "serving" / "relkd") == [version]
 
     # `relkd report` writes the report again, anywhere; a folder that is not a run is a usage error.
     again = relkd("report", "--run", str(tmp_path / "run"), "--output", str(tmp_path / "again"), cwd=tmp_path)
