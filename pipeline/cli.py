@@ -14,8 +14,9 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 from typing import List, Optional
 
-from pipeline import configs  # noqa: E402
-from pipeline.local_runner import EXIT_FAILED, EXIT_USAGE, UsageError  # noqa: E402
+# Only light imports up here: TFX and TensorFlow load (seconds) once a command runs, not for
+# --help or a mistyped flag.
+from pipeline.exit_codes import EXIT_FAILED, EXIT_USAGE, UsageError  # noqa: E402
 
 
 def _add_run(subparsers) -> None:
@@ -200,6 +201,7 @@ def _add_compile(subparsers) -> None:
 
 def _cmd_compile(args) -> int:
     from kubeflow import runner
+    from pipeline import configs
 
     overrides = {"kubeflow": {"image": args.image}} if args.image else None
     config = configs.load_config(args.config, overrides)
@@ -215,7 +217,7 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from pipeline import local_runner
+    from pipeline import configs, local_runner
 
     config = configs.load_config(args.config)
     outcome = local_runner.run(config, args.output, logs=args.logs, judgments=args.judgments,
@@ -227,7 +229,7 @@ def _cmd_run(args) -> int:
 def _cmd_generate(args) -> int:
     import dataclasses
 
-    from pipeline import default_data
+    from pipeline import configs, default_data
 
     config = configs.load_config(args.config)
     spec = default_data.ShopSpec(**dataclasses.asdict(config.default_data))
@@ -251,14 +253,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 "report": _cmd_report, "score": _cmd_score, "serve": _cmd_serve}
     try:
         return commands[args.command](args)
-    except (UsageError, configs.ConfigError) as e:
+    except UsageError as e:
         print(f"relkd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except ValueError as e:
-        # InputError and friends: the input cannot be read at all.
+        # A config file that cannot be used, or an input that cannot be read at all.
         from components.ingest.readers import InputError
+        from pipeline.configs import ConfigError
 
-        if isinstance(e, InputError):
+        if isinstance(e, (ConfigError, InputError)):
             print(f"relkd {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise

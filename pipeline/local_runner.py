@@ -19,15 +19,11 @@ from typing import Any, Callable, Dict, Optional
 
 from pipeline import metadata, run_summary
 from pipeline.configs import PipelineConfig
+# The codes are read from the runner too (local_runner.EXIT_OK), so all of them are imported.
+from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESSED,  # noqa: F401
+                                 EXIT_OK, EXIT_USAGE, UsageError)
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA_REJECTED, EXIT_NOT_BLESSED = 0, 1, 2, 3, 4
-
-
-class UsageError(ValueError):
-    """The command line or the inputs it names cannot be used; the message says why."""
-
 
 @dataclasses.dataclass
 class RunOutcome:

@@ -294,7 +294,30 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     (["--dataset", "homedepot"], "needs --input"),
     (["--config", "nope.yaml"], "config file not found"),
 ])
-def test_cli_usage_errors_exit_2_with_a_message(tmp_path, args, message):
-    result = relkd("run", "--output", str(tmp_path / "run"), *args, cwd=tmp_path)
-    assert result.returncode == 2
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_cli_usage_errors_exit_2_with_a_message(tmp_path, monkeypatch, capsys, args, message):
+    # In-process: `python -m pipeline.cli` only adds sys.exit, and the CLI test above runs that.
+    from pipeline import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "--output", str(tmp_path / "run"), *args]) == 2
+    stderr = capsys.readouterr().err
+    assert message in stderr and "Traceback" not in stderr
+
+
+HELP_PROBE = """
+import sys
+from pipeline import cli
+try:
+    cli.main(sys.argv[1:])
+except SystemExit as e:
+    print("exit", e.code)
+print("loaded:", sorted({"tensorflow", "tfx", "apache_beam"} & set(sys.modules)))
+"""
+
+
+@pytest.mark.parametrize("args,code", [(["--help"], 0), (["serve", "--help"], 0), (["run", "--bogus"], 2)])
+def test_help_and_bad_flags_are_answered_before_the_libraries_load(tmp_path, args, code):
+    result = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], cwd=os.path.dirname(os.path.dirname(__file__)),
+                            capture_output=True, text=True, timeout=120)
+    assert f"exit {code}" in result.stdout and "loaded: []" in result.stdout, result.stdout + result.stderr
+    assert ("usage: relkd" in result.stdout) if code == 0 else ("unrecognized arguments: --bogus" in result.stderr)
