@@ -1,4 +1,4 @@
-"""The Pusher's executor: TFX's own, except that it does not push again what is already served.
+"""The Pusher: TFX's own, except that its executor does not push again what is already served.
 
 A `relkd run --resume` whose inputs and settings did not change takes the student from the cache.
 The StudentEvaluator then compares it with the latest blessed student, which is that same model,
@@ -17,7 +17,9 @@ from typing import Any, Dict, List, Optional
 
 from absl import logging
 from tfx import types
+from tfx.components.pusher import component as pusher_component
 from tfx.components.pusher import executor as pusher_executor
+from tfx.dsl.components.base import executor_spec
 from tfx.dsl.io import fileio
 from tfx.proto import pusher_pb2
 from tfx.types import artifact_utils, standard_component_specs
@@ -88,3 +90,9 @@ class Executor(pusher_executor.Executor):
                              version, base)
                 return
         super().Do(input_dict, output_dict, exec_properties)
+
+
+class Pusher(pusher_component.Pusher):
+    """TFX's Pusher component with the executor above (TFX's way to swap an executor)."""
+
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(Executor)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from ml_metadata.proto import metadata_store_pb2
 from tfx import v1 as tfx
-from tfx.dsl.components.base import base_node, executor_spec
+from tfx.dsl.components.base import base_node
 from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 
 from components import serving_pusher
@@ -230,13 +230,12 @@ def student_gate_components(config: PipelineConfig, examples: Any, model: Any,
         example_splits=[config.evaluation.split],
         module_path=evaluation.METRICS_MODULE,
     ).with_id("StudentEvaluator")
-    pusher = tfx.components.Pusher(
+    pusher = serving_pusher.Pusher(
         model=model,
         model_blessing=student_evaluator.outputs["blessing"],
         push_destination=tfx.proto.PushDestination(
             filesystem=tfx.proto.PushDestination.Filesystem(
                 base_directory=os.path.join(serving_base, config.serving.model_name))),
-        custom_executor_spec=executor_spec.ExecutorClassSpec(serving_pusher.Executor),
     ).with_id("Pusher")
     return {n.id: n for n in (baseline, student_evaluator, pusher)}
 
