@@ -25,6 +25,7 @@ from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESS
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
 
+
 @dataclasses.dataclass
 class RunOutcome:
     exit_code: int
