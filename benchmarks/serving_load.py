@@ -75,10 +75,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def server_flags(args) -> List[str]:
     """`relkd serve` flags from this benchmark's own."""
+    flags = [f"--{name}={value}" for name, value in (("intra-op-threads", args.intra_op_threads),
+                                                      ("inter-op-threads", args.inter_op_threads))
+             if value is not None]
     if not args.batching:
-        return []
-    return ["--batching", "--max-batch-size", str(args.max_batch_size),
-            "--batch-timeout-ms", f"{args.batch_timeout_ms:g}"]
+        return flags
+    return flags + ["--batching", "--max-batch-size", str(args.max_batch_size),
+                    "--batch-timeout-ms", f"{args.batch_timeout_ms:g}"]
 
 
 def server_batching(output: str) -> Optional[Dict[str, int]]:
@@ -170,6 +173,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="with --batching: the server's --max-batch-size (default 1000)")
     parser.add_argument("--batch-timeout-ms", type=float, default=0.0,
                         help="with --batching: the server's --batch-timeout-ms (default 0)")
+    parser.add_argument("--intra-op-threads", type=int, default=None,
+                        help="the server's --intra-op-threads (default: the server's, 1)")
+    parser.add_argument("--inter-op-threads", type=int, default=None,
+                        help="the server's --inter-op-threads (default: the server's, 0: "
+                             "TensorFlow's choice)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.model_base):

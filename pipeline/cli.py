@@ -157,6 +157,14 @@ def _add_serve(subparsers) -> None:
     p.add_argument("--batch-timeout-ms", type=float, default=0.0,
                    help="with --batching: how long a request waits for others to join it (default 0: "
                         "it takes only those already queued, which under load is plenty)")
+    p.add_argument("--intra-op-threads", type=int, default=1,
+                   help="threads one TensorFlow op may split its work over (TF Serving's "
+                        "--tensorflow_intra_op_parallelism; default 1: BERM-O's ops are small, and "
+                        "concurrent requests use the other cores; 0: TensorFlow's choice)")
+    p.add_argument("--inter-op-threads", type=int, default=0,
+                   help="threads that run independent ops, of one request or of concurrent ones "
+                        "(TF Serving's --tensorflow_inter_op_parallelism; default 0: TensorFlow's "
+                        "choice, the machine's cores)")
 
 
 def _cmd_serve(args) -> int:
@@ -166,11 +174,15 @@ def _cmd_serve(args) -> int:
         raise UsageError("--max-versions must be >= 1 and --poll-seconds > 0")
     if args.max_batch_size < 1 or args.batch_timeout_ms < 0:
         raise UsageError("--max-batch-size must be >= 1 and --batch-timeout-ms >= 0")
+    if args.intra_op_threads < 0 or args.inter_op_threads < 0:
+        raise UsageError("--intra-op-threads and --inter-op-threads must be >= 0 (0: TensorFlow's choice)")
     try:
         return model_server.serve(args.model_base, args.model_name, args.host, args.port,
                                   args.poll_seconds, args.max_versions, batching=args.batching,
                                   max_batch_size=args.max_batch_size,
-                                  batch_timeout_seconds=args.batch_timeout_ms / 1000.0)
+                                  batch_timeout_seconds=args.batch_timeout_ms / 1000.0,
+                                  intra_op_threads=args.intra_op_threads,
+                                  inter_op_threads=args.inter_op_threads)
     except (FileNotFoundError, OSError) as e:
         raise UsageError(str(e)) from e
 
@@ -239,7 +251,7 @@ def _cmd_generate(args) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="relkd", description="Knowledge-distilled relevance models for product search.")
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_run(subparsers)
@@ -248,7 +260,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     _add_report(subparsers)
     _add_score(subparsers)
     _add_serve(subparsers)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     commands = {"run": _cmd_run, "generate": _cmd_generate, "compile": _cmd_compile,
                 "report": _cmd_report, "score": _cmd_score, "serve": _cmd_serve}
     try:

@@ -347,12 +347,30 @@ class ModelServer:
         self._server.wait_for_termination()
 
 
+def set_threads(intra_op: int, inter_op: int) -> None:
+    """TensorFlow's thread pools for this process (0 leaves TensorFlow's choice). They can only be
+    set before TensorFlow runs its first op, so this comes before any model is loaded."""
+    threading_config = tf.config.threading
+    for wanted, get, put in ((intra_op, threading_config.get_intra_op_parallelism_threads,
+                              threading_config.set_intra_op_parallelism_threads),
+                             (inter_op, threading_config.get_inter_op_parallelism_threads,
+                              threading_config.set_inter_op_parallelism_threads)):
+        if wanted and get() != wanted:
+            put(wanted)
+
+
+def threads_label(threads: int) -> str:
+    return "TensorFlow's choice" if threads == 0 else str(threads)
+
+
 def serve(model_base: str, model_name: Optional[str], host: str, port: int, poll_seconds: float,
           max_versions: int, echo=print, batching: bool = False, max_batch_size: int = 1000,
-          batch_timeout_seconds: float = 0.0) -> int:
+          batch_timeout_seconds: float = 0.0, intra_op_threads: int = 1,
+          inter_op_threads: int = 0) -> int:
     if not os.path.isdir(model_base):
         raise FileNotFoundError(f"model base directory not found: {model_base} (the Pusher's "
                                 "<serving base>/<model name>, holding numbered version folders)")
+    set_threads(intra_op_threads, inter_op_threads)
     server = ModelServer(model_base, model_name, host, port, poll_seconds, max_versions,
                          batching=batching, max_batch_size=max_batch_size,
                          batch_timeout_seconds=batch_timeout_seconds).start()
@@ -360,6 +378,8 @@ def serve(model_base: str, model_name: Optional[str], host: str, port: int, poll
     echo(f"Serving model {server.models.name!r} from {server.models.base} on {host}:{server.port} "
          f"(gRPC, TF Serving API); versions loaded: {available or 'none yet, waiting for one'}"
          + (f"; failed: {sorted(failed)}" if failed else ""))
+    echo(f"TensorFlow threads: {threads_label(intra_op_threads)} per op (intra-op), "
+         f"{threads_label(inter_op_threads)} for independent ops (inter-op).")
     if batching:
         echo(f"Batching: concurrent requests for one version and signature are scored together, "
              f"up to {max_batch_size} rows per call, waiting up to {1000 * batch_timeout_seconds:g} "

@@ -271,15 +271,19 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
                                "--batch-timeout-ms", "1"],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        port, batching = None, None
+        port, threads, batching = None, None, None
         for line in server.stdout:
             if "on 127.0.0.1:" in line:
                 port = int(line.split("on 127.0.0.1:")[1].split()[0])
+            if line.startswith("TensorFlow threads:"):
+                threads = line
             if line.startswith("Batching:"):
                 batching = line
                 break
         assert port, "relkd serve did not report its address"
         assert "up to 500 rows per call, waiting up to 1 ms" in batching
+        # One thread per op by default (BERM-O's ops are small; see --intra-op-threads).
+        assert threads.startswith("TensorFlow threads: 1 per op (intra-op), TensorFlow's choice for")
         result = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--target",
                                  f"127.0.0.1:{port}", "--model", MODEL, "--query", "cordless drill",
                                  "--items", str(items)], capture_output=True, text=True, timeout=300, env=env)
@@ -307,11 +311,13 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
             server.wait(timeout=30)
 
 
-def test_relkd_serve_refuses_batching_settings_it_cannot_use(tmp_path, capsys):
+def test_relkd_serve_refuses_batching_and_thread_settings_it_cannot_use(tmp_path, capsys):
     from pipeline import cli
 
     for flags, message in ((["--max-batch-size", "0"], "--max-batch-size must be >= 1"),
-                           (["--batch-timeout-ms", "-1"], "--batch-timeout-ms >= 0")):
+                           (["--batch-timeout-ms", "-1"], "--batch-timeout-ms >= 0"),
+                           (["--intra-op-threads", "-1"], "must be >= 0 (0: TensorFlow's choice)"),
+                           (["--inter-op-threads", "-2"], "must be >= 0 (0: TensorFlow's choice)")):
         assert cli.main(["serve", "--model-base", str(tmp_path), "--batching"] + flags) == 2
         assert message in capsys.readouterr().err
 
@@ -348,6 +354,7 @@ def test_tf_serving_manifests_are_valid_and_consistent():
     assert container["image"] == f"tensorflow/serving:{tf.__version__}"
     assert "--model_config_file=/config/models.config" in container["args"]
     assert "--enable_batching=true" in container["args"]
+    assert "--tensorflow_intra_op_parallelism=1" in container["args"]  # as `relkd serve` defaults
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}

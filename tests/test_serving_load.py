@@ -1,5 +1,6 @@
 """benchmarks/serving_load.py: the server flags it passes on and the batcher totals it reads back."""
 from benchmarks import serving_load
+from pipeline import cli
 
 
 def test_batching_flags_reach_the_server_and_its_totals_come_back():
@@ -13,3 +14,12 @@ def test_batching_flags_reach_the_server_and_its_totals_come_back():
     assert serving_load.server_batching("Batching: 1 request in 1 model call") == {
         "requests": 1, "model_calls": 1}
     assert serving_load.server_batching("Stopped.\n") is None
+
+
+def test_thread_flags_reach_the_server_as_relkd_serve_reads_them():
+    args = serving_load.parse_args(["--model-base", ".", "--intra-op-threads", "0",
+                                    "--inter-op-threads", "2"])
+    flags = serving_load.server_flags(args)
+    assert flags == ["--intra-op-threads=0", "--inter-op-threads=2"]
+    serve_args = cli.build_parser().parse_args(["serve", "--model-base", "."] + flags)
+    assert (serve_args.intra_op_threads, serve_args.inter_op_threads) == (0, 2)
