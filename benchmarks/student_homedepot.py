@@ -35,11 +35,15 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    the model). One more student (`--human-order`, default k=1) learns the teacher's scores and
    the `train` judgments (`--human-loss-weight`, default 3; 0 drops the row), the same
    judgments the teacher fine-tunes on.
-6. Speed: teacher and BERM-O `serve_raw` alternate batch by batch over the `test` pairs, after
-   one warm-up batch each: throughput (pairs over the summed call time) in batches of
-   `--throughput-batch-size` (1000, the same for both), then p50/p99 of the per-call time in
-   batches of `--batch-size` (100), each race `--race-passes` (3) times over the test pairs
-   (the first call of each model excluded). `--race-only --work-dir DIR` repeats just this
+6. Speed: teacher and BERM-O `serve_raw` over the `test` pairs, each model in its own TF1
+   session as TF Serving runs it, with the threads per op its server gives it
+   (`--teacher-intra-op-threads`, 0: every core; `--berm-intra-op-threads`, 1, as `relkd serve`
+   and the deployment), after one warm-up call each: throughput (pairs over the summed call
+   time) in batches of `--throughput-batch-size` (1000, the same for both), then p50/p99 of
+   the per-call time in batches of `--batch-size` (100), each race `--race-passes` (3) times
+   over the test pairs. Every race runs twice: the models alternating call by call (each
+   BERM-O call finds the machine cold after a teacher call; the README's table), then in
+   streams (each model scores a whole pass back to back, as a loaded server does). `--race-only --work-dir DIR` repeats just this
    step with the models an earlier run kept in DIR, or with any teacher and BERM-O given by
    `--teacher-model` and `--berm-model` (say, the ones a pipeline run trained and pushed).
 
@@ -67,6 +71,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import relevance_metrics as rm  # noqa: E402
+from benchmarks import serving_session  # noqa: E402,F401  (before TensorFlow starts: each model its own threads)
 from benchmarks import teacher_homedepot as th  # noqa: E402
 
 SPLITS = th.SPLITS
@@ -228,30 +233,44 @@ def percentile(values: Sequence[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else math.nan
 
 
-def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int,
-         passes: int) -> Dict[str, Any]:
-    """Teacher and BERM-O serve_raw, alternating batch by batch, `passes` times over the pairs;
-    per-batch wall times."""
-    import tensorflow as tf
+def race(teacher_call, berm_call, queries, item_ids, titles, batch_size: int, passes: int,
+         streams: bool = False) -> Dict[str, Any]:
+    """Teacher and BERM-O, `passes` times over the pairs in full batches; per-call wall times.
 
-    batches = [(tf.constant(queries[i:i + batch_size]), tf.constant(item_ids[i:i + batch_size]),
-                tf.constant(titles[i:i + batch_size]))
-               for i in range(0, len(queries), batch_size)]
-    # Full batches only. Repeating the pairs matters at large batches: the test split is only
-    # a few batches of 1,000, and on 2 cores one pass spreads by +-5 % from run to run.
-    batches = [b for b in batches if int(b[0].shape[0]) == batch_size] * passes
-    times = {"teacher": [], "berm_o": []}
-    for index, (query, item_id, title) in enumerate(batches):
+    `teacher_call` and `berm_call` take (queries, item_ids, titles) as numpy arrays. Each model
+    is called once untimed first. By default the models alternate call by call, so every
+    BERM-O call follows a teacher call (it finds the caches full of the teacher's weights);
+    with `streams` each model scores the whole pass in a row before the other takes its turn,
+    as a server under load runs one model's requests back to back.
+    """
+    import numpy as np
+
+    batches = [tuple(np.array(x[i:i + batch_size], dtype=object) for x in (queries, item_ids, titles))
+               for i in range(0, len(queries) - batch_size + 1, batch_size)]
+    if not batches:
+        raise ValueError(f"fewer than {batch_size} test pairs for a batch")
+    calls = {"teacher": teacher_call, "berm_o": berm_call}
+    times: Dict[str, List[float]] = {name: [] for name in calls}
+
+    def timed(name, batch):
         start = time.perf_counter()
-        teacher_raw(query=query, item_title=title)["score"].numpy()
-        teacher_seconds = time.perf_counter() - start
-        start = time.perf_counter()
-        berm_raw(query=query, item_id=item_id, item_title=title)["score"].numpy()
-        berm_seconds = time.perf_counter() - start
-        if index:  # the first batch of each warms up
-            times["teacher"].append(teacher_seconds)
-            times["berm_o"].append(berm_seconds)
-    out = {}
+        calls[name](*batch)
+        times[name].append(time.perf_counter() - start)
+
+    for call in calls.values():
+        call(*batches[0])
+    # Repeating the pairs matters at large batches: the test split is only a few batches of
+    # 1,000, and on 2 cores one pass spreads by +-5 % from run to run.
+    for _ in range(passes):
+        if streams:
+            for name in calls:
+                for batch in batches:
+                    timed(name, batch)
+        else:
+            for batch in batches:
+                for name in calls:
+                    timed(name, batch)
+    out: Dict[str, Any] = {}
     for name, seconds in times.items():
         total = sum(seconds)
         out[name] = {"batches": len(seconds), "pairs": len(seconds) * batch_size,
@@ -259,38 +278,53 @@ def race(teacher_raw, berm_raw, queries, item_ids, titles, batch_size: int,
                      "pairs_per_second": len(seconds) * batch_size / total if total else math.nan,
                      "p50_ms": 1000 * percentile(seconds, 50), "p99_ms": 1000 * percentile(seconds, 99)}
     out["speedup"] = out["berm_o"]["pairs_per_second"] / out["teacher"]["pairs_per_second"]
-    out["batch_size"] = batch_size
-    out["passes"] = passes
+    out.update(batch_size=batch_size, passes=passes, order="streams" if streams else "alternating")
     return out
 
 
-def speed(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch: int,
-          throughput_batch: int, passes: int) -> Dict[str, Any]:
-    """Throughput at `throughput_batch` and per-call latency at `latency_batch`, both models."""
-    log(f"speed: teacher vs BERM-O serve_raw, throughput at batch {throughput_batch}...")
-    throughput = race(teacher_raw, berm_raw, queries, item_ids, titles, throughput_batch, passes)
-    log(f"speed: latency at batch {latency_batch}...")
-    latency = race(teacher_raw, berm_raw, queries, item_ids, titles, latency_batch, passes)
-    log(f"speed: BERM-O {throughput['speedup']:.1f}x the teacher's pairs/s at batch {throughput_batch}, "
-        f"{latency['speedup']:.1f}x at batch {latency_batch}")
-    return {"throughput": throughput, "latency": latency}
+def serving_calls(teacher_dir: str, berm_dir: str, teacher_threads: int, berm_threads: int):
+    """The two models' serve_raw, each in its own session with the intra-op threads its server
+    would give it; as (queries, item_ids, titles) -> scores callables."""
+    from benchmarks.serving_session import SessionSignature
+    from trainer import student, teacher
+
+    teacher_raw = SessionSignature(teacher_dir, teacher.RAW_SIGNATURE, teacher.SCORE_KEY,
+                                   intra_op_threads=teacher_threads)
+    berm_raw = SessionSignature(berm_dir, student.RAW_SIGNATURE, student.SCORE_KEY,
+                                intra_op_threads=berm_threads)
+    return (lambda q, i, t: teacher_raw(**{teacher.QUERY_KEY: q, teacher.TITLE_KEY: t}),
+            lambda q, i, t: berm_raw(**{student.QUERY_KEY: q, student.ITEM_ID_KEY: i,
+                                        student.TITLE_KEY: t}))
+
+
+def speed(teacher_dir: str, berm_dir: str, queries, item_ids, titles, args) -> Dict[str, Any]:
+    """Throughput at --throughput-batch-size and per-call latency at --batch-size, both models,
+    in both orders (alternating call by call, and in streams)."""
+    teacher_call, berm_call = serving_calls(teacher_dir, berm_dir, args.teacher_intra_op_threads,
+                                            args.berm_intra_op_threads)
+    out: Dict[str, Any] = {"intra_op_threads": {"teacher": args.teacher_intra_op_threads,
+                                                "berm_o": args.berm_intra_op_threads}}
+    for streams, suffix in ((False, ""), (True, "_streams")):
+        for key, batch_size in (("throughput", args.throughput_batch_size),
+                                ("latency", args.batch_size)):
+            order = "in streams" if streams else "alternating call by call"
+            log(f"speed: teacher vs BERM-O serve_raw at batch {batch_size}, {order}...")
+            result = race(teacher_call, berm_call, queries, item_ids, titles, batch_size,
+                          args.race_passes, streams)
+            log(f"speed: BERM-O {result['speedup']:.1f}x the teacher's pairs/s at batch {batch_size}, "
+                f"{order} (p50 {result['teacher']['p50_ms']:.1f} / {result['berm_o']['p50_ms']:.2f} ms)")
+            out[key + suffix] = result
+    return out
 
 
 def race_only(args) -> Dict[str, Any]:
     """The speed race alone, on the test pairs, with the models an earlier run left in --work-dir."""
-    import tensorflow as tf
-
-    from trainer import student, teacher
-
     queries, item_ids, titles = th.split_pairs(args.input, os.path.join(args.work_dir, "converted"),
                                                "test", args.max_pairs)
     teacher_dir = args.teacher_model or os.path.join(args.work_dir, "teacher_model")
     berm_dir = args.berm_model or os.path.join(args.work_dir, f"student_k{args.berm_order}")
-    teacher_raw = tf.saved_model.load(teacher_dir).signatures[teacher.RAW_SIGNATURE]
-    berm_raw = tf.saved_model.load(berm_dir).signatures[student.RAW_SIGNATURE]
     load_before = os.getloadavg()
-    result = speed(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size,
-                   args.throughput_batch_size, args.race_passes)
+    result = speed(teacher_dir, berm_dir, queries, item_ids, titles, args)
     result.update({"benchmark": "student_homedepot --race-only",
                    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    "git_commit": th.git_commit(), "test_pairs": len(queries),
@@ -299,7 +333,8 @@ def race_only(args) -> Dict[str, Any]:
                                          "berm_o": directory_bytes(berm_dir)},
                    "machine": dict(th.machine_info(), load_average_before=list(load_before),
                                    load_average_after=list(os.getloadavg()))})
-    print(json.dumps({k: v for k, v in result.items() if k in ("throughput", "latency")}, indent=2))
+    print(json.dumps({k: v for k, v in result.items() if k.startswith(("throughput", "latency"))},
+                     indent=2))
     th.write_result(args.out, result)
     return result
 
@@ -358,6 +393,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="throughput batch, the same for both models (default: 1000)")
     parser.add_argument("--race-passes", type=int, default=3,
                         help="passes over the test pairs in each speed race (default: 3)")
+    parser.add_argument("--teacher-intra-op-threads", type=int, default=0,
+                        help="the teacher's threads per op in the race (default 0: TensorFlow's "
+                             "choice, every core, which its large matrix products use)")
+    parser.add_argument("--berm-intra-op-threads", type=int, default=1,
+                        help="BERM-O's threads per op in the race (default 1, as `relkd serve` and "
+                             "the TF Serving deployment serve it)")
     parser.add_argument("--race-only", action="store_true",
                         help="only the speed race, with the teacher and BERM-O an earlier run left in "
                              "--work-dir (e.g. to repeat it on an idle machine)")
@@ -377,6 +418,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error("--race-only needs the --work-dir of an earlier run")
     if args.race_passes < 1:
         parser.error("--race-passes must be at least 1")
+    if args.teacher_intra_op_threads < 0 or args.berm_intra_op_threads < 0:
+        parser.error("--teacher-intra-op-threads and --berm-intra-op-threads must be >= 0 "
+                     "(0: TensorFlow's choice)")
     if args.teacher_model and not os.path.isdir(args.teacher_model):
         parser.error(f"--teacher-model: no such folder {args.teacher_model}")
     if args.berm_model and not args.race_only:
@@ -528,8 +572,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                           queries, titles, item_ids)
 
     # 6. Speed, sizes.
-    speeds = speed(teacher_raw, berm_raw, queries, item_ids, titles, args.batch_size,
-                   args.throughput_batch_size, args.race_passes)
+    speeds = speed(teacher_info["model_dir"], berm_dir, queries, item_ids, titles, args)
     teacher_bytes = directory_bytes(teacher_info["model_dir"])
     berm_bytes = directory_bytes(berm_dir)
     rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",

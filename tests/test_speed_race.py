@@ -1,0 +1,73 @@
+"""The Home Depot benchmark's speed race: the orders it calls the models in, what it times, and
+the session each model runs in."""
+import numpy as np
+import pytest
+
+from benchmarks import student_homedepot as sh
+from benchmarks.serving_session import SessionSignature
+
+QUERIES = ["cordless drill", "garden hose", "red paint", "cordless drill", "lamp"]
+ITEM_IDS = ["P1", "P2", "P3", "P4", "P5"]
+TITLES = ["DEWALT 20V cordless drill kit", "50 ft garden hose", "Behr red exterior paint 1 gal",
+          "Ryobi drill bits", "Brass table lamp"]
+
+
+def _recording_models():
+    calls = []
+
+    def model(name):
+        def call(queries, item_ids, titles):
+            assert isinstance(queries, np.ndarray) and len(queries) == len(item_ids) == len(titles)
+            calls.append((name, queries[0]))
+            return np.zeros(len(queries), np.float32)
+        return call
+
+    return calls, model("teacher"), model("berm_o")
+
+
+@pytest.mark.parametrize("streams, order", [
+    (False, ["teacher", "berm_o"] * 4),                    # call by call
+    (True, (["teacher"] * 2 + ["berm_o"] * 2) * 2)])       # a whole pass each, in turn
+def test_the_models_alternate_call_by_call_or_take_the_pass_in_turns(streams, order):
+    calls, teacher, berm = _recording_models()
+    result = sh.race(teacher, berm, QUERIES, ITEM_IDS, TITLES, batch_size=2, passes=2,
+                     streams=streams)
+    # One untimed warm-up call each, then 2 passes over the 2 full batches (the 5th pair is left out).
+    assert [name for name, _ in calls] == ["teacher", "berm_o"] + order
+    assert [first for name, first in calls[2:] if name == "berm_o"] == [
+        "cordless drill", "red paint"] * 2
+    for name in ("teacher", "berm_o"):
+        assert result[name]["batches"] == 4 and result[name]["pairs"] == 8
+        assert result[name]["pairs_per_second"] > 0
+    assert result["order"] == ("streams" if streams else "alternating")
+    assert result["speedup"] == pytest.approx(
+        result["berm_o"]["pairs_per_second"] / result["teacher"]["pairs_per_second"])
+    with pytest.raises(ValueError, match="fewer than 6 test pairs"):
+        sh.race(teacher, berm, QUERIES, ITEM_IDS, TITLES, batch_size=6, passes=1)
+
+
+def test_a_session_signature_scores_as_the_saved_model_does(tiny_berm_o):
+    import tensorflow as tf
+
+    from trainer import student
+
+    raw = SessionSignature(tiny_berm_o, student.RAW_SIGNATURE, student.SCORE_KEY, intra_op_threads=1)
+    assert list(raw.input_names) == sorted([student.QUERY_KEY, student.ITEM_ID_KEY, student.TITLE_KEY])
+    scores = raw(**{student.QUERY_KEY: np.array(QUERIES, object),
+                    student.ITEM_ID_KEY: np.array(ITEM_IDS, object),
+                    student.TITLE_KEY: np.array(TITLES, object)})
+    eager = tf.saved_model.load(tiny_berm_o).signatures[student.RAW_SIGNATURE](
+        query=tf.constant(QUERIES), item_id=tf.constant(ITEM_IDS), item_title=tf.constant(TITLES))
+    np.testing.assert_allclose(scores, eager[student.SCORE_KEY].numpy(), rtol=1e-6, atol=1e-6)
+    raw.close()
+    with pytest.raises(ValueError, match="has no signature 'nope'"):
+        SessionSignature(tiny_berm_o, "nope", student.SCORE_KEY)
+
+
+def test_the_race_threads_are_flags_with_the_servers_defaults(tmp_path):
+    data = tmp_path / "train_dev.csv"
+    data.write_text("id,product_uid,product_title,search_term,relevance\n", encoding="latin-1")
+    args = sh.parse_args(["--input", str(data)])
+    assert (args.teacher_intra_op_threads, args.berm_intra_op_threads) == (0, 1)
+    with pytest.raises(SystemExit):
+        sh.parse_args(["--input", str(data), "--berm-intra-op-threads", "-1"])
