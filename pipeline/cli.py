@@ -229,6 +229,9 @@ def _cmd_compile(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    from pipeline import run_arguments
+
+    run_arguments.check(args.logs, args.judgments, args.dataset, args.dataset_input, args.config)
     from pipeline import configs, local_runner
 
     config = configs.load_config(args.config)

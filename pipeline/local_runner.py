@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
-from pipeline import metadata, run_summary
+from pipeline import metadata, run_arguments, run_summary
 from pipeline.configs import PipelineConfig
 # The codes are read from the runner too (local_runner.EXIT_OK), so all of them are imported.
 from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESSED,  # noqa: F401
@@ -38,8 +38,7 @@ def input_spec(path: str, what: str) -> InputSpec:
     path = os.path.abspath(path)
     if os.path.isdir(path):
         return InputSpec(base=path, pattern="*")
-    if not os.path.exists(path) and not any(ch in path for ch in "*?["):
-        raise UsageError(f"{what} input not found: {path}")
+    run_arguments.check_input_path(path, what)
     return InputSpec(base=os.path.dirname(path), pattern=os.path.basename(path))
 
 
@@ -71,13 +70,8 @@ def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str],
                    echo: Callable[[str], None]) -> Dict[str, str]:
     """Returns paths of the logs and judgments the pipeline will read, making them if needed."""
     inputs_dir = os.path.join(output_dir, "inputs")
+    run_arguments.check_input_choice(logs, judgments, dataset, dataset_input)
     if dataset:
-        if logs or judgments:
-            raise UsageError("--dataset replaces --logs/--judgments; give one or the other")
-        if dataset != "homedepot":
-            raise UsageError(f"unknown --dataset {dataset!r}; known: homedepot")
-        if not dataset_input:
-            raise UsageError("--dataset homedepot needs --input PATH (the train_dev.csv[.zip] file)")
         from pipeline import homedepot
 
         echo(f"Converting the Home Depot file {dataset_input} into canonical logs and judgments ...")
@@ -87,10 +81,6 @@ def prepare_inputs(config: PipelineConfig, output_dir: str, logs: Optional[str],
         config.data.encoding = "utf-8"
         echo(f"  {made['rows']} rows -> {made['logs']}, {made['judgments']}")
         return {"logs": made["logs"], "judgments": made["judgments"]}
-    if dataset_input:
-        raise UsageError("--input goes with --dataset")
-    if bool(logs) != bool(judgments):
-        raise UsageError("give both --logs and --judgments, or neither to use the embedded default data")
     if logs:
         return {"logs": logs, "judgments": judgments}
     from pipeline import default_data

@@ -308,16 +308,23 @@ HELP_PROBE = """
 import sys
 from pipeline import cli
 try:
-    cli.main(sys.argv[1:])
-except SystemExit as e:
-    print("exit", e.code)
+    code = cli.main(sys.argv[1:])
+except SystemExit as e:  # argparse: --help, a bad flag
+    code = e.code
+print("exit", code)
 print("loaded:", sorted({"tensorflow", "tfx", "apache_beam"} & set(sys.modules)))
 """
 
 
-@pytest.mark.parametrize("args,code", [(["--help"], 0), (["serve", "--help"], 0), (["run", "--bogus"], 2)])
-def test_help_and_bad_flags_are_answered_before_the_libraries_load(tmp_path, args, code):
+@pytest.mark.parametrize("args,code,said", [
+    (["--help"], 0, "usage: relkd"), (["serve", "--help"], 0, "usage: relkd serve"),
+    (["run", "--bogus"], 2, "unrecognized arguments: --bogus"),
+    (["run", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
+    (["run", "--logs", "missing.csv", "--judgments", "missing.csv"], 2, "logs input not found"),
+    (["run", "--dataset", "homedepot", "--input", "nope.zip"], 2, "Home Depot input not found"),
+])
+def test_help_bad_flags_and_missing_paths_are_answered_before_the_libraries_load(tmp_path, args, code, said):
     result = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], cwd=os.path.dirname(os.path.dirname(__file__)),
                             capture_output=True, text=True, timeout=120)
     assert f"exit {code}" in result.stdout and "loaded: []" in result.stdout, result.stdout + result.stderr
-    assert ("usage: relkd" in result.stdout) if code == 0 else ("unrecognized arguments: --bogus" in result.stderr)
+    assert said in (result.stdout if code == 0 else result.stderr)
