@@ -8,7 +8,9 @@ components/graph/eval_features.py):
     `relevant`, mean label and prediction, the MSE against the judgments rescaled to [0, 1]
     and, for the student, its correlation with the teacher's score (`teacher_agreement`);
   * per query (query key `query`): NDCG@k with gain = relevance - relevance_min (TFMA's
-    QueryStatistics would fit here, but it fails once a baseline model is evaluated alongside);
+    QueryStatistics would fit here, but in TFMA 0.46 it counts a query's documents as
+    `len(element.prediction)`, which is the number of models once a baseline is evaluated
+    alongside and the predictions come as a dict per model);
   * plots: the calibration plot;
   * slices: all pairs, query_segment (head / torso / tail / unlogged), item_degree,
     graph_context (warm / cold) and any `evaluation.extra_slices`.
