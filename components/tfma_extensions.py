@@ -1,4 +1,4 @@
-"""What the Evaluator needs beyond stock TFMA: two metrics, and model loading with TF Text's ops.
+"""What the Evaluator needs beyond stock TFMA: three metrics, and model loading with TF Text's ops.
 
 The Evaluator is given this module as `module_path`, so TFMA finds the metrics by class name
 (`MetricConfig(class_name=..., module="components.tfma_extensions")`) and the executor calls
@@ -9,6 +9,10 @@ The Evaluator is given this module as `module_path`, so TFMA finds the metrics b
   * `JudgmentMSE`: mean squared error of the score against a feature rescaled to [0, 1]; with
     `gain` (relevance - relevance_min) and the judgment scale's width it is the MSE against
     the human judgments.
+  * `QueryCount`: the queries in a slice, in a metrics spec with a query key (each element TFMA
+    hands a query-keyed metric is one query's pairs): how many queries a slice's NDCG averages.
+    TFMA's own QueryStatistics counts a query's documents as `len(element.prediction)`, the
+    number of models once a baseline is evaluated alongside (TFMA 0.46).
 """
 from typing import Any, Dict, Iterable
 
@@ -20,6 +24,7 @@ from tensorflow_model_analysis.utils import util as tfma_util
 
 SCORE_CORRELATION_NAME = "score_correlation"
 JUDGMENT_MSE_NAME = "judgment_mse"
+QUERY_COUNT_NAME = "query_count"
 
 
 class _Moments:
@@ -134,8 +139,47 @@ class JudgmentMSE(metric_types.Metric):
         super().__init__(_judgment_mse, feature_key=feature_key, scale=scale, name=name)
 
 
+class _QueryCountCombiner(beam.CombineFn):
+    """Counts the elements (one per query) and reports the count under every model's key."""
+
+    def __init__(self, keys):
+        self._keys = keys
+
+    def create_accumulator(self) -> int:
+        return 0
+
+    def add_input(self, count: int, element: metric_types.StandardMetricInputs) -> int:
+        return count + 1
+
+    def merge_accumulators(self, counts: Iterable[int]) -> int:
+        return sum(counts)
+
+    def extract_output(self, count: int) -> Dict[metric_types.MetricKey, float]:
+        return {key: float(count) for key in self._keys}
+
+
+def _query_count(name: str = QUERY_COUNT_NAME, model_names=None, output_names=None,
+                 query_key: str = "", example_weighted: bool = False
+                 ) -> metric_types.MetricComputations:
+    if not query_key:
+        raise ValueError("QueryCount counts queries: give its metrics spec a query_key")
+    keys = [metric_types.MetricKey(name=name, model_name=model_name, output_name=output_name,
+                                   example_weighted=example_weighted)
+            for model_name in model_names or [""] for output_name in output_names or [""]]
+    return [metric_types.MetricComputation(keys=keys, preprocessors=None,
+                                           combiner=_QueryCountCombiner(keys))]
+
+
+class QueryCount(metric_types.Metric):
+    """The number of queries in a slice (a metrics spec with a query_key)."""
+
+    def __init__(self, name: str = QUERY_COUNT_NAME):
+        super().__init__(_query_count, name=name)
+
+
 metric_types.register_metric(ScoreCorrelation)
 metric_types.register_metric(JudgmentMSE)
+metric_types.register_metric(QueryCount)
 
 
 class _WithTextOps:

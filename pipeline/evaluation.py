@@ -7,10 +7,9 @@ components/graph/eval_features.py):
   * pointwise: example count, AUC and calibration of `score` against the binary label
     `relevant`, mean label and prediction, the MSE against the judgments rescaled to [0, 1]
     and, for the student, its correlation with the teacher's score (`teacher_agreement`);
-  * per query (query key `query`): NDCG@k with gain = relevance - relevance_min (TFMA's
-    QueryStatistics would fit here, but in TFMA 0.46 it counts a query's documents as
-    `len(element.prediction)`, which is the number of models once a baseline is evaluated
-    alongside and the predictions come as a dict per model);
+  * per query (query key `query`): NDCG@k with gain = relevance - relevance_min, and the
+    number of queries (`query_count`, ours: TFMA's QueryStatistics miscounts once a baseline is
+    evaluated alongside, see components/tfma_extensions.py);
   * plots: the calibration plot;
   * slices: all pairs, query_segment (head / torso / tail / unlogged), item_degree,
     graph_context (warm / cold) and any `evaluation.extra_slices`.
@@ -121,6 +120,7 @@ def eval_config(config: PipelineConfig, student: bool) -> tfma.EvalConfig:
     per_query = [
         _metric("NDCG", config=f'"gain_key": "{eval_features.GAIN}"',
                 **_gate(config, "ndcg", student)),
+        _metric("QueryCount", module=METRICS_MODULE),
     ]
     return tfma.EvalConfig(
         model_specs=model_specs,

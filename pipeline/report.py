@@ -233,6 +233,11 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
+def _count_or_value(name: str, value: Any) -> Any:
+    """Counts (TFMA reports them as floats) as whole numbers."""
+    return int(value) if name.endswith("_count") and isinstance(value, float) and value == value else value
+
+
 def _cell(cell: Any) -> str:
     """A cell is escaped text, or (text, css class)."""
     text, css = cell if isinstance(cell, tuple) else (cell, "")
@@ -307,13 +312,14 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
                  for r in student.get("gates", [])]
     gate_headers = ["metric", "slice", "value", "threshold", "baseline (last blessed)", "change",
                     "max regression", "result", "why"]
-    metric_names = ["example_count", "auc", ndcg, "calibration", "mean_label", "mean_prediction",
-                    "judgment_mse", "teacher_agreement"]
+    metric_names = ["example_count", "query_count", "auc", ndcg, "calibration", "mean_label",
+                    "mean_prediction", "judgment_mse", "teacher_agreement"]
     slice_rows = []
     for role, per_slice in sorted(metrics.items()):
         for where in sorted(per_slice, key=lambda s: (s != eval_results.OVERALL, s)):
             values = per_slice[where].get("candidate", {})
-            slice_rows.append([role, where] + [_fmt(values.get(m)) for m in metric_names])
+            slice_rows.append([role, where] + [_fmt(_count_or_value(m, values.get(m)))
+                                               for m in metric_names])
     stats = data_statistics(summary)
     anomalies = data_anomalies(summary)
     inputs = summary.get("inputs", {})

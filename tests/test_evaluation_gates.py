@@ -97,6 +97,7 @@ def test_gates_bless_push_and_keep_out_a_regression(tmp_path):
     student = first["evaluation"]["student"]
     assert student["blessed"] and first["evaluation"]["push"]["pushed"]
     assert student["candidate"]["auc"] == pytest.approx(1.0)
+    assert student["candidate"]["query_count"] == 6  # the queries NDCG averaged over
     assert all(row["passed"] for row in student["gates"])
     assert {row["slice"] for row in student["gates"]} == {"all pairs", "query_segment=head",
                                                           "query_segment=tail"}
@@ -111,6 +112,8 @@ def test_gates_bless_push_and_keep_out_a_regression(tmp_path):
     assert not student["blessed"] and not second["evaluation"]["push"]["pushed"]
     assert student["baseline"]["auc"] == pytest.approx(1.0)
     assert student["change"]["auc"] == pytest.approx(-1.0)
+    # Queries counted once per model, not models per query, with a baseline alongside.
+    assert student["candidate"]["query_count"] == student["baseline"]["query_count"] == 6
     failures = run_summary.gate_failures(second)
     assert any("auc on all pairs changed by -1.0000 against the last blessed model" in f for f in failures)
     assert any("auc on query_segment=tail is 0.0000, below the minimum 0.6 by 0.6000" in f for f in failures)

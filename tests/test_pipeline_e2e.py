@@ -151,6 +151,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         values = evaluation[role]["candidate"]
         assert values["example_count"] == summary["inputs"]["judgments"]["examples_per_split"]["test"]
         assert 0.0 <= values["auc"] <= 1.0 and 0.0 <= values["ndcg@10"] <= 1.0
+        assert 1 <= values["query_count"] < values["example_count"]
     assert -1.0 <= evaluation["student"]["candidate"]["teacher_agreement"] <= 1.0
     assert evaluation["student"]["blessed"] and evaluation["push"]["pushed"]
     serving = os.path.join(tmp_path, "run", "serving", "relkd")
