@@ -5,15 +5,18 @@ thread settings (TF Serving's `--tensorflow_intra_op_parallelism` and
 The speed race holds the teacher and BERM-O in one process, yet each should run with the threads
 its own server would give it. TensorFlow shares one intra-op thread pool among all the sessions of
 a process unless TF_OVERRIDE_GLOBAL_THREADPOOL is set before it creates its first device (the
-first session or eager op); importing this module sets it, so a benchmark imports it before any
-model runs.
+first session or eager op): a benchmark calls `own_thread_pools()` first thing.
 """
 from __future__ import annotations
 
 import os
 from typing import Dict, Sequence
 
-os.environ.setdefault("TF_OVERRIDE_GLOBAL_THREADPOOL", "1")
+
+def own_thread_pools() -> None:
+    """Gives every session (and the eager context) its own intra-op pool from here on; only
+    takes effect when called before TensorFlow's first session or op in this process."""
+    os.environ["TF_OVERRIDE_GLOBAL_THREADPOOL"] = "1"
 
 
 class SessionSignature:

@@ -71,7 +71,7 @@ if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
 from benchmarks import relevance_metrics as rm  # noqa: E402
-from benchmarks import serving_session  # noqa: E402,F401  (before TensorFlow starts: each model its own threads)
+from benchmarks import serving_session  # noqa: E402
 from benchmarks import teacher_homedepot as th  # noqa: E402
 
 SPLITS = th.SPLITS
@@ -285,12 +285,11 @@ def race(teacher_call, berm_call, queries, item_ids, titles, batch_size: int, pa
 def serving_calls(teacher_dir: str, berm_dir: str, teacher_threads: int, berm_threads: int):
     """The two models' serve_raw, each in its own session with the intra-op threads its server
     would give it; as (queries, item_ids, titles) -> scores callables."""
-    from benchmarks.serving_session import SessionSignature
     from trainer import student, teacher
 
-    teacher_raw = SessionSignature(teacher_dir, teacher.RAW_SIGNATURE, teacher.SCORE_KEY,
+    teacher_raw = serving_session.SessionSignature(teacher_dir, teacher.RAW_SIGNATURE, teacher.SCORE_KEY,
                                    intra_op_threads=teacher_threads)
-    berm_raw = SessionSignature(berm_dir, student.RAW_SIGNATURE, student.SCORE_KEY,
+    berm_raw = serving_session.SessionSignature(berm_dir, student.RAW_SIGNATURE, student.SCORE_KEY,
                                 intra_op_threads=berm_threads)
     return (lambda q, i, t: teacher_raw(**{teacher.QUERY_KEY: q, teacher.TITLE_KEY: t}),
             lambda q, i, t: berm_raw(**{student.QUERY_KEY: q, student.ITEM_ID_KEY: i,
@@ -433,6 +432,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
+    # Before TensorFlow runs anything: the race gives each model its own threads per op.
+    serving_session.own_thread_pools()
     if args.race_only:
         return race_only(args)
     started = datetime.datetime.now(datetime.timezone.utc)
