@@ -43,9 +43,10 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    the per-call time in batches of `--batch-size` (100), each race `--race-passes` (3) times
    over the test pairs. Every race runs twice: the models alternating call by call (each
    BERM-O call finds the machine cold after a teacher call; the README's table), then in
-   streams (each model scores a whole pass back to back, as a loaded server does). `--race-only --work-dir DIR` repeats just this
-   step with the models an earlier run kept in DIR, or with any teacher and BERM-O given by
-   `--teacher-model` and `--berm-model` (say, the ones a pipeline run trained and pushed).
+   streams (each model scores a whole pass back to back, as a loaded server does).
+   `--race-only --work-dir DIR` repeats just this step with the models an earlier run kept in
+   DIR, or with any teacher and BERM-O given by `--teacher-model` and `--berm-model` (say, the
+   ones a pipeline run trained and pushed).
 
 Everything runs on this machine's CPU; TensorFlow uses every core, so note the load (the
 JSON records the load average before and after).
