@@ -354,7 +354,12 @@ def test_tf_serving_manifests_are_valid_and_consistent():
     assert container["image"] == f"tensorflow/serving:{tf.__version__}"
     assert "--model_config_file=/config/models.config" in container["args"]
     assert "--enable_batching=true" in container["args"]
-    assert "--tensorflow_intra_op_parallelism=1" in container["args"]  # as `relkd serve` defaults
+    # One thread per op, as `relkd serve` defaults to.
+    from pipeline import cli
+
+    serve_default = cli.build_parser().parse_args(["serve", "--model-base", "."]).intra_op_threads
+    assert serve_default == 1
+    assert f"--tensorflow_intra_op_parallelism={serve_default}" in container["args"]
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
