@@ -271,6 +271,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     commands = {"run": _cmd_run, "generate": _cmd_generate, "compile": _cmd_compile,
                 "report": _cmd_report, "score": _cmd_score, "serve": _cmd_serve}
     try:
+        if hasattr(args, "config"):
+            from pipeline import run_arguments
+
+            # Before any command loads the libraries its config module pulls in (Beam: seconds).
+            run_arguments.check_config_path(args.config)
         return commands[args.command](args)
     except UsageError as e:
         print(f"relkd {args.command}: error: {e}", file=sys.stderr)

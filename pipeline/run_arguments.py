@@ -2,7 +2,8 @@
 
 The runner (`local_runner`) calls the same checks, so a library caller gets the same messages;
 the command calls them first, so a mistyped path is answered in a fraction of a second rather
-than after the libraries' start-up (seconds).
+than after the libraries' start-up (seconds). Every other command that takes --config
+(`generate`, `compile`) checks that file the same way before it loads anything.
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ def check_input_path(path: str, what: str) -> None:
         raise UsageError(f"{what} input not found: {os.path.abspath(path)}")
 
 
+def check_config_path(config: Optional[str]) -> None:
+    """The --config file, where one is named, must exist (`configs.load_config` reads local files)."""
+    if config and not os.path.exists(config):
+        raise UsageError(f"config file not found: {config}")
+
+
 def check(logs: Optional[str], judgments: Optional[str], dataset: Optional[str],
           dataset_input: Optional[str], config: Optional[str]) -> None:
     """All of `relkd run`'s checks that need no library: the input flags, the paths they name
@@ -47,5 +54,4 @@ def check(logs: Optional[str], judgments: Optional[str], dataset: Optional[str],
                        (dataset_input, DATASETS.get(dataset or "", ""))):
         if path:
             check_input_path(path, what)
-    if config and not os.path.exists(config):
-        raise UsageError(f"config file not found: {config}")
+    check_config_path(config)

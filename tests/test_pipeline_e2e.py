@@ -323,6 +323,8 @@ print("loaded:", sorted({"tensorflow", "tfx", "apache_beam"} & set(sys.modules))
     (["run", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
     (["run", "--logs", "missing.csv", "--judgments", "missing.csv"], 2, "logs input not found"),
     (["run", "--dataset", "homedepot", "--input", "nope.zip"], 2, "Home Depot input not found"),
+    (["generate", "--output", "out", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
+    (["compile", "--kubeflow", "out.json", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
 ])
 def test_help_bad_flags_and_missing_paths_are_answered_before_the_libraries_load(tmp_path, args, code, said):
     result = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], cwd=os.path.dirname(os.path.dirname(__file__)),
