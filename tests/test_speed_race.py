@@ -67,7 +67,12 @@ def test_a_session_signature_scores_as_the_saved_model_does(tiny_berm_o):
 def test_the_race_threads_are_flags_with_the_servers_defaults(tmp_path):
     data = tmp_path / "train_dev.csv"
     data.write_text("id,product_uid,product_title,search_term,relevance\n", encoding="latin-1")
+    from pipeline import cli
+
     args = sh.parse_args(["--input", str(data)])
-    assert (args.teacher_intra_op_threads, args.berm_intra_op_threads) == (0, 1)
+    serve = cli.build_parser().parse_args(["serve", "--model-base", "."])
+    # BERM-O races as `relkd serve` serves it; the teacher on every core, as TF Serving would.
+    assert args.berm_intra_op_threads == serve.intra_op_threads == 1
+    assert args.teacher_intra_op_threads == 0
     with pytest.raises(SystemExit):
         sh.parse_args(["--input", str(data), "--berm-intra-op-threads", "-1"])
