@@ -523,26 +523,10 @@ def test_random_graph_matches_brute_force(results, scenario, beam_width):
     assert stats["edges"]["after_hub_cap"] == len(edges)
     # Components of the capped graph by plain BFS (the pipeline used only 2 propagation
     # rounds, so its union-find finish had work to do).
-    neighbours = {}
-    for q, i in edges:
-        neighbours.setdefault(("q", q), set()).add(("i", i))
-        neighbours.setdefault(("i", i), set()).add(("q", q))
-    seen, sizes = set(), []
-    for node in neighbours:
-        if node in seen:
-            continue
-        frontier, size = [node], 0
-        seen.add(node)
-        while frontier:
-            size += 1
-            for nb in neighbours[frontier.pop()]:
-                if nb not in seen:
-                    seen.add(nb)
-                    frontier.append(nb)
-        sizes.append(size)
+    count, largest = bfs_components(edges)
     components = stats["connected_components"]
-    assert components["num_components"] == len(sizes) > 1
-    assert components["largest_component_size"] == max(sizes)
+    assert components["num_components"] == count > 1
+    assert components["largest_component_size"] == largest
 
 
 def test_beam_width_only_changes_order_three(results):
