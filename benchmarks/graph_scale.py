@@ -3,7 +3,7 @@
 Generates synthetic search logs whose query and item popularity follow bounded power laws
 (deterministic per seed and shard; the shards are generated inside the pipeline), runs the
 graph build for each requested size in a fresh child process, and reports wall time,
-throughput and peak memory, as JSON (``--out``) and as a Markdown table::
+throughput and peak memory, as JSON (``--out``, with the commit, the machine and its load) and as a Markdown table::
 
     python benchmarks/graph_scale.py --edges 1e4 1e5 1e6 --mode in_memory --k 2 --out results.json
     python benchmarks/graph_scale.py --edges 1e6 --mode multi_processing --workers 2 --max-rss-mb 9500
@@ -52,6 +52,7 @@ projects to ~13-19 GB there, versus 7.7 GB in_memory.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -344,22 +345,31 @@ def main(argv=None) -> None:
         _child(args)
         return
 
-    results = []
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from benchmarks import teacher_homedepot as th
+
+    # The sizes' figures with what they depend on: the machine, its load and the commit.
+    record = {"benchmark": "graph_scale",
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "git_commit": th.git_commit(),
+              "machine": dict(th.machine_info(), load_average_before=list(os.getloadavg())),
+              "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+              "runs": []}
     for size in args.edges:
         edges = int(float(size))
         print(f"running {edges:,} rows, mode={args.mode}, workers={args.workers}, k={args.k} ...",
               flush=True)
         result = _run_size(edges, args)
         print(json.dumps(result, sort_keys=True), flush=True)
-        results.append(result)
+        record["runs"].append(result)
         if args.out:  # keep what finished if a later size fails or is interrupted
             with open(args.out, "w") as f:
-                json.dump(results, f, indent=2, sort_keys=True)
+                json.dump(record, f, indent=2, sort_keys=True)
     print()
-    print(markdown_table(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2, sort_keys=True)
+    print(markdown_table(record["runs"]))
+    record["machine"]["load_average_after"] = list(os.getloadavg())
+    th.write_result(args.out, record)
 
 
 if __name__ == "__main__":
