@@ -62,10 +62,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# As `relkd` does: TensorFlow's C++ start-up chatter (CUDA plugins on a CPU-only machine) and
+# the libraries' deprecation notices would bury the progress lines.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(HERE)
