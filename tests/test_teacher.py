@@ -251,6 +251,10 @@ def test_pooling_option_is_validated_and_every_pooling_builds():
         assert scores.shape == (2,) and ((scores > 0) & (scores < 1)).all(), pooling
         has_pooling_layer = any(layer.name == f"{pooling}_pooling" for layer in model.layers)
         assert has_pooling_layer == (pooling != "pooler"), pooling
+        # The pooler trains only where its output is read; elsewhere it is kept, frozen.
+        pooler_names = {v.name for v in model.trainable_variables if "pooler_transform" in v.name}
+        assert bool(pooler_names) == (pooling == "pooler"), pooling
+        assert any("pooler_transform" in v.name for v in model.variables), pooling
 
 
 def test_head_calibration_predicts_the_mean_target():

@@ -403,6 +403,11 @@ def build_teacher(encoder: tf.keras.layers.Layer, vocab_file: str,
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     outputs = encoder(packed)
+    pooler = getattr(encoder, "pooler_layer", None)
+    if pooling != "pooler" and pooler is not None:
+        # Its output is not read, so it would get no gradient; frozen, Keras does not warn
+        # about that on every training trace. Its weights stay in the model as they are.
+        pooler.trainable = False
     if pooling == "pooler":
         pooled = outputs["pooled_output"]
     elif pooling == "segments":
