@@ -3,7 +3,8 @@
 Generates synthetic search logs whose query and item popularity follow bounded power laws
 (deterministic per seed and shard; the shards are generated inside the pipeline), runs the
 graph build for each requested size in a fresh child process, and reports wall time,
-throughput and peak memory, as JSON (``--out``, with the commit, the machine and its load) and as a Markdown table::
+throughput and peak memory, as JSON (``--out``, with the commit, the machine and its load) and
+as a Markdown table::
 
     python benchmarks/graph_scale.py --edges 1e4 1e5 1e6 --mode in_memory --k 2 --out results.json
     python benchmarks/graph_scale.py --edges 1e6 --mode multi_processing --workers 2 --max-rss-mb 9500
