@@ -114,7 +114,7 @@ def auc(scores, relevance, threshold: float = RELEVANT_THRESHOLD) -> float:
     return binary_auc(binary_labels(relevance, threshold), scores)
 
 
-def _groups(query_ids) -> Iterator[np.ndarray]:
+def query_groups(query_ids) -> Iterator[np.ndarray]:
     """Index arrays of the pairs of each query, queries in order of first appearance."""
     query_ids = list(query_ids)
     positions: Dict[Hashable, List[int]] = {}
@@ -137,7 +137,7 @@ def per_query_auc(query_ids, scores, relevance,
     _check_aligned(query_ids=np.empty(len(query_ids)), scores=scores, relevance=labels)
     values = []
     total = 0
-    for indices in _groups(query_ids):
+    for indices in query_groups(query_ids):
         total += 1
         value = binary_auc(labels[indices], scores[indices])
         if not math.isnan(value):
@@ -189,7 +189,7 @@ def ndcg_at_k(query_ids, scores, relevance, k: int = 10,
         raise ValueError(f"relevance below relevance_min={relevance_min}")
     values = []
     total = 0
-    for indices in _groups(query_ids):
+    for indices in query_groups(query_ids):
         total += 1
         query_gains = gains[indices]
         ideal = np.sort(query_gains)[::-1][:k]

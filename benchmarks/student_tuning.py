@@ -5,7 +5,9 @@ examples, the neighbour tables and the title vectors (a work dir from before the
 gets them on first use). This script distils one student setting on them
 (`trainer.student.run_fn`, as that benchmark does) and scores the `eval` split's judged pairs
 (AUC with relevant = relevance >= 2.33, per-query AUC, NDCG@10) next to the teacher's scores of
-the same pairs. The `test` split is never read, so the settings it helps pick are still judged on
+the same pairs, and splits what separates the two into what lies between queries and what lies
+within them (`benchmarks/gap_analysis.py`; the two models' correlation is also given on the train
+split's logged pairs, the ones the student learnt). The `test` split is never read, so the settings it helps pick are still judged on
 queries nobody tuned on::
 
     .venv/bin/python benchmarks/student_tuning.py --work-dir runs/homedepot/benchmark \\
@@ -32,6 +34,7 @@ REPO_ROOT = os.path.dirname(HERE)
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from benchmarks import gap_analysis  # noqa: E402
 from benchmarks import relevance_metrics as rm  # noqa: E402
 from benchmarks import student_homedepot as sh  # noqa: E402
 from benchmarks import teacher_homedepot as th  # noqa: E402
@@ -39,16 +42,17 @@ from benchmarks import teacher_homedepot as th  # noqa: E402
 SCORE_BATCH = 256
 
 
-def eval_pairs(examples_dir: str) -> Dict[str, Any]:
-    """The eval split's serialized examples, their queries, judgments and teacher scores."""
+def split_pairs(examples_dir: str, split: str = "eval") -> Dict[str, Any]:
+    """A split's serialized examples, their queries, judgments (NaN where none) and teacher scores."""
     import numpy as np
     import tensorflow as tf
 
-    serialized = sh.read_examples(os.path.join(examples_dir, "Split-eval", "*"))
+    serialized = sh.read_examples(os.path.join(examples_dir, f"Split-{split}", "*"))
     if not serialized:
-        raise FileNotFoundError(f"no eval examples under {examples_dir}/Split-eval")
+        raise FileNotFoundError(f"no {split} examples under {examples_dir}/Split-{split}")
     decoded = [tf.train.Example.FromString(e).features.feature for e in serialized]
-    relevance = np.array([f["relevance"].float_list.value[0] for f in decoded])
+    relevance = np.array([f["relevance"].float_list.value[0] if f["relevance"].float_list.value
+                          else np.nan for f in decoded])
     return {"serialized": serialized,
             "queries": [f["query"].bytes_list.value[0].decode("utf-8") for f in decoded],
             "relevance": relevance,  # float32 values: rm's labels compare at float32
@@ -91,6 +95,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    import numpy as np
+
     args = parse_args(argv)
     name = args.name or "_".join([f"k{args.order}"] + ([] if args.title_vectors else ["no_title_vectors"])
                                  + [f"{k}={v}" for k, v in sorted(args.student_overrides.items())])
@@ -101,23 +107,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not os.path.isdir(title_vectors):  # A work dir from before the TitleEncoder existed.
             sh.log(f"title vectors: {title_vectors} not found, encoding them (once)...")
             sh.encode_title_vectors(os.path.join(args.work_dir, "student_examples"), title_vectors)
-    info = sh.train_student(args, args.order, os.path.join(args.work_dir, "student_examples"),
-                            os.path.join(args.work_dir, "tables_all_logs"), run_dir,
-                            title_vectors_dir=title_vectors)
-    pairs = eval_pairs(os.path.join(args.work_dir, "student_examples"))
+    examples_dir = os.path.join(args.work_dir, "student_examples")
+    info = sh.train_student(args, args.order, examples_dir, os.path.join(args.work_dir, "tables_all_logs"),
+                            run_dir, title_vectors_dir=title_vectors)
+    pairs = split_pairs(examples_dir, "eval")
+    student_scores = score_examples(info["model_dir"], pairs["serialized"])
+    train = split_pairs(examples_dir, "train")
+    train_logits = [gap_analysis.logits(s) for s in
+                    (score_examples(info["model_dir"], train["serialized"]), train["teacher"])]
     result = {
         "benchmark": "student_tuning", "git_commit": th.git_commit(), "split": "eval",
         "order": args.order, "settings": args.student_overrides, "title_vectors": title_vectors, "epochs_run": info["epochs_run"],
         "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
         "teacher": rm.evaluate(pairs["queries"], pairs["teacher"], pairs["relevance"], k=sh.NDCG_K),
-        "student": rm.evaluate(pairs["queries"], score_examples(info["model_dir"], pairs["serialized"]),
-                               pairs["relevance"], k=sh.NDCG_K),
+        "student": rm.evaluate(pairs["queries"], student_scores, pairs["relevance"], k=sh.NDCG_K),
+        "gap": gap_analysis.analyse(pairs["queries"], student_scores, pairs["teacher"], pairs["relevance"]),
+        "train_correlation": float(np.corrcoef(*train_logits)[0, 1]),
+        "train_pairs": len(train["queries"]),
     }
     k = sh.NDCG_K
     for who in ("teacher", "student"):
         m = result[who]
         print(f"{who:8s} eval AUC {m['auc']:.3f}  per-query AUC {m['per_query_auc']:.3f}  "
               f"NDCG@{k} {m[f'ndcg@{k}']:.3f}  ({m['pairs']} pairs, {m['queries']} queries)")
+    gap = result["gap"]
+    print(f"student vs teacher (logits): correlation {gap['correlation']:.3f} on the eval pairs, "
+          f"{result['train_correlation']:.3f} on the train pairs it learnt")
+    print(f"  between queries: {gap['between_query_share_teacher']:.0%} of the teacher's variance, "
+          f"{gap['error_between_query_share']:.0%} of the student's error")
+    print(f"  eval AUC of the query means alone: teacher {gap['teacher_query_level_auc']:.3f}, "
+          f"student {gap['student_query_level_auc']:.3f}")
+    print(f"  eval AUC of the teacher's query means + the student's order within queries "
+          f"{gap['student_order_teacher_levels_auc']:.3f}; of the student's means + the teacher's "
+          f"order {gap['teacher_order_student_levels_auc']:.3f}")
     th.write_result(args.out, result)
     return result
 
