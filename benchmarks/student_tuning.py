@@ -83,7 +83,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="a student custom_config setting (repeatable)")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--name", default=None,
-                        help="folder under --work-dir/tuning for the model (default from the settings)")
+                        help="folder under --work-dir/tuning for the model (default from the order, seed "
+                             "and settings, e.g. k1_seed42)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
     args = parser.parse_args(argv)
     args.student_overrides = th.parse_overrides(parser, args.overrides)
@@ -94,12 +95,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+def default_name(order: int, seed: int, title_vectors: bool, overrides: Dict[str, Any]) -> str:
+    """The model's folder under --work-dir/tuning: one per setting and seed, so that runs of
+    several seeds keep their models side by side."""
+    return "_".join([f"k{order}", f"seed{seed}"] + ([] if title_vectors else ["no_title_vectors"])
+                    + [f"{k}={v}" for k, v in sorted(overrides.items())])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import numpy as np
 
     args = parse_args(argv)
-    name = args.name or "_".join([f"k{args.order}"] + ([] if args.title_vectors else ["no_title_vectors"])
-                                 + [f"{k}={v}" for k, v in sorted(args.student_overrides.items())])
+    name = args.name or default_name(args.order, args.seed, args.title_vectors, args.student_overrides)
     run_dir = os.path.join(args.work_dir, "tuning", name)
     title_vectors = None
     if args.title_vectors:

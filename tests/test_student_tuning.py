@@ -33,3 +33,11 @@ def test_split_pairs_reads_queries_teacher_scores_and_judgments(tmp_path):
 def test_split_pairs_says_which_split_is_missing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no eval examples"):
         student_tuning.split_pairs(str(tmp_path), "eval")
+
+
+def test_each_seed_and_setting_keeps_its_own_model_folder():
+    names = {student_tuning.default_name(1, 42, True, {}), student_tuning.default_name(1, 7, True, {}),
+             student_tuning.default_name(1, 7, False, {}),
+             student_tuning.default_name(1, 7, True, {"term_gating": False})}
+    assert len(names) == 4
+    assert student_tuning.default_name(0, 3, False, {"b": 2, "a": 1}) == "k0_seed3_no_title_vectors_a=1_b=2"
