@@ -29,26 +29,10 @@ CPU microseconds per edge and KB per edge above baseline to make that easy to ch
 pairs repeated across rows are summed by the pipeline, so "edges/s" uses the distinct edge
 count (from ``graph_stats``); the JSON also has rows/s.
 
-Reference results (k=2, hub_cap 100, top_n 10, 4 component rounds; 2-core VM, Python
-3.11, Beam 2.56; importing ``components`` loads TensorFlow, hence the ~610 MB baseline per
-process; the 1e7 multi_processing run was stopped by ``--max-rss-mb 9500``):
-
-| rows | distinct edges | mode | workers | wall s | edges/s | peak RSS MB (tree) | CPU us/edge | KB/edge above baseline |
-|---:|---:|---|---:|---:|---:|---:|---:|---:|
-| 1e4 | 7,731 | in_memory | 1 | 2.3 | 3,342 | 675 | 754 | 8.47 |
-| 1e5 | 72,316 | in_memory | 1 | 6.8 | 10,608 | 865 | 138 | 3.59 |
-| 1e6 | 671,766 | in_memory | 1 | 44.1 | 15,224 | 1,827 | 68 | 1.85 |
-| 3e6 | 1,936,993 | in_memory | 1 | 120.9 | 16,019 | 3,541 | 63 | 1.55 |
-| 1e7 | 6,182,856 | in_memory | 1 | 377.1 | 16,394 | 7,726 | 60 | 1.18 |
-| 1e5 | 72,316 | multi_processing | 2 | 9.9 | 7,307 | 2,568 | 260 | 10.39 |
-| 1e6 | 671,766 | multi_processing | 2 | 33.7 | 19,934 | 4,739 | 88 | 4.43 |
-| 3e6 | 1,936,993 | multi_processing | 2 | 86.4 | 22,431 | 7,337 | 76 | 2.91 |
-| 1e7 | - | multi_processing | 2 | >234 | - | >9,506 | - | - |
-
-(Before the graph build was restructured: 1e4 7.9 s / 781 MB, 1e5 44.0 s / 1,395 MB,
-1,643 edges/s.) multi_processing pays one baseline per worker and the runner process still
-holds every shuffle, so it is faster but needs about 2-2.5x the memory of in_memory; 1e7
-projects to ~13-19 GB there, versus 7.7 GB in_memory.
+Figures measured with it, each with the command that produced it, are in the README (*Graph
+scale*). What they show: importing ``components`` loads TensorFlow, hence a ~610 MB baseline per
+process; multi_processing pays one baseline per worker and the runner process still holds every
+shuffle, so it is faster than in_memory on two cores but needs about twice the memory.
 """
 from __future__ import annotations
 
