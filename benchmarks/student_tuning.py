@@ -7,8 +7,8 @@ gets them on first use). This script distils one student setting on them
 (AUC with relevant = relevance >= 2.33, per-query AUC, NDCG@10) next to the teacher's scores of
 the same pairs, and splits what separates the two into what lies between queries and what lies
 within them (`benchmarks/gap_analysis.py`; the two models' correlation is also given on the train
-split's logged pairs, the ones the student learnt). The `test` split is never read, so the settings it helps pick are still judged on
-queries nobody tuned on::
+split's logged pairs, the ones the student learnt). The `test` split is never read, so the
+settings it helps pick are still judged on queries nobody tuned on::
 
     .venv/bin/python benchmarks/student_tuning.py --work-dir runs/homedepot/benchmark \\
         --order 0 --set teacher_pointwise_weight=0.1 --out k0_pw01.json
@@ -108,13 +108,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     name = args.name or default_name(args.order, args.seed, args.title_vectors, args.student_overrides)
     run_dir = os.path.join(args.work_dir, "tuning", name)
+    examples_dir = os.path.join(args.work_dir, "student_examples")
     title_vectors = None
     if args.title_vectors:
         title_vectors = os.path.join(args.work_dir, sh.TITLE_VECTORS)
         if not os.path.isdir(title_vectors):  # A work dir from before the TitleEncoder existed.
             sh.log(f"title vectors: {title_vectors} not found, encoding them (once)...")
-            sh.encode_title_vectors(os.path.join(args.work_dir, "student_examples"), title_vectors)
-    examples_dir = os.path.join(args.work_dir, "student_examples")
+            sh.encode_title_vectors(examples_dir, title_vectors)
     info = sh.train_student(args, args.order, examples_dir, os.path.join(args.work_dir, "tables_all_logs"),
                             run_dir, title_vectors_dir=title_vectors)
     pairs = split_pairs(examples_dir, "eval")
@@ -124,8 +124,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     (score_examples(info["model_dir"], train["serialized"]), train["teacher"])]
     result = {
         "benchmark": "student_tuning", "git_commit": th.git_commit(), "split": "eval",
-        "order": args.order, "settings": args.student_overrides, "title_vectors": title_vectors, "epochs_run": info["epochs_run"],
-        "best_epoch": info["best_epoch"], "train_seconds": info["train_seconds"],
+        "order": args.order, "settings": args.student_overrides, "title_vectors": title_vectors,
+        "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
+        "train_seconds": info["train_seconds"],
         "teacher": rm.evaluate(pairs["queries"], pairs["teacher"], pairs["relevance"], k=sh.NDCG_K),
         "student": rm.evaluate(pairs["queries"], student_scores, pairs["relevance"], k=sh.NDCG_K),
         "gap": gap_analysis.analyse(pairs["queries"], student_scores, pairs["teacher"], pairs["relevance"]),
