@@ -49,7 +49,7 @@ def runtime_parameters(config: PipelineConfig) -> List[Parameter]:
         Parameter("max_quarantine_fraction", float, float(config.data.max_quarantine_fraction),
                   "data gate: the run stops if more than this fraction of an input's rows is quarantined"),
         Parameter("graph_max_order", int, int(config.graph.max_order),
-                  "highest metapath order k of the graph contexts (0..3)"),
+                  "highest metapath order k of the graph contexts and the student (0..3)"),
         Parameter("graph_top_n", int, int(config.graph.top_n),
                   "neighbours kept per node and metapath"),
         Parameter("teacher_epochs", int, int(teacher_custom_config(config)["epochs"]),

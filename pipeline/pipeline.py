@@ -17,7 +17,7 @@ from tfx.proto import bulk_inferrer_pb2, example_gen_pb2
 from components import serving_pusher
 from components.berm_exporter import BermServingExporter
 from components.data_gate import DataValidationGate
-from components.epochs_trainer import EpochsTrainer
+from components.runtime_trainer import RuntimeTrainer
 from components.graph.component import GraphContexts
 from components.ingest import rows
 from components.ingest.component import SearchDataExampleGen
@@ -48,7 +48,7 @@ class RunParameters:
     """
 
     max_quarantine_fraction: Any = None  # float: the data gate's quarantine limit
-    graph_max_order: Any = None  # int: metapath order k of the graph contexts
+    graph_max_order: Any = None  # int: metapath order k of the graph contexts (and the student's)
     graph_top_n: Any = None  # int: neighbours kept per node and metapath
     teacher_epochs: Any = None  # int: the teacher's maximum epochs
 
@@ -132,7 +132,7 @@ TEACHER_SCORE = "teacher_score"
 def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNode],
                        run: RunParameters = NO_RUN_PARAMETERS) -> Dict[str, base_node.BaseNode]:
     """Fine-tune the BERT cross-encoder on the judgments, then label every logged pair with it."""
-    trainer = EpochsTrainer(
+    trainer = RuntimeTrainer(
         run_fn="trainer.teacher.run_fn",
         examples=graph["GraphContexts"].outputs["judgment_examples"],
         custom_config=teacher_custom_config(config),
@@ -148,11 +148,14 @@ def teacher_components(config: PipelineConfig, graph: Dict[str, base_node.BaseNo
     return {trainer.id: trainer, labeller.id: labeller}
 
 
-def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode]) -> Dict[str, base_node.BaseNode]:
+def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNode],
+                       run: RunParameters = NO_RUN_PARAMETERS) -> Dict[str, base_node.BaseNode]:
     """Distil the teacher's scores into the BERM student, then package BERM-O with the graph's tables.
 
     With `student.title_vectors`, TitleEncoder first encodes every logged title (and the train
-    queries) with the pretrained sentence encoder, and the student stores those vectors.
+    queries) with the pretrained sentence encoder, and the student stores those vectors. The
+    student reads the graph's metapath orders up to the run's graph order, unless the config
+    pins its own `max_order`.
     """
     out: Dict[str, base_node.BaseNode] = {}
     title_vectors = None
@@ -163,10 +166,12 @@ def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNo
         ).with_id("TitleEncoder")
         out[encoder.id] = encoder
         title_vectors = encoder.outputs["title_vectors"]
-    trainer = EpochsTrainer(
+    follows_graph = "max_order" not in config.student.settings
+    trainer = RuntimeTrainer(
         run_fn="trainer.student.run_fn",
         examples=nodes["TeacherLabeller"].outputs["output_examples"],
         custom_config=student_custom_config(config),
+        max_order=run.graph_max_order if follows_graph else None,
         title_vectors=title_vectors,
     ).with_id("StudentTrainer")
     exporter = BermServingExporter(
@@ -268,7 +273,7 @@ def create_pipeline(
     nodes = ingestion_components(config, logs, judgments, run, schema_dir)
     nodes.update(graph_components(config, nodes, run))
     nodes.update(teacher_components(config, nodes, run))
-    nodes.update(student_components(config, nodes))
+    nodes.update(student_components(config, nodes, run))
     serving_base = (serving_base or config.serving.base_directory
                     or os.path.join(os.path.dirname(pipeline_root.rstrip("/")), "serving"))
     nodes.update(evaluation_components(config, nodes, serving_base))

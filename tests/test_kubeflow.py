@@ -189,6 +189,7 @@ def test_runtime_parameters_appear_with_their_defaults(compiled):
     }
     for name, consumer in expected_consumers.items():
         assert consumer in consumers[name], name
+    assert "StudentTrainer.max_order" in consumers["graph_max_order"]  # the student follows the graph
     # What is not a runtime parameter is compiled in from the config.
     example_gen = _tasks(job)["LogsExampleGen"]["inputs"]["parameters"]
     assert "*.csv" in example_gen["input_config"]["runtimeValue"]["constant"]
@@ -364,6 +365,42 @@ def test_teacher_epochs_are_taken_per_run(runnable_job, tmp_path):
     assert custom_config == {**compiled_custom_config, "epochs": 7}
 
 
+def test_the_student_takes_the_graph_order_per_run(runnable_job, tmp_path):
+    from pipeline.configs import student_custom_config
+    from schemas import SCHEMA_DIR
+
+    compiled_custom_config = student_custom_config(configs.load_config(overrides=cluster_settings(SCHEMA_DIR)))
+    examples = tmp_path / "examples"
+    for split in ("train", "eval"):
+        (examples / f"Split-{split}").mkdir(parents=True)
+    output = run_task(runnable_job, "StudentTrainer", tmp_path / "run",
+                      parameter_values={"graph_max_order": 1},
+                      inputs={"examples": (str(examples), ["train", "eval"])},
+                      replace={"run_fn": f"{__name__}._record_run_fn"})
+    [model] = output["artifacts"]["model"]["artifacts"]
+    with open(os.path.join(model["uri"], "Format-Serving", "custom_config.json")) as f:
+        custom_config = json.load(f)
+    assert compiled_custom_config["max_order"] == 3
+    assert custom_config == {**compiled_custom_config, "max_order": 1}
+
+
+def test_a_student_order_pinned_in_the_config_is_not_a_runtime_parameter():
+    from tfx.orchestration.data_types import RuntimeParameter
+
+    from kubeflow import runner
+    from schemas import SCHEMA_DIR
+
+    def student_trainer(settings):
+        config = configs.load_config(overrides=settings)
+        [node] = [n for n in runner.build_pipeline(config).components if n.id == "StudentTrainer"]
+        return node.exec_properties.get("max_order")
+
+    follows = cluster_settings(SCHEMA_DIR)
+    assert isinstance(student_trainer(follows), RuntimeParameter)
+    pinned = {**follows, "student": {"settings": {"max_order": 1}}}
+    assert student_trainer(pinned) is None
+
+
 def test_graph_overrides_replace_the_json_config():
     from components.graph import executor
     from components.graph.metapaths import GraphConfig
@@ -376,13 +413,17 @@ def test_graph_overrides_replace_the_json_config():
         executor.graph_config({**base, "max_order": 9})
 
 
-def test_epochs_override_merges_into_custom_config():
-    from components.epochs_trainer import merged_exec_properties
+def test_runtime_settings_merge_into_custom_config():
+    from components.runtime_trainer import merged_exec_properties
 
-    props = {"custom_config": json.dumps({"epochs": 4, "num_layers": 2}), "run_fn": "m.f"}
+    props = {"custom_config": json.dumps({"epochs": 4, "num_layers": 2, "max_order": 2}), "run_fn": "m.f"}
     assert merged_exec_properties(props) == props
+    assert merged_exec_properties({**props, "epochs": None, "max_order": None}) == props  # unset
     merged = merged_exec_properties({**props, "epochs": 9})
-    assert "epochs" not in merged and json.loads(merged["custom_config"]) == {"epochs": 9, "num_layers": 2}
+    assert "epochs" not in merged and json.loads(merged["custom_config"]) == {"epochs": 9, "num_layers": 2,
+                                                                              "max_order": 2}
+    merged = merged_exec_properties({**props, "max_order": 3})
+    assert "max_order" not in merged and json.loads(merged["custom_config"])["max_order"] == 3
     assert json.loads(merged_exec_properties({"custom_config": "null", "epochs": 1})["custom_config"]) == {"epochs": 1}
 
 
@@ -468,7 +509,7 @@ def test_relkd_compile_from_a_non_editable_install(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index",
                     "--disable-pip-version-check", "--target", str(site), str(src)], check=True, timeout=120)
     for path in ("schemas/logs.pbtxt", "schemas/judgments.pbtxt", "trainer/teacher.py",
-                 "components/epochs_trainer.py", "kubeflow/runner.py"):
+                 "components/runtime_trainer.py", "kubeflow/runner.py"):
         assert (site / path).is_file(), path
 
     settings = cluster_settings(str(site / "schemas"))

@@ -11,7 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tfx.types import artifact_utils, standard_artifacts
 
 from components import title_encoder
-from components.epochs_trainer import merged_exec_properties
+from components.runtime_trainer import merged_exec_properties
 from trainer import berm_layers, sentence_vectors
 
 

@@ -1,11 +1,12 @@
-"""A TFX Trainer whose `epochs` can be a runtime parameter.
+"""A TFX Trainer whose `epochs` and `max_order` can be runtime parameters.
 
 TFX's Trainer takes the module's settings as one JSON `custom_config`, which cannot hold a
-RuntimeParameter. `EpochsTrainer` is the same component (same inputs, outputs, executor and
-run_fn contract) with one more optional integer exec property, `epochs`; when it is set, the
-executor writes it into `custom_config["epochs"]` before calling the module's `run_fn`. The
-local runner leaves it unset (the config's custom_config is used as is); the Kubeflow runner
-passes a RuntimeParameter so each run can choose the number of epochs.
+RuntimeParameter. `RuntimeTrainer` is the same component (same inputs, outputs, executor and
+run_fn contract) with optional integer exec properties for the settings a run may choose
+(`RUNTIME_SETTINGS`: the teacher's `epochs`, the student's metapath `max_order`); each one that
+is set is written into `custom_config` under its own name before the module's `run_fn` is
+called. The local runner leaves them unset (the config's custom_config is used as is); the
+Kubeflow runner passes RuntimeParameters, so each run can choose them.
 
 It also takes an optional `title_vectors` input (the TitleEncoder's output): a Trainer's run_fn
 sees only its standard inputs, so the executor hands that folder to the module as
@@ -27,15 +28,15 @@ from tfx.utils import json_utils
 
 from components import artifacts
 
-EPOCHS_KEY = "epochs"
+RUNTIME_SETTINGS = ("epochs", "max_order")
 TITLE_VECTORS_KEY = "title_vectors"
 TITLE_VECTORS_DIR = "title_vectors_dir"
 
 
-class EpochsTrainerSpec(standard_component_specs.TrainerSpec):
+class RuntimeTrainerSpec(standard_component_specs.TrainerSpec):
     PARAMETERS = {
         **standard_component_specs.TrainerSpec.PARAMETERS,
-        EPOCHS_KEY: ExecutionParameter(type=int, optional=True),
+        **{name: ExecutionParameter(type=int, optional=True) for name in RUNTIME_SETTINGS},
     }
     INPUTS = {
         **standard_component_specs.TrainerSpec.INPUTS,
@@ -45,13 +46,14 @@ class EpochsTrainerSpec(standard_component_specs.TrainerSpec):
 
 def merged_exec_properties(exec_properties: Dict[str, Any],
                            title_vectors_dir: Optional[str] = None) -> Dict[str, Any]:
-    """Trainer exec properties with `epochs` and the title vectors' folder, when set, moved into
-    `custom_config`."""
+    """Trainer exec properties with the runtime settings and the title vectors' folder, when
+    set, moved into `custom_config`."""
     properties = dict(exec_properties)
-    epochs = properties.pop(EPOCHS_KEY, None)
     extra = {}
-    if epochs is not None:
-        extra["epochs"] = int(epochs)
+    for name in RUNTIME_SETTINGS:
+        value = properties.pop(name, None)
+        if value is not None:
+            extra[name] = int(value)
     if title_vectors_dir:
         extra[TITLE_VECTORS_DIR] = title_vectors_dir
     if extra:
@@ -61,7 +63,7 @@ def merged_exec_properties(exec_properties: Dict[str, Any],
     return properties
 
 
-class EpochsExecutor(trainer_executor.GenericExecutor):
+class RuntimeExecutor(trainer_executor.GenericExecutor):
 
     def Do(self, input_dict: Dict[str, List[Any]], output_dict: Dict[str, List[Any]],
            exec_properties: Dict[str, Any]) -> None:
@@ -71,12 +73,12 @@ class EpochsExecutor(trainer_executor.GenericExecutor):
         super().Do(input_dict, output_dict, merged_exec_properties(exec_properties, vectors_dir))
 
 
-class EpochsTrainer(Trainer):
-    """tfx.components.Trainer (run_fn style, GenericExecutor) plus an optional `epochs` override
-    and an optional `title_vectors` input."""
+class RuntimeTrainer(Trainer):
+    """tfx.components.Trainer (run_fn style, GenericExecutor) plus optional `epochs` and
+    `max_order` overrides and an optional `title_vectors` input."""
 
-    SPEC_CLASS = EpochsTrainerSpec
-    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(EpochsExecutor)
+    SPEC_CLASS = RuntimeTrainerSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(RuntimeExecutor)
 
     def __init__(
         self,
@@ -84,6 +86,7 @@ class EpochsTrainer(Trainer):
         run_fn: str,
         custom_config: Optional[Dict[str, Any]] = None,
         epochs: Optional[Union[int, RuntimeParameter]] = None,
+        max_order: Optional[Union[int, RuntimeParameter]] = None,
         schema: Optional[channel.BaseChannel] = None,
         transform_graph: Optional[channel.BaseChannel] = None,
         base_model: Optional[channel.BaseChannel] = None,
@@ -92,7 +95,7 @@ class EpochsTrainer(Trainer):
         eval_args: Optional[trainer_pb2.EvalArgs] = None,
         title_vectors: Optional[channel.BaseChannel] = None,
     ):
-        spec = EpochsTrainerSpec(
+        spec = RuntimeTrainerSpec(
             examples=examples,
             transform_graph=transform_graph,
             schema=schema,
@@ -103,9 +106,10 @@ class EpochsTrainer(Trainer):
             run_fn=run_fn,
             custom_config=json_utils.dumps(custom_config),
             epochs=epochs,
+            max_order=max_order,
             title_vectors=title_vectors,
             model=channel.Channel(type=standard_artifacts.Model),
             model_run=channel.Channel(type=standard_artifacts.ModelRun),
         )
-        # Trainer.__init__ would build a plain TrainerSpec; this is its spec plus `epochs`.
+        # Trainer.__init__ would build a plain TrainerSpec; this is its spec plus the settings.
         base_component.BaseComponent.__init__(self, spec=spec)
