@@ -345,21 +345,25 @@ def _record_run_fn(fn_args):
         json.dump(fn_args.custom_config, f)
 
 
+def _run_fn_custom_config(runnable_job, tmp_path, task, parameter_values):
+    """The custom_config the compiled `task`'s run_fn receives in a run with `parameter_values`."""
+    examples = tmp_path / "examples"
+    for split in ("train", "eval"):
+        (examples / f"Split-{split}").mkdir(parents=True)
+    output = run_task(runnable_job, task, tmp_path / "run", parameter_values=parameter_values,
+                      inputs={"examples": (str(examples), ["train", "eval"])},
+                      replace={"run_fn": f"{__name__}._record_run_fn"})
+    [model] = output["artifacts"]["model"]["artifacts"]
+    with open(os.path.join(model["uri"], "Format-Serving", "custom_config.json")) as f:
+        return json.load(f)
+
+
 def test_teacher_epochs_are_taken_per_run(runnable_job, tmp_path):
     from pipeline.configs import teacher_custom_config
     from schemas import SCHEMA_DIR
 
     compiled_custom_config = teacher_custom_config(configs.load_config(overrides=cluster_settings(SCHEMA_DIR)))
-    examples = tmp_path / "examples"
-    for split in ("train", "eval"):
-        (examples / f"Split-{split}").mkdir(parents=True)
-    output = run_task(runnable_job, "TeacherTrainer", tmp_path / "run",
-                      parameter_values={"teacher_epochs": 7},
-                      inputs={"examples": (str(examples), ["train", "eval"])},
-                      replace={"run_fn": f"{__name__}._record_run_fn"})
-    [model] = output["artifacts"]["model"]["artifacts"]
-    with open(os.path.join(model["uri"], "Format-Serving", "custom_config.json")) as f:
-        custom_config = json.load(f)
+    custom_config = _run_fn_custom_config(runnable_job, tmp_path, "TeacherTrainer", {"teacher_epochs": 7})
     # The rest of the compiled custom_config is kept; only epochs comes from the run.
     assert compiled_custom_config["epochs"] == 2
     assert custom_config == {**compiled_custom_config, "epochs": 7}
@@ -370,16 +374,7 @@ def test_the_student_takes_the_graph_order_per_run(runnable_job, tmp_path):
     from schemas import SCHEMA_DIR
 
     compiled_custom_config = student_custom_config(configs.load_config(overrides=cluster_settings(SCHEMA_DIR)))
-    examples = tmp_path / "examples"
-    for split in ("train", "eval"):
-        (examples / f"Split-{split}").mkdir(parents=True)
-    output = run_task(runnable_job, "StudentTrainer", tmp_path / "run",
-                      parameter_values={"graph_max_order": 1},
-                      inputs={"examples": (str(examples), ["train", "eval"])},
-                      replace={"run_fn": f"{__name__}._record_run_fn"})
-    [model] = output["artifacts"]["model"]["artifacts"]
-    with open(os.path.join(model["uri"], "Format-Serving", "custom_config.json")) as f:
-        custom_config = json.load(f)
+    custom_config = _run_fn_custom_config(runnable_job, tmp_path, "StudentTrainer", {"graph_max_order": 1})
     assert compiled_custom_config["max_order"] == 3
     assert custom_config == {**compiled_custom_config, "max_order": 1}
 
