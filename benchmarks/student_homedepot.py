@@ -23,7 +23,8 @@ clicks), so the query-item graph is built from all of them; human judgments exis
    component's Beam transform, on DirectRunner) builds the neighbour tables from all logs
    and `JoinContexts` joins every logged pair with its contexts, as the component does.
    A second table set is built from the `train` and `eval` logs only, for the cold-start
-   row: BERM-O scoring `test` queries that were never logged.
+   row: BERM-O scoring `test` queries that were never logged (its title table, too, then keeps
+   only the titles of those logs: the items shown only with test queries were never logged).
    Then the TitleEncoder component's Beam pipeline (`components.title_encoder.encode_texts`)
    encodes every logged title and the `train` queries with the pretrained sentence encoder,
    for the students' title-vector path (`--no-title-vectors`: students without it).
@@ -194,6 +195,27 @@ def encode_title_vectors(examples_dir: str, out_dir: str) -> None:
     shutil.rmtree(out_dir, ignore_errors=True)
     with beam.Pipeline(options=PipelineOptions(PipelineConfig().beam_pipeline_args)) as pipeline:
         title_encoder.encode_texts(pipeline, examples, out_dir, query_split="train")
+
+
+def forget_unlogged_titles(scorer, title_vectors_dir: str, logged_titles) -> Dict[str, int]:
+    """Keeps in the scorer's title table only the titles of `logged_titles`.
+
+    The TitleEncoder encodes the titles of every logged pair; where the test queries were never
+    logged, neither were the items shown only with them, so a cold-start BERM-O must take those
+    titles through the path's fallback as it would any item outside its table.
+    """
+    import numpy as np
+
+    from trainer import sentence_vectors, student
+
+    table = student.title_vector_table(scorer)
+    if table is None:
+        return {"title_vectors_kept": 0, "title_vectors_dropped": 0}
+    vectors = sentence_vectors.read_sentence_vectors(title_vectors_dir)
+    logged = set(logged_titles)
+    keep = [i for i, title in enumerate(vectors.titles) if title in logged]
+    table.set_table([vectors.titles[i] for i in keep], vectors.title_vectors[np.array(keep, int)])
+    return {"title_vectors_kept": len(keep), "title_vectors_dropped": len(vectors.titles) - len(keep)}
 
 
 def train_student(args, order: int, examples_dir: str, tables_dir: str, work_dir: str,
@@ -572,8 +594,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     log(f"BERM-O serve_raw vs serving_default on joined examples: max |diff| {agreement:.2e}")
     cold_dir = os.path.join(work_dir, f"berm_o_k{args.berm_order}_cold")
     shutil.rmtree(cold_dir, ignore_errors=True)
-    berm_serving.export_serving_model(berm_serving.load_scorer(berm_dir), cold_dir,
-                                      neighbour_tables_dir=tables_cold)
+    cold_scorer = berm_serving.load_scorer(berm_dir)
+    cold_titles = {"title_vectors_kept": 0, "title_vectors_dropped": 0}
+    if title_vectors:
+        cold_titles = forget_unlogged_titles(
+            cold_scorer, title_vectors, [r["item_title"] for r in logged if r["split"] != "test"])
+        log(f"cold start: {cold_titles['title_vectors_kept']} title vectors kept, "
+            f"{cold_titles['title_vectors_dropped']} logged only with test queries dropped")
+    berm_serving.export_serving_model(cold_scorer, cold_dir, neighbour_tables_dir=tables_cold)
     cold_test = score_raw(tf.saved_model.load(cold_dir).signatures[student.RAW_SIGNATURE],
                           queries, titles, item_ids)
 
@@ -583,8 +611,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     berm_bytes = directory_bytes(berm_dir)
     rows.append({"model": f"BERM-O (k={args.berm_order}, serve_raw: raw strings, tables in the model)",
                  "metrics": rm.evaluate(queries, berm_test, relevance, k=NDCG_K)})
-    rows.append({"model": "BERM-O, test queries never logged (cold start; tables from train+eval logs)",
-                 "metrics": rm.evaluate(queries, cold_test, relevance, k=NDCG_K)})
+    rows.append({"model": "BERM-O, test queries never logged (cold start; neighbour tables and "
+                          "title vectors from train+eval logs)",
+                 "metrics": rm.evaluate(queries, cold_test, relevance, k=NDCG_K), **cold_titles})
     for row in rows:
         if row["model"].startswith("teacher"):
             name, size = "teacher", teacher_bytes

@@ -1,5 +1,5 @@
 """The Home Depot benchmark's speed race: the orders it calls the models in, what it times, and
-the session each model runs in."""
+the session each model runs in; and the cold-start BERM-O's title table."""
 import numpy as np
 import pytest
 
@@ -76,3 +76,27 @@ def test_the_race_threads_are_flags_with_the_servers_defaults(tmp_path):
     assert args.teacher_intra_op_threads == 0
     with pytest.raises(SystemExit):
         sh.parse_args(["--input", str(data), "--berm-intra-op-threads", "-1"])
+
+
+def test_cold_start_keeps_only_the_titles_the_remaining_logs_hold(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    from trainer import berm_layers, sentence_vectors, student
+
+    vectors = np.eye(3, dtype=np.float32)
+    with tf.io.TFRecordWriter(str(tmp_path / "vectors.gz"), "GZIP") as writer:
+        for title, vector in zip(TITLES[:3], vectors):
+            writer.write(sentence_vectors.to_tf_example(title, sentence_vectors.TITLE, vector)
+                         .SerializeToString())
+    table = berm_layers.TitleVectorTable(3, 3)
+    table.set_table(TITLES[:3], vectors)
+    monkeypatch.setattr(student, "title_vector_table", lambda scorer: table)
+    # TITLES[1] was logged only with a test query; TITLES[4] is logged but has no vector.
+    assert sh.forget_unlogged_titles("scorer", str(tmp_path), [TITLES[0], TITLES[2], TITLES[4]]) == {
+        "title_vectors_kept": 2, "title_vectors_dropped": 1}
+    got, known = table(tf.constant(TITLES[:3]))
+    np.testing.assert_array_equal(known.numpy(), [True, False, True])
+    np.testing.assert_array_equal(got.numpy(), [vectors[0], [0, 0, 0], vectors[2]])
+    monkeypatch.setattr(student, "title_vector_table", lambda scorer: None)
+    assert sh.forget_unlogged_titles("scorer", str(tmp_path), []) == {
+        "title_vectors_kept": 0, "title_vectors_dropped": 0}

@@ -93,6 +93,21 @@ def test_title_vector_table_finds_known_titles_after_a_reload(tmp_path):
         berm_layers.TitleVectorTable(2, 3).set_table(["a", " a"], vectors[:2])
 
 
+def test_title_vector_table_may_hold_fewer_titles_than_its_size():
+    # What a model serving fewer titles than it was trained with gets (the benchmark's cold start).
+    vectors = np.arange(9, dtype=np.float32).reshape(3, 3)
+    table = berm_layers.TitleVectorTable(3, 3)
+    table.set_table(["red drill", "blue saw", "garden hose"], vectors)
+    table.set_table(["garden hose"], vectors[2:])
+    got, known = table(tf.constant(["garden hose", "red drill", "blue saw", "zzz"]))
+    np.testing.assert_array_equal(known.numpy(), [True, False, False, False])
+    np.testing.assert_array_equal(got.numpy(), [vectors[2], [0, 0, 0], [0, 0, 0], [0, 0, 0]])
+    for titles, rows in ((["a", "b", "c", "d"], np.zeros([4, 3])), ([], np.zeros([0, 3])),
+                         (["a"], np.zeros([1, 2])), (["a", "b"], np.zeros([1, 3]))):
+        with pytest.raises(ValueError, match="expected 1 to 3 titles"):
+            table.set_table(titles, rows)
+
+
 def test_sentence_match_uses_the_stored_vector_or_the_fallback_map():
     rng = np.random.default_rng(0)
     layer = berm_layers.SentenceMatch(4, initial_scale=3.0)

@@ -261,7 +261,8 @@ class TitleVectorTable(tf.keras.layers.Layer):
     restored with the other weights, so a layer rebuilt from its config (sizes
     only) gets its table back, and the config stays small however large the
     catalogue. Two titles sharing a fingerprint (odds about n^2 / 2^64) would
-    share a vector; `set_table` refuses such a table.
+    share a vector; `set_table` refuses such a table. It may hold fewer titles
+    than `size`: the free slots take a key no fingerprint can be (2^63 - 1).
     """
 
     def __init__(self, size: int, dim: int, **kwargs):
@@ -279,8 +280,8 @@ class TitleVectorTable(tf.keras.layers.Layer):
 
     def set_table(self, titles: Sequence[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, np.float32)
-        if vectors.shape != (self.size, self.dim) or len(titles) != self.size:
-            raise ValueError(f"expected {self.size} titles and vectors [{self.size}, {self.dim}], "
+        if (vectors.shape != (len(titles), self.dim)) or not 0 < len(titles) <= self.size:
+            raise ValueError(f"expected 1 to {self.size} titles and vectors [titles, {self.dim}], "
                              f"got {len(titles)} and {list(vectors.shape)}")
         if not self.built:
             self.build(tf.TensorShape([None]))
@@ -289,8 +290,11 @@ class TitleVectorTable(tf.keras.layers.Layer):
         if len(np.unique(keys)) != len(keys):
             raise ValueError("TitleVectorTable: titles repeat (after stripping whitespace) or "
                              "share a fingerprint; pass each title once")
-        self.keys.assign(keys[order])
-        self.vectors.assign(vectors[order])
+        # Free slots hold the one key no fingerprint takes, sorted last: a lookup that lands on
+        # one compares unequal, as for any title not stored.
+        free = self.size - len(titles)
+        self.keys.assign(np.concatenate([keys[order], np.full([free], _FINGERPRINT_RANGE, np.int64)]))
+        self.vectors.assign(np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)]))
 
     def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         keys = text_fingerprints(titles)
