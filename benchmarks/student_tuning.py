@@ -69,6 +69,23 @@ def score_examples(model_dir: str, serialized: Sequence[bytes]):
                            for i in range(0, len(serialized), SCORE_BATCH)]).astype(float)
 
 
+def score_with_unlogged_titles(model_dir: str, title_vectors_dir: str, train_serialized,
+                               eval_serialized, out_dir: str):
+    """The eval pairs scored as if the items shown only with eval queries were never logged: the
+    student exported again with the train logs' titles alone in its table (the cold start of
+    `student_homedepot`), so the others take the title path's fallback."""
+    import tensorflow as tf
+
+    from trainer import berm_serving
+
+    titles = [tf.train.Example.FromString(e).features.feature["item_title"].bytes_list.value[0]
+              .decode("utf-8") for e in train_serialized]
+    scorer = berm_serving.load_scorer(model_dir)
+    kept = sh.forget_unlogged_titles(scorer, title_vectors_dir, titles)
+    berm_serving.export_serving_model(scorer, out_dir)
+    return score_examples(out_dir, eval_serialized), kept
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work-dir", required=True,
@@ -133,8 +150,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         "train_correlation": float(np.corrcoef(*train_logits)[0, 1]),
         "train_pairs": len(train["queries"]),
     }
+    if title_vectors:
+        cold_scores, kept = score_with_unlogged_titles(
+            info["model_dir"], title_vectors, train["serialized"], pairs["serialized"],
+            os.path.join(run_dir, "unlogged_titles_model"))
+        result["student_unlogged_titles"] = dict(
+            rm.evaluate(pairs["queries"], cold_scores, pairs["relevance"], k=sh.NDCG_K), **kept)
     k = sh.NDCG_K
-    for who in ("teacher", "student"):
+    for who in ("teacher", "student", "student_unlogged_titles"):
+        if who not in result:
+            continue
         m = result[who]
         print(f"{who:8s} eval AUC {m['auc']:.3f}  per-query AUC {m['per_query_auc']:.3f}  "
               f"NDCG@{k} {m[f'ndcg@{k}']:.3f}  ({m['pairs']} pairs, {m['queries']} queries)")
