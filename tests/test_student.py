@@ -505,9 +505,8 @@ def test_student_with_teacher_embeddings_builds_and_scores():
 # --- The title-vector path --------------------------------------------------------------
 
 def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
-    """run_fn with the TitleEncoder's vectors (and title dropout while training): the table
-    travels in BERM-O, both signatures and a re-loaded scorer agree, unknown titles take the
-    fallback, and cold start is still 0-order."""
+    """run_fn with the TitleEncoder's vectors: the table travels in BERM-O, both signatures and a
+    re-loaded scorer agree, unknown titles take the fallback, and cold start is still 0-order."""
     from trainer import sentence_vectors
 
     titles = sorted(set(world["titles"].values()))
@@ -530,8 +529,7 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         train_files=[str(tmp_path / "Split-train" / "*")], eval_files=[str(tmp_path / "Split-eval" / "*")],
         serving_model_dir=str(tmp_path / "serving_model"), model_run_dir=str(tmp_path / "model_run"),
         custom_config=dict(TINY, init_from_teacher_embeddings=True, max_order=1, epochs=2, batch_size=4,
-                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir),
-                           title_dropout=0.5))
+                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir)))
     student.run_fn(fn_args)
     model_dir = fn_args.serving_model_dir
     assert berm_serving.read_manifest(model_dir)["title_vectors"] == len(titles)
@@ -564,16 +562,6 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         {k: cold[k] for k in zero_order.input}).numpy(), rtol=0, atol=1e-5)
     match = token_scorer.get_layer(student.VECTOR_SCORER).get_layer(student.SENTENCE_MATCH)
     assert match.query_map.trainable and not match.fallback_map.trainable
-    # Dropout hides stored vectors only while training (the agreements above are at inference).
-    assert token_scorer.get_layer("title_dropout").rate == 0.5
-    hidden = token_scorer(cold, training=True).numpy()
-    assert np.abs(hidden - token_scorer(cold).numpy()).max() > 1e-4
-
-
-def test_title_dropout_is_a_share_below_one():
-    for rate in (-0.1, 1.0):
-        with pytest.raises(ValueError, match="title_dropout"):
-            student.StudentConfig.from_custom_config(dict(TINY, title_dropout=rate))
 
 
 def test_title_vectors_need_the_teacher_embeddings(tmp_path):

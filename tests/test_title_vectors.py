@@ -108,17 +108,6 @@ def test_title_vector_table_may_hold_fewer_titles_than_its_size():
             table.set_table(titles, rows)
 
 
-def test_known_title_dropout_hides_stored_vectors_only_while_training():
-    known = tf.constant([True] * 2000 + [False] * 2000)
-    layer = berm_layers.KnownTitleDropout(0.25)
-    np.testing.assert_array_equal(layer(known).numpy(), known.numpy())
-    dropped = layer(known, training=True).numpy()
-    assert not dropped[2000:].any()  # an unknown title never becomes known
-    assert 0.2 < 1 - dropped[:2000].mean() < 0.3
-    with pytest.raises(ValueError, match="rate"):
-        berm_layers.KnownTitleDropout(1.0)
-
-
 def test_sentence_match_uses_the_stored_vector_or_the_fallback_map():
     rng = np.random.default_rng(0)
     layer = berm_layers.SentenceMatch(4, initial_scale=3.0)

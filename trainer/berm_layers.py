@@ -309,30 +309,6 @@ class TitleVectorTable(tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
-class KnownTitleDropout(tf.keras.layers.Layer):
-    """While training, marks each title with a stored vector as unknown with probability `rate`.
-
-    A student trained only on titles in its table never exercises the fallback
-    it serves to items never logged; dropping some lets it learn that path too.
-    Identity outside training.
-    """
-
-    def __init__(self, rate: float, **kwargs):
-        super().__init__(**kwargs)
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"KnownTitleDropout rate must be in [0, 1), got {rate}")
-        self.rate = float(rate)
-
-    def call(self, known: tf.Tensor, training=None) -> tf.Tensor:
-        if not training or self.rate == 0.0:
-            return known
-        return tf.logical_and(known, tf.random.uniform(tf.shape(known)) >= self.rate)
-
-    def get_config(self) -> Dict[str, Any]:
-        return dict(super().get_config(), rate=self.rate)
-
-
-@tf.keras.utils.register_keras_serializable(package="relkd")
 class SentenceMatch(tf.keras.layers.Layer):
     """scale * cos(query, title) in a sentence encoder's space -> [N].
 

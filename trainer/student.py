@@ -193,9 +193,6 @@ class StudentConfig:
         stores the title vectors; the pipeline sets it from the
         StudentTrainer's `title_vectors` input. None: no such path.
       title_map_l2: ridge penalty of the linear maps that start that path.
-      title_dropout: while training, the share of pairs whose title is treated as
-        outside the table, so the path's fallback (what items never logged get)
-        is trained too (`berm_layers.KnownTitleDropout`); 0: never.
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -230,7 +227,6 @@ class StudentConfig:
     neighbour_tables_dir: Optional[str] = None
     title_vectors_dir: Optional[str] = None
     title_map_l2: float = 0.1
-    title_dropout: float = 0.0
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -254,8 +250,6 @@ class StudentConfig:
         for name in ("teacher_pointwise_weight", "human_loss_weight", "patience", "title_map_l2"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.title_dropout < 1:
-            raise ValueError(f"title_dropout must be in [0, 1), got {self.title_dropout}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.ndcg_topn or any(int(k) < 1 for k in self.ndcg_topn):
@@ -446,7 +440,7 @@ def _sentence_match(layer, features):
 def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
                        pretrained_dim: Optional[int] = None, num_kernels: int = 11,
                        hidden_dim: int = 32, term_gating: bool = True,
-                       sentence_dim: Optional[int] = None, title_dropout: float = 0.0,
+                       sentence_dim: Optional[int] = None,
                        name: str = TOKEN_SCORER) -> tf.keras.Model:
     """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
 
@@ -455,9 +449,7 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     into vectors; the nested `berm_vector_scorer` (`build_vector_scorer`) does
     the rest. With `sentence_dim` (which needs `pretrained_dim`), the query's and
     title's pretrained WordPiece means (the embedding's `pretrained_mean` mode)
-    and the title's stored vector feed the vector scorer's title-vector path;
-    `title_dropout` > 0 hides some stored vectors while training
-    (`berm_layers.KnownTitleDropout`, layer `title_dropout`).
+    and the title's stored vector feed the vector scorer's title-vector path.
     """
     if sentence_dim and not pretrained_dim:
         raise ValueError("the title-vector path (sentence_dim) needs the teacher's pretrained "
@@ -467,12 +459,8 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
                                        name=EMBEDDING_LAYER)
     padding = berm_layers.PaddingMask(name="padding_mask")
     pooling = berm_layers.MaskedMeanPooling(name="neighbour_pooling")
-    title_vectors = _title_vector_features(inputs)
-    if title_vectors is not None and title_dropout:
-        title_vectors[TITLE_KNOWN_KEY] = berm_layers.KnownTitleDropout(
-            title_dropout, name="title_dropout")(title_vectors[TITLE_KNOWN_KEY])
     features = _centre_features(embed, padding, inputs[QUERY_TOKENS_KEY], inputs[TITLE_TOKENS_KEY],
-                                title_vectors)
+                                _title_vector_features(inputs))
     for prefix in context_prefixes(max_order):
         vectors, present = neighbour_vectors(embed, padding, pooling, inputs[f"{prefix}_tokens"])
         features.update({f"{prefix}_vectors": vectors, f"{prefix}_present": present,
@@ -580,7 +568,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
                   pretrained_embeddings: Optional[np.ndarray] = None, num_kernels: int = 11,
                   hidden_dim: int = 32, term_gating: bool = True,
                   title_table: Optional[Tuple[Sequence[str], np.ndarray]] = None,
-                  title_dropout: float = 0.0, name: str = "berm") -> tf.keras.Model:
+                  name: str = "berm") -> tf.keras.Model:
     """The student on raw strings: `string_inputs(...)` -> relevance logit [N].
 
     Inputs: `query`, `item_title` tf.string [N]; per context prefix (q_o1, i_o1,
@@ -604,8 +592,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
     pretrained_dim = None if pretrained_embeddings is None else int(pretrained_embeddings.shape[1])
     sentence_dim = None if title_table is None else int(np.shape(title_table[1])[1])
     token_scorer = build_token_scorer(max_order, len(vocab), embedding_dim, pretrained_dim,
-                                      num_kernels, hidden_dim, term_gating, sentence_dim,
-                                      title_dropout if title_table is not None else 0.0)
+                                      num_kernels, hidden_dim, term_gating, sentence_dim)
     if pretrained_embeddings is not None:
         token_scorer.get_layer(EMBEDDING_LAYER).set_pretrained(pretrained_embeddings)
     inputs = string_inputs(max_order, max_context_texts)
@@ -742,8 +729,7 @@ def student_from_config(config: StudentConfig) -> tf.keras.Model:
                            config.max_query_tokens, config.max_title_tokens,
                            config.max_context_tokens, config.embedding_dim, embeddings,
                            config.num_kernels, config.hidden_dim, config.term_gating,
-                           None if vectors is None else (vectors.titles, vectors.title_vectors),
-                           config.title_dropout)
+                           None if vectors is None else (vectors.titles, vectors.title_vectors))
     if vectors is not None:
         logging.info("student: title-vector path started: %s",
                      init_title_vector_path(scorer, vectors, config.title_map_l2))
