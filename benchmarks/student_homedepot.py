@@ -197,8 +197,9 @@ def encode_title_vectors(examples_dir: str, out_dir: str) -> None:
         title_encoder.encode_texts(pipeline, examples, out_dir, query_split="train")
 
 
-def forget_unlogged_titles(scorer, title_vectors_dir: str, logged_titles) -> Dict[str, int]:
-    """Keeps in the scorer's title table only the titles of `logged_titles`.
+def forget_unlogged_titles(scorer, title_vectors_dir: Optional[str], logged_titles) -> Dict[str, int]:
+    """Keeps in the scorer's title table only the titles of `logged_titles` (a scorer without the
+    title-vector path is left as it is, and its folder not read).
 
     The TitleEncoder encodes the titles of every logged pair; where the test queries were never
     logged, neither were the items shown only with them, so a cold-start BERM-O must take those
@@ -595,10 +596,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     cold_dir = os.path.join(work_dir, f"berm_o_k{args.berm_order}_cold")
     shutil.rmtree(cold_dir, ignore_errors=True)
     cold_scorer = berm_serving.load_scorer(berm_dir)
-    cold_titles = {"title_vectors_kept": 0, "title_vectors_dropped": 0}
+    cold_titles = forget_unlogged_titles(
+        cold_scorer, title_vectors, [r["item_title"] for r in logged if r["split"] != "test"])
     if title_vectors:
-        cold_titles = forget_unlogged_titles(
-            cold_scorer, title_vectors, [r["item_title"] for r in logged if r["split"] != "test"])
         log(f"cold start: {cold_titles['title_vectors_kept']} title vectors kept, "
             f"{cold_titles['title_vectors_dropped']} logged only with test queries dropped")
     berm_serving.export_serving_model(cold_scorer, cold_dir, neighbour_tables_dir=tables_cold)

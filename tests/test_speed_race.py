@@ -98,5 +98,5 @@ def test_cold_start_keeps_only_the_titles_the_remaining_logs_hold(tmp_path, monk
     np.testing.assert_array_equal(known.numpy(), [True, False, True])
     np.testing.assert_array_equal(got.numpy(), [vectors[0], [0, 0, 0], vectors[2]])
     monkeypatch.setattr(student, "title_vector_table", lambda scorer: None)
-    assert sh.forget_unlogged_titles("scorer", str(tmp_path), []) == {
+    assert sh.forget_unlogged_titles("scorer", None, []) == {
         "title_vectors_kept": 0, "title_vectors_dropped": 0}
