@@ -497,7 +497,7 @@ def test_student_with_teacher_embeddings_builds_and_scores():
     assert embedding.kernel.shape == (384, 16) and embedding.kernel.trainable
     assert float(tf.reduce_max(tf.abs(embedding.pretrained))) > 0  # The teacher's weights, loaded.
     params = student.count_params(scorer)
-    assert params["non_trainable"] == 30522 * 384
+    assert params["non_trainable"] == 30522 * 384 + 30522  # The table and each token's mean weight.
     logits = scorer(student.string_features(_parsed(["cordless drill"], ["dewalt cordless drill"], {}), 2, TOP_N))
     assert logits.shape == (1,) and np.isfinite(logits.numpy()).all()
 
@@ -529,7 +529,8 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         train_files=[str(tmp_path / "Split-train" / "*")], eval_files=[str(tmp_path / "Split-eval" / "*")],
         serving_model_dir=str(tmp_path / "serving_model"), model_run_dir=str(tmp_path / "model_run"),
         custom_config=dict(TINY, init_from_teacher_embeddings=True, max_order=1, epochs=2, batch_size=4,
-                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir)))
+                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir),
+                           title_map_sif=1e-3))
     student.run_fn(fn_args)
     model_dir = fn_args.serving_model_dir
     assert berm_serving.read_manifest(model_dir)["title_vectors"] == len(titles)
@@ -549,6 +550,8 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
 
     # The table is part of the scorer's weights: a re-loaded scorer rebuilds the same BERM-O.
     scorer = berm_serving.load_scorer(model_dir)
+    assert scorer.get_layer(student.TOKEN_SCORER).get_layer(
+        student.EMBEDDING_LAYER).mean_weights.numpy().min() < 1.0  # title_map_sif's weights
     rebuilt = berm_serving.build_serving_model(scorer, tables)
     args = [tf.constant([r[k] for r in records]) for k in ("query", "item_id", "item_title")]
     np.testing.assert_allclose(rebuilt.serve_raw(*args)["score"].numpy(), raw, rtol=0, atol=1e-5)
@@ -562,6 +565,40 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         {k: cold[k] for k in zero_order.input}).numpy(), rtol=0, atol=1e-5)
     match = token_scorer.get_layer(student.VECTOR_SCORER).get_layer(student.SENTENCE_MATCH)
     assert match.query_map.trainable and not match.fallback_map.trainable
+
+
+def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_means(vocab):
+    """title_map_sif: the WordPiece means that stand in for sentence vectors weigh each token by
+    a / (a + its share of the logged texts' tokens), so a token in every text counts least."""
+    from trainer import sentence_vectors
+
+    titles = ["steel hammer", "steel saw", "steel door", "wood chair"]
+    queries = ["steel drill"]
+    rng = np.random.default_rng(0)
+    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(4, 5)).astype(np.float32),
+                                               queries, rng.normal(size=(1, 5)).astype(np.float32))
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors))
+    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    fits = student.init_title_vector_path(scorer, vectors, sif=0.1)
+    weights = embed.mean_weights.numpy()
+    index = {token: i for i, token in enumerate(vocab)}
+    # 10 tokens: "steel" 4 (share 0.4), "hammer" 1 (0.1); "lamp" never seen.
+    np.testing.assert_allclose(weights[[index["steel"], index["hammer"], index["lamp"]]],
+                               [0.1 / 0.5, 0.1 / 0.2, 1.0], rtol=1e-6)
+    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
+    table = embed.pretrained.numpy()
+    np.testing.assert_allclose(
+        embed(ids, pretrained_mean=True).numpy()[0],
+        (0.2 * table[index["steel"]] + 0.5 * table[index["hammer"]]) / 0.7, rtol=1e-5)
+    assert fits["titles"] == 4 and fits["queries"] == 1
+    # 0 (the default) keeps the plain mean.
+    plain = student.build_student(vocab, 0, pretrained_embeddings=table, embedding_dim=4, hidden_dim=4,
+                                  title_table=(titles, vectors.title_vectors))
+    student.init_title_vector_path(plain, vectors)
+    np.testing.assert_array_equal(
+        plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
 
 
 def test_title_vectors_need_the_teacher_embeddings(tmp_path):

@@ -140,3 +140,19 @@ def test_pretrained_mean_averages_real_tokens_and_skips_rows():
                                [table[[1, 2]].mean(0), [0, 0, 0], table[5], table[[3, 4, 5]].mean(0)])
     skipped = embedding(ids, pretrained_mean=True, skip_rows=tf.constant([True, False, False, True]))
     np.testing.assert_allclose(skipped.numpy(), [[0, 0, 0], [0, 0, 0], table[5], [0, 0, 0]])
+
+
+def test_pretrained_mean_weighs_each_token_by_its_mean_weight():
+    embedding = berm_layers.TokenEmbedding(6, 2, pretrained_dim=3)
+    table = np.arange(18, dtype=np.float32).reshape(6, 3)
+    embedding.set_pretrained(table)
+    weights = np.array([1, 1, 3, 1, 0.5, 2], np.float32)
+    embedding.set_mean_weights(weights)
+    ids = tf.constant([[1, 2, 0], [0, 0, 0], [4, 5, 0]])
+    np.testing.assert_allclose(
+        embedding(ids, pretrained_mean=True).numpy(),
+        [(table[1] + 3 * table[2]) / 4, [0, 0, 0], (0.5 * table[4] + 2 * table[5]) / 2.5], rtol=1e-6)
+    with pytest.raises(ValueError, match="6 positive numbers"):
+        embedding.set_mean_weights(np.zeros(6))
+    with pytest.raises(ValueError, match="6 positive numbers"):
+        embedding.set_mean_weights(np.ones(5))

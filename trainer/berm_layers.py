@@ -170,6 +170,8 @@ class TokenEmbedding(tf.keras.layers.Layer):
                 initializer="glorot_uniform", trainable=True)
             self.bias = self.add_weight("projection_bias", shape=[self.embedding_dim],
                                         initializer="zeros", trainable=True)
+            self.mean_weights = self.add_weight(
+                "mean_weights", shape=[self.vocab_size], initializer="ones", trainable=False)
         super().build(input_shape)
 
     def set_pretrained(self, matrix: np.ndarray) -> None:
@@ -194,11 +196,24 @@ class TokenEmbedding(tf.keras.layers.Layer):
         self.kernel.assign(kernel.astype(np.float32))
         self.bias.assign(-(mean @ kernel).astype(np.float32))
 
+    def set_mean_weights(self, weights: np.ndarray) -> None:
+        """Sets how much each token counts in `pretrained_mean` (frozen; all 1 at first)."""
+        if self.pretrained_dim is None:
+            raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
+        weights = np.asarray(weights, dtype=np.float32)
+        if weights.shape != (self.vocab_size,) or not np.all(weights > 0):
+            raise ValueError(f"mean weights must be {self.vocab_size} positive numbers, got shape "
+                             f"{weights.shape}")
+        if not self.built:
+            self.build(tf.TensorShape([None]))
+        self.mean_weights.assign(weights)
+
     def call(self, ids: tf.Tensor, pretrained_mean: bool = False,
              skip_rows: Optional[tf.Tensor] = None) -> tf.Tensor:
         """ids [..., T] -> [..., T, embedding_dim]; with `pretrained_mean`, ids [N, T] -> the mean
-        of each row's real tokens' frozen pretrained vectors [N, P] (zeros for rows without a
-        real token, and for rows where the bool [N] `skip_rows` is True)."""
+        of each row's real tokens' frozen pretrained vectors [N, P], each token weighed by its
+        `mean_weights` entry (zeros for rows without a real token, and for rows where the bool
+        [N] `skip_rows` is True)."""
         ids = tf.cast(ids, tf.int32)
         if pretrained_mean:
             return self._pretrained_mean(ids, skip_rows)
@@ -220,10 +235,12 @@ class TokenEmbedding(tf.keras.layers.Layer):
             keep = tf.logical_and(keep, tf.logical_not(skip_rows)[:, tf.newaxis])
         where = tf.where(keep)
         rows, count = where[:, 0], tf.shape(ids, out_type=tf.int64)[0]
-        sums = tf.math.unsorted_segment_sum(tf.gather(self.pretrained, tf.gather_nd(ids, where)),
-                                            rows, count)
-        tokens = tf.math.unsorted_segment_sum(tf.ones_like(rows, self.pretrained.dtype), rows, count)
-        return tf.math.divide_no_nan(sums, tokens[:, tf.newaxis])
+        kept = tf.gather_nd(ids, where)
+        weights = tf.gather(self.mean_weights, kept)
+        sums = tf.math.unsorted_segment_sum(
+            tf.gather(self.pretrained, kept) * weights[:, tf.newaxis], rows, count)
+        total = tf.math.unsorted_segment_sum(weights, rows, count)
+        return tf.math.divide_no_nan(sums, total[:, tf.newaxis])
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), vocab_size=self.vocab_size,

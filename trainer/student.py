@@ -193,6 +193,10 @@ class StudentConfig:
         stores the title vectors; the pipeline sets it from the
         StudentTrainer's `title_vectors` input. None: no such path.
       title_map_l2: ridge penalty of the linear maps that start that path.
+      title_map_sif: how the path's WordPiece means weigh each token: a / (a +
+        p(token)), p its share of the tokens of the logged titles and train
+        queries (smooth inverse frequency, Arora et al., ICLR 2017), so that
+        "x", "in" and "##s" count less than "mower"; 0: the plain mean.
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -227,6 +231,7 @@ class StudentConfig:
     neighbour_tables_dir: Optional[str] = None
     title_vectors_dir: Optional[str] = None
     title_map_l2: float = 0.1
+    title_map_sif: float = 0.0
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -247,7 +252,8 @@ class StudentConfig:
         for name in ("steps_per_epoch", "eval_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
-        for name in ("teacher_pointwise_weight", "human_loss_weight", "patience", "title_map_l2"):
+        for name in ("teacher_pointwise_weight", "human_loss_weight", "patience", "title_map_l2",
+                     "title_map_sif"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -629,15 +635,34 @@ def static_means(scorer: tf.keras.Model, texts: Sequence[str], wordpiece: str,
     return np.concatenate(out)
 
 
+def sif_weights(scorer: tf.keras.Model, vectors: sentence_vectors.SentenceVectors,
+                a: float, batch_size: int = 4096) -> np.ndarray:
+    """float32 [vocab_size]: a / (a + p(token)), p over the tokens of `vectors`' distinct titles
+    and queries as the path's WordPiece layers cut them (unseen tokens: p = 0, weight 1)."""
+    embed = scorer.get_layer(TOKEN_SCORER).get_layer(EMBEDDING_LAYER)
+    counts = np.zeros([embed.vocab_size], np.float64)
+    for texts, wordpiece in ((vectors.titles, TITLE_WORDPIECE), (vectors.queries, QUERY_WORDPIECE)):
+        for start in range(0, len(texts), batch_size):
+            ids = scorer.get_layer(wordpiece)(tf.constant(list(texts[start:start + batch_size])))
+            ids = ids.numpy().ravel()
+            counts += np.bincount(ids[ids != berm_layers.PAD_ID], minlength=embed.vocab_size)
+    share = counts / max(counts.sum(), 1.0)
+    return (a / (a + share)).astype(np.float32)
+
+
 def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.SentenceVectors,
-                           l2: float = 0.1) -> Dict[str, Any]:
+                           l2: float = 0.1, sif: float = 0.0) -> Dict[str, Any]:
     """Starts the title-vector path's maps at ridge fits (`sentence_vectors.fit_linear_map`).
 
     The frozen fallback map takes a title's WordPiece mean to its stored vector
     (fitted on the stored titles); the trainable query map takes a query's to
     the encoder's vector of that query (the train queries; the fallback map
-    when there are none). Returns how well each fits (mean cosine).
+    when there are none). With `sif` > 0 the means weigh each token by
+    `sif_weights` first. Returns how well each fits (mean cosine).
     """
+    if sif > 0:
+        scorer.get_layer(TOKEN_SCORER).get_layer(EMBEDDING_LAYER).set_mean_weights(
+            sif_weights(scorer, vectors, sif))
     titles = static_means(scorer, vectors.titles, TITLE_WORDPIECE)
     fallback = sentence_vectors.fit_linear_map(titles, vectors.title_vectors, l2)
     query_map = fallback
@@ -732,7 +757,8 @@ def student_from_config(config: StudentConfig) -> tf.keras.Model:
                            None if vectors is None else (vectors.titles, vectors.title_vectors))
     if vectors is not None:
         logging.info("student: title-vector path started: %s",
-                     init_title_vector_path(scorer, vectors, config.title_map_l2))
+                     init_title_vector_path(scorer, vectors, config.title_map_l2,
+                                            config.title_map_sif))
     return scorer
 
 
