@@ -529,8 +529,7 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         train_files=[str(tmp_path / "Split-train" / "*")], eval_files=[str(tmp_path / "Split-eval" / "*")],
         serving_model_dir=str(tmp_path / "serving_model"), model_run_dir=str(tmp_path / "model_run"),
         custom_config=dict(TINY, init_from_teacher_embeddings=True, max_order=1, epochs=2, batch_size=4,
-                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir),
-                           title_map_sif=1e-3))
+                           neighbour_tables_dir=tables, title_vectors_dir=str(vectors_dir)))
     student.run_fn(fn_args)
     model_dir = fn_args.serving_model_dir
     assert berm_serving.read_manifest(model_dir)["title_vectors"] == len(titles)
@@ -593,10 +592,10 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
         embed(ids, pretrained_mean=True).numpy()[0],
         (0.2 * table[index["steel"]] + 0.5 * table[index["hammer"]]) / 0.7, rtol=1e-5)
     assert fits["titles"] == 4 and fits["queries"] == 1
-    # 0 (the default) keeps the plain mean.
+    # 0 keeps the plain mean.
     plain = student.build_student(vocab, 0, pretrained_embeddings=table, embedding_dim=4, hidden_dim=4,
                                   title_table=(titles, vectors.title_vectors))
-    student.init_title_vector_path(plain, vectors)
+    student.init_title_vector_path(plain, vectors, sif=0.0)
     np.testing.assert_array_equal(
         plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
 

@@ -196,7 +196,9 @@ class StudentConfig:
       title_map_sif: how the path's WordPiece means weigh each token: a / (a +
         p(token)), p its share of the tokens of the logged titles and train
         queries (smooth inverse frequency, Arora et al., ICLR 2017), so that
-        "x", "in" and "##s" count less than "mower"; 0: the plain mean.
+        "x", "in" and "##s" count less than "mower"; 0: the plain mean. 1e-3 (the
+        paper's value) lifts the Home Depot eval AUC for items never logged by
+        0.004-0.007 over three seeds (README, Student on Home Depot).
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -231,7 +233,7 @@ class StudentConfig:
     neighbour_tables_dir: Optional[str] = None
     title_vectors_dir: Optional[str] = None
     title_map_l2: float = 0.1
-    title_map_sif: float = 0.0
+    title_map_sif: float = 1e-3
     log_every_steps: int = 50
 
     def __post_init__(self):
