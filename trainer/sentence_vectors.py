@@ -5,8 +5,9 @@ tokens, L2-normalised, is a vector whose cosine to another text's says how alike
 title's vector can be computed once per catalogue item and stored; a query's cannot, since
 queries arrive unseen and an encoder pass per query would spend the student's speed margin. So
 the student (`berm_layers.SentenceMatch`) stores title vectors and stands in for the query's
-with a linear map of its pretrained WordPiece embeddings' mean, started at the ridge regression
-onto the encoder's own vectors of the train queries (`fit_linear_map`). README, *Student on Home
+with a linear map of its pretrained WordPiece embeddings' mean (weighted by smooth inverse
+frequency, `student.sif_weights`), started at the ridge regression onto the encoder's own vectors
+of the train queries (`fit_linear_map`). README, *Student on Home
 Depot*, has what it gains.
 
   * `SentenceEncoder`: texts -> float32 [N, hidden] unit vectors (mean over [CLS] text [SEP]).
