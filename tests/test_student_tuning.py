@@ -1,5 +1,7 @@
-"""benchmarks/student_tuning.py reads a split's joined examples for the gap analysis."""
+"""benchmarks/student_tuning.py reads a split's joined examples for the gap analysis, and scores
+them as if the items shown only with eval queries had never been logged."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -41,3 +43,44 @@ def test_each_seed_and_setting_keeps_its_own_model_folder():
              student_tuning.default_name(1, 7, True, {"term_gating": False})}
     assert len(names) == 4
     assert student_tuning.default_name(0, 3, False, {"b": 2, "a": 1}) == "k0_seed3_no_title_vectors_a=1_b=2"
+
+
+def _pair(query, title):
+    feature = {key: tf.train.Feature(bytes_list=tf.train.BytesList(value=[value.encode()]))
+               for key, value in (("query", query), ("item_title", title))}
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def test_unlogged_titles_score_through_the_fallback_and_logged_ones_as_before(tmp_path):
+    """score_with_unlogged_titles re-exports the student with the train pairs' titles alone in its
+    table: an eval pair whose title only eval queries were shown with changes score, the others
+    keep theirs."""
+    from trainer import bert_checkpoint, berm_layers, berm_serving, sentence_vectors, student
+
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    rng = np.random.default_rng(0)
+    titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
+    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(3, 5)).astype(np.float32),
+                                               ["hammer"], rng.normal(size=(1, 5)).astype(np.float32))
+    vectors_dir = tmp_path / "title_vectors"
+    vectors_dir.mkdir()
+    with tf.io.TFRecordWriter(str(vectors_dir / "vectors.gz"), "GZIP") as writer:
+        for title, vector in zip(titles, vectors.title_vectors):
+            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
+    tf.keras.utils.set_random_seed(0)
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 8)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors))
+    student.init_title_vector_path(scorer, vectors)
+    model_dir = str(tmp_path / "model")
+    berm_serving.export_serving_model(scorer, model_dir)
+
+    train = [_pair("hammer", titles[0]), _pair("chair", titles[1])]
+    eval_pairs = [_pair("claw hammer", titles[0]), _pair("hose", titles[2])]
+    scores, kept = student_tuning.score_with_unlogged_titles(
+        model_dir, str(vectors_dir), train, eval_pairs, str(tmp_path / "cold"))
+    assert kept == {"title_vectors_kept": 2, "title_vectors_dropped": 1}
+    as_logged = student_tuning.score_examples(model_dir, eval_pairs)
+    assert abs(scores[0] - as_logged[0]) < 1e-6  # its title was logged with a train query
+    assert abs(scores[1] - as_logged[1]) > 1e-4  # "garden hose reel" now takes the fallback
+    assert os.path.isfile(tmp_path / "cold" / "saved_model.pb")  # the re-exported BERM-O
