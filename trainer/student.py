@@ -139,6 +139,8 @@ MAX_ORDER = 3
 TEACHER_EMBEDDINGS_KEY = "embeddings.word_embeddings.weight"
 
 _FOREIGN_KEY_PREFIXES = ("ai_platform",)
+# Smooth inverse frequency's a (Arora et al., 2017): the title path's WordPiece means.
+DEFAULT_TITLE_MAP_SIF = 1e-3
 
 
 # --- Settings -----------------------------------------------------------------------
@@ -233,7 +235,7 @@ class StudentConfig:
     neighbour_tables_dir: Optional[str] = None
     title_vectors_dir: Optional[str] = None
     title_map_l2: float = 0.1
-    title_map_sif: float = 1e-3
+    title_map_sif: float = DEFAULT_TITLE_MAP_SIF
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -653,7 +655,8 @@ def sif_weights(scorer: tf.keras.Model, vectors: sentence_vectors.SentenceVector
 
 
 def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.SentenceVectors,
-                           l2: float = 0.1, sif: float = 0.0) -> Dict[str, Any]:
+                           l2: float = 0.1, sif: float = DEFAULT_TITLE_MAP_SIF
+                           ) -> Dict[str, Any]:
     """Starts the title-vector path's maps at ridge fits (`sentence_vectors.fit_linear_map`).
 
     The frozen fallback map takes a title's WordPiece mean to its stored vector
