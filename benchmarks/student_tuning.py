@@ -7,10 +7,10 @@ gets them on first use). This script distils one student setting on them
 (AUC with relevant = relevance >= 2.33, per-query AUC, NDCG@10) next to the teacher's scores of
 the same pairs, and splits what separates the two into what lies between queries and what lies
 within them (`benchmarks/gap_analysis.py`; the two models' correlation is also given on the train
-split's logged pairs, the ones the student learnt). A student with title vectors is scored a second time
-with only the train logs' titles in its table, as for items never logged (the cold start of
-`student_homedepot.py`). The `test` split is never read, so the
-settings it helps pick are still judged on queries nobody tuned on::
+split's logged pairs, the ones the student learnt). A student with title vectors is scored a
+second time with only the train logs' titles in its table, as for items never logged (the cold
+start of `student_homedepot.py`). The `test` split is never read, so the settings it helps pick
+are still judged on queries nobody tuned on::
 
     .venv/bin/python benchmarks/student_tuning.py --work-dir runs/homedepot/benchmark \\
         --order 0 --set teacher_pointwise_weight=0.1 --out k0_pw01.json
