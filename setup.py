@@ -25,6 +25,7 @@ setup(
         "tensorflow==2.15.1",
         "apache-beam==2.56.0",
         "PyYAML",
+        "scipy",
     ],
     entry_points={"console_scripts": ["relkd=pipeline.cli:main"]},
 )

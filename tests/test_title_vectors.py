@@ -156,3 +156,58 @@ def test_pretrained_mean_weighs_each_token_by_its_mean_weight():
         embedding.set_mean_weights(np.zeros(6))
     with pytest.raises(ValueError, match="6 positive numbers"):
         embedding.set_mean_weights(np.ones(5))
+
+
+def test_letter_trigrams_hash_each_words_framed_trigrams():
+    layer = berm_layers.LetterTrigrams(1 << 20, max_trigrams=8)
+    ids = layer(tf.constant(["Vacume  cleaner", "", "a", "vacuum"])).numpy()
+    assert ids.shape == (4, 8) and ids.dtype == np.int32
+    hashed = lambda grams: set(tf.strings.to_hash_bucket_fast(grams, 1 << 20).numpy().tolist())
+    # "#vacume#" and "#cleaner#" (lower-cased): 6 + 7 trigrams, cut to 8.
+    assert set(ids[0].tolist()) <= hashed(["#va", "vac", "acu", "cum", "ume", "me#", "#cl", "cle"])
+    assert len(set(ids[0].tolist())) == 8
+    assert (ids[1] == -1).all()
+    assert set(ids[2].tolist()) == hashed(["#a#"]) | {-1}
+    # The misspelling shares 3 of its 6 trigrams with the right word ("#va", "vac", "acu").
+    assert len((set(ids[0][:6].tolist()) & set(ids[3].tolist())) - {-1}) == 3
+    assert layer(tf.constant([""])).shape == (1, 1)  # a trigram axis even when no text has one
+
+
+def test_trigram_sums_weigh_each_trigram_by_one_over_root_count_as_the_bags_do():
+    rows = np.arange(12, dtype=np.float32).reshape(4, 3)
+    ids = tf.constant([[0, 2, -1], [-1, -1, -1], [3, 3, 1]])
+    got = berm_layers.trigram_sums(tf.constant(rows), ids).numpy()
+    np.testing.assert_allclose(got, [(rows[0] + rows[2]) / np.sqrt(2), [0, 0, 0],
+                                     (2 * rows[3] + rows[1]) / np.sqrt(3)], rtol=1e-6)
+
+
+def test_ridge_maps_with_sparse_bags_match_the_dense_fit():
+    import scipy.sparse
+
+    rng = np.random.default_rng(2)
+    dense = rng.normal(size=(300, 4))
+    bags = scipy.sparse.random(300, 10, density=0.3, random_state=3, format="csr")
+    targets = rng.normal(size=(300, 2))
+    dense_map, bag_map = sentence_vectors.fit_linear_maps_with_bags(dense, bags, targets, l2=0.5)
+    both = sentence_vectors.fit_linear_map(np.hstack([dense, bags.toarray()]), targets, l2=0.5)
+    np.testing.assert_allclose(np.vstack([dense_map, bag_map]), both, atol=1e-5)
+    assert dense_map.shape == (4, 2) and bag_map.shape == (10, 2)
+
+
+def test_sentence_match_adds_the_query_trigram_rows_to_the_query_side():
+    rng = np.random.default_rng(4)
+    layer = berm_layers.SentenceMatch(4, initial_scale=1.0, query_trigram_buckets=5)
+    query, title_static = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
+    stored = rng.normal(size=(2, 4)).astype(np.float32)
+    trigrams = tf.constant([[1, 4], [-1, -1]])
+    inputs = (query, title_static, stored, tf.constant([True, True]), trigrams)
+    layer(inputs)
+    query_map, trigram_map = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
+    with pytest.raises(ValueError, match="query_trigram_map"):
+        layer.set_maps(query_map, rng.normal(size=(3, 4)))
+    layer.set_maps(query_map, rng.normal(size=(3, 4)), trigram_map)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(query @ query_map + np.stack([(trigram_map[1] + trigram_map[4]) / np.sqrt(2), np.zeros(4)]))
+    np.testing.assert_allclose(layer(inputs).numpy(), np.sum(q * unit(stored), -1), rtol=1e-5)
+    assert sorted(w.name.split("/")[-1].split(":")[0] for w in layer.trainable_weights) == [
+        "query_map", "query_trigram_map", "scale"]

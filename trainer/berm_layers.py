@@ -129,6 +129,44 @@ class WordPieceTokens(tf.keras.layers.Layer):
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
+class LetterTrigrams(tf.keras.layers.Layer):
+    """Raw strings [N] -> hashed letter trigrams of their words: int32 [N, L], padded with -1.
+
+    Each word, normalised as `WordPieceTokens` does it and framed as "#word#",
+    gives its letter trigrams (DSSM's word hashing: "#va", "vac", "acu", "cum",
+    "ume", "me#" for "vacume"), each hashed into `num_buckets`. A misspelt or
+    run-together word shares most of its trigrams with the right one, where its
+    WordPiece pieces may share none. `L` is the batch's most, cut to
+    `max_trigrams` (and at least 1).
+    """
+
+    def __init__(self, num_buckets: int, max_trigrams: int = 64,
+                 max_chars: Optional[int] = 1024, **kwargs):
+        kwargs.setdefault("trainable", False)
+        super().__init__(**kwargs)
+        if num_buckets < 1 or max_trigrams < 1:
+            raise ValueError(f"LetterTrigrams needs num_buckets >= 1 and max_trigrams >= 1, got "
+                             f"{num_buckets}, {max_trigrams}")
+        self.num_buckets, self.max_trigrams = int(num_buckets), int(max_trigrams)
+        self._max_chars = max_chars
+
+    def call(self, texts: tf.Tensor) -> tf.Tensor:
+        texts = tf.reshape(tf.convert_to_tensor(texts, tf.string), [-1])
+        words = tf.strings.split(text_encoding.normalize_text(texts, True, self._max_chars))
+        framed = tf.strings.join(["#", words.flat_values, "#"])
+        trigrams = tf.strings.ngrams(tf.strings.unicode_split(framed, "UTF-8"), 3, separator="")
+        ids = tf.strings.to_hash_bucket_fast(trigrams.flat_values, self.num_buckets)
+        per_text = words.with_flat_values(trigrams.with_flat_values(tf.cast(ids, tf.int32)))
+        dense = per_text.merge_dims(1, 2)[:, :self.max_trigrams].to_tensor(default_value=-1)
+        return tf.pad(dense, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(dense)[1])]],
+                      constant_values=-1)
+
+    def get_config(self) -> Dict[str, Any]:
+        return dict(super().get_config(), num_buckets=self.num_buckets,
+                    max_trigrams=self.max_trigrams, max_chars=self._max_chars)
+
+
+@tf.keras.utils.register_keras_serializable(package="relkd")
 class PaddingMask(tf.keras.layers.Layer):
     """Token ids -> bool mask, True for real tokens (id != 0)."""
 
@@ -337,12 +375,19 @@ class SentenceMatch(tf.keras.layers.Layer):
     stored encoder vector where it has one, else its own WordPiece mean through
     a frozen map (`fallback_map`, a ridge fit onto the stored title vectors), so
     an item outside the table is still matched. `scale` is trainable.
+
+    With `query_trigram_buckets` B > 0 a fifth input, the query's `LetterTrigrams`
+    ids [N, L], adds to the query's side a trainable row per trigram bucket
+    (`query_trigram_map` [B, S], `trigram_sums`: each of a query's n trigrams
+    weighed 1 / sqrt(n)), so that a misspelt query lands near the right one.
     """
 
-    def __init__(self, sentence_dim: int, initial_scale: float = 2.0, **kwargs):
+    def __init__(self, sentence_dim: int, initial_scale: float = 2.0,
+                 query_trigram_buckets: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.sentence_dim = int(sentence_dim)
         self.initial_scale = float(initial_scale)
+        self.query_trigram_buckets = int(query_trigram_buckets)
 
     def build(self, input_shape):
         static_dim = int(input_shape[0][-1])
@@ -353,15 +398,27 @@ class SentenceMatch(tf.keras.layers.Layer):
         self.scale = self.add_weight(
             "scale", shape=[], trainable=True,
             initializer=tf.keras.initializers.Constant(self.initial_scale))
+        if self.query_trigram_buckets:
+            self.query_trigram_map = self.add_weight(
+                "query_trigram_map", shape=[self.query_trigram_buckets, self.sentence_dim],
+                initializer="zeros", trainable=True)
         super().build(input_shape)
 
-    def set_maps(self, query_map: np.ndarray, fallback_map: np.ndarray) -> None:
+    def set_maps(self, query_map: np.ndarray, fallback_map: np.ndarray,
+                 query_trigram_map: Optional[np.ndarray] = None) -> None:
+        if (query_trigram_map is None) != (not self.query_trigram_buckets):
+            raise ValueError("pass query_trigram_map exactly when query_trigram_buckets > 0")
         self.query_map.assign(np.asarray(query_map, np.float32))
         self.fallback_map.assign(np.asarray(fallback_map, np.float32))
+        if query_trigram_map is not None:
+            self.query_trigram_map.assign(np.asarray(query_trigram_map, np.float32))
 
     def call(self, inputs):
-        query_static, title_static, title_vector, title_known = inputs
-        query = tf.math.l2_normalize(tf.matmul(query_static, self.query_map), axis=-1)
+        query_static, title_static, title_vector, title_known = inputs[:4]
+        query = tf.matmul(query_static, self.query_map)
+        if self.query_trigram_buckets:
+            query += trigram_sums(self.query_trigram_map, inputs[4])
+        query = tf.math.l2_normalize(query, axis=-1)
         # Served titles are nearly all in the table: map only the others (a [P, S] product per
         # pair would cost as much as the query's).
         unknown = tf.where(tf.logical_not(title_known))
@@ -372,7 +429,20 @@ class SentenceMatch(tf.keras.layers.Layer):
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), sentence_dim=self.sentence_dim,
-                    initial_scale=self.initial_scale)
+                    initial_scale=self.initial_scale,
+                    query_trigram_buckets=self.query_trigram_buckets)
+
+
+def trigram_sums(rows: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:
+    """sum over each text's real (>= 0) trigram ids of rows[id] / sqrt(its count): [N, L] ->
+    [N, dim] (zeros for a text without one). The ids' bag, so weighed, has unit L2 norm when no
+    trigram repeats, which is what `trigram_bags` gives the maps' ridge fit."""
+    where = tf.where(ids >= 0)
+    text, count = where[:, 0], tf.shape(ids, out_type=tf.int64)[0]
+    n = tf.math.unsorted_segment_sum(tf.ones_like(text, tf.float32), text, count)
+    weights = tf.gather(tf.math.rsqrt(tf.maximum(n, 1.0)), text)
+    return tf.math.unsorted_segment_sum(
+        tf.gather(rows, tf.gather_nd(ids, where)) * weights[:, tf.newaxis], text, count)
 
 
 def kernel_centres(num_kernels: int) -> Tuple[List[float], List[float]]:
