@@ -564,6 +564,9 @@ def test_student_with_title_vectors_trains_exports_and_serves(tmp_path, world):
         {k: cold[k] for k in zero_order.input}).numpy(), rtol=0, atol=1e-5)
     match = token_scorer.get_layer(student.VECTOR_SCORER).get_layer(student.SENTENCE_MATCH)
     assert match.query_map.trainable and not match.fallback_map.trainable
+    # The fallback reads the unknown title's letter trigrams (title_trigram_buckets, default on).
+    assert student.title_trigrams_layer(scorer) is not None and not match.title_trigram_map.trainable
+    assert np.abs(match.title_trigram_map.numpy()).sum() > 0
 
 
 def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_means(vocab):
@@ -598,6 +601,27 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
     student.init_title_vector_path(plain, vectors, sif=0.0)
     np.testing.assert_array_equal(
         plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
+
+
+def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
+    """The ridge fit's trigram bags give each title the sum the serving path computes."""
+    from trainer import sentence_vectors
+
+    titles = ["steel hammer", "steel saw 1/2 in.", "wood chair", "x"]
+    rng = np.random.default_rng(0)
+    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(4, 5)).astype(np.float32),
+                                               [], np.zeros([0, 5], np.float32))
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
+    fits = student.init_title_vector_path(scorer, vectors)
+    assert fits["titles"] == 4 and fits["queries"] == 0
+    bags = student.trigram_bags(scorer, titles)
+    assert bags.shape == (4, 32)
+    rows = rng.normal(size=(32, 3)).astype(np.float32)
+    ids = student.title_trigrams_layer(scorer)(tf.constant(titles))
+    np.testing.assert_allclose(bags @ rows, berm_layers.trigram_sums(tf.constant(rows), ids).numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_title_vectors_need_the_teacher_embeddings(tmp_path):

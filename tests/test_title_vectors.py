@@ -194,20 +194,33 @@ def test_ridge_maps_with_sparse_bags_match_the_dense_fit():
     assert dense_map.shape == (4, 2) and bag_map.shape == (10, 2)
 
 
-def test_sentence_match_adds_the_query_trigram_rows_to_the_query_side():
+def test_sentence_match_adds_the_title_trigram_rows_to_the_fallback():
     rng = np.random.default_rng(4)
-    layer = berm_layers.SentenceMatch(4, initial_scale=1.0, query_trigram_buckets=5)
-    query, title_static = rng.normal(size=(2, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32)
-    stored = rng.normal(size=(2, 4)).astype(np.float32)
-    trigrams = tf.constant([[1, 4], [-1, -1]])
-    inputs = (query, title_static, stored, tf.constant([True, True]), trigrams)
+    layer = berm_layers.SentenceMatch(4, initial_scale=1.0, title_trigram_buckets=5)
+    query, title_static = rng.normal(size=(3, 3)).astype(np.float32), rng.normal(size=(3, 3)).astype(np.float32)
+    stored = rng.normal(size=(3, 4)).astype(np.float32)
+    known = tf.constant([False, True, False])
+    trigrams = tf.constant([[1, 4], [0, 2], [-1, -1]])  # the stored title's are not read
+    inputs = (query, title_static, stored, known, trigrams)
     layer(inputs)
-    query_map, trigram_map = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
-    with pytest.raises(ValueError, match="query_trigram_map"):
-        layer.set_maps(query_map, rng.normal(size=(3, 4)))
-    layer.set_maps(query_map, rng.normal(size=(3, 4)), trigram_map)
+    query_map, fallback, trigram_map = (rng.normal(size=(3, 4)), rng.normal(size=(3, 4)),
+                                        rng.normal(size=(5, 4)))
+    with pytest.raises(ValueError, match="title_trigram_map"):
+        layer.set_maps(query_map, fallback)
+    layer.set_maps(query_map, fallback, trigram_map)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    q = unit(query @ query_map + np.stack([(trigram_map[1] + trigram_map[4]) / np.sqrt(2), np.zeros(4)]))
-    np.testing.assert_allclose(layer(inputs).numpy(), np.sum(q * unit(stored), -1), rtol=1e-5)
+    title = np.stack([title_static[0] @ fallback + (trigram_map[1] + trigram_map[4]) / np.sqrt(2),
+                      stored[1], title_static[2] @ fallback])
+    np.testing.assert_allclose(layer(inputs).numpy(), np.sum(unit(query @ query_map) * unit(title), -1),
+                               rtol=1e-5)
     assert sorted(w.name.split("/")[-1].split(":")[0] for w in layer.trainable_weights) == [
-        "query_map", "query_trigram_map", "scale"]
+        "query_map", "scale"]
+
+
+def test_letter_trigrams_cut_only_the_rows_not_skipped():
+    layer = berm_layers.LetterTrigrams(1 << 20)
+    texts = tf.constant(["drill", "hammer", "saw"])
+    ids = layer(texts, skip_rows=tf.constant([True, False, True])).numpy()
+    np.testing.assert_array_equal(ids[1], layer(tf.constant(["hammer"])).numpy()[0])
+    assert (ids[[0, 2]] == -1).all()
+    assert (layer(texts, skip_rows=tf.constant([True, True, True])).numpy() == -1).all()

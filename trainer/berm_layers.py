@@ -137,7 +137,8 @@ class LetterTrigrams(tf.keras.layers.Layer):
     "ume", "me#" for "vacume"), each hashed into `num_buckets`. A misspelt or
     run-together word shares most of its trigrams with the right one, where its
     WordPiece pieces may share none. `L` is the batch's most, cut to
-    `max_trigrams` (and at least 1).
+    `max_trigrams` (and at least 1). With the bool [N] `skip_rows`, only the
+    texts where it is False are cut; the others' rows are all -1.
     """
 
     def __init__(self, num_buckets: int, max_trigrams: int = 64,
@@ -150,8 +151,22 @@ class LetterTrigrams(tf.keras.layers.Layer):
         self.num_buckets, self.max_trigrams = int(num_buckets), int(max_trigrams)
         self._max_chars = max_chars
 
-    def call(self, texts: tf.Tensor) -> tf.Tensor:
+    def call(self, texts: tf.Tensor, skip_rows: Optional[tf.Tensor] = None) -> tf.Tensor:
         texts = tf.reshape(tf.convert_to_tensor(texts, tf.string), [-1])
+        if skip_rows is None:
+            return self._trigram_ids(texts)
+        # Served titles are nearly all skipped (in the title table): then the string ops, which
+        # cost about as much on an empty batch as on a few titles, do not run at all.
+        return tf.cond(tf.reduce_all(skip_rows),
+                       lambda: tf.fill(tf.stack([tf.shape(texts)[0], 1]), -1),
+                       lambda: self._some_trigram_ids(texts, tf.where(tf.logical_not(skip_rows))))
+
+    def _some_trigram_ids(self, texts: tf.Tensor, cut: tf.Tensor) -> tf.Tensor:
+        ids = self._trigram_ids(tf.gather_nd(texts, cut))
+        return tf.tensor_scatter_nd_update(
+            tf.fill(tf.stack([tf.shape(texts)[0], tf.shape(ids)[1]]), -1), cut, ids)
+
+    def _trigram_ids(self, texts: tf.Tensor) -> tf.Tensor:
         words = tf.strings.split(text_encoding.normalize_text(texts, True, self._max_chars))
         framed = tf.strings.join(["#", words.flat_values, "#"])
         trigrams = tf.strings.ngrams(tf.strings.unicode_split(framed, "UTF-8"), 3, separator="")
@@ -376,18 +391,19 @@ class SentenceMatch(tf.keras.layers.Layer):
     a frozen map (`fallback_map`, a ridge fit onto the stored title vectors), so
     an item outside the table is still matched. `scale` is trainable.
 
-    With `query_trigram_buckets` B > 0 a fifth input, the query's `LetterTrigrams`
-    ids [N, L], adds to the query's side a trainable row per trigram bucket
-    (`query_trigram_map` [B, S], `trigram_sums`: each of a query's n trigrams
-    weighed 1 / sqrt(n)), so that a misspelt query lands near the right one.
+    With `title_trigram_buckets` B > 0 a fifth input, the titles' `LetterTrigrams`
+    ids [N, L] (read only where title_known is False), adds to the fallback a
+    frozen row per trigram bucket (`title_trigram_map` [B, S], fitted with the
+    fallback map; `trigram_sums`: each of a title's n trigrams weighed 1 /
+    sqrt(n)), so that the words' spelling counts where WordPiece pieces lose it.
     """
 
     def __init__(self, sentence_dim: int, initial_scale: float = 2.0,
-                 query_trigram_buckets: int = 0, **kwargs):
+                 title_trigram_buckets: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.sentence_dim = int(sentence_dim)
         self.initial_scale = float(initial_scale)
-        self.query_trigram_buckets = int(query_trigram_buckets)
+        self.title_trigram_buckets = int(title_trigram_buckets)
 
     def build(self, input_shape):
         static_dim = int(input_shape[0][-1])
@@ -398,31 +414,30 @@ class SentenceMatch(tf.keras.layers.Layer):
         self.scale = self.add_weight(
             "scale", shape=[], trainable=True,
             initializer=tf.keras.initializers.Constant(self.initial_scale))
-        if self.query_trigram_buckets:
-            self.query_trigram_map = self.add_weight(
-                "query_trigram_map", shape=[self.query_trigram_buckets, self.sentence_dim],
-                initializer="zeros", trainable=True)
+        if self.title_trigram_buckets:
+            self.title_trigram_map = self.add_weight(
+                "title_trigram_map", shape=[self.title_trigram_buckets, self.sentence_dim],
+                initializer="zeros", trainable=False)
         super().build(input_shape)
 
     def set_maps(self, query_map: np.ndarray, fallback_map: np.ndarray,
-                 query_trigram_map: Optional[np.ndarray] = None) -> None:
-        if (query_trigram_map is None) != (not self.query_trigram_buckets):
-            raise ValueError("pass query_trigram_map exactly when query_trigram_buckets > 0")
+                 title_trigram_map: Optional[np.ndarray] = None) -> None:
+        if (title_trigram_map is None) != (not self.title_trigram_buckets):
+            raise ValueError("pass title_trigram_map exactly when title_trigram_buckets > 0")
         self.query_map.assign(np.asarray(query_map, np.float32))
         self.fallback_map.assign(np.asarray(fallback_map, np.float32))
-        if query_trigram_map is not None:
-            self.query_trigram_map.assign(np.asarray(query_trigram_map, np.float32))
+        if title_trigram_map is not None:
+            self.title_trigram_map.assign(np.asarray(title_trigram_map, np.float32))
 
     def call(self, inputs):
         query_static, title_static, title_vector, title_known = inputs[:4]
-        query = tf.matmul(query_static, self.query_map)
-        if self.query_trigram_buckets:
-            query += trigram_sums(self.query_trigram_map, inputs[4])
-        query = tf.math.l2_normalize(query, axis=-1)
+        query = tf.math.l2_normalize(tf.matmul(query_static, self.query_map), axis=-1)
         # Served titles are nearly all in the table: map only the others (a [P, S] product per
         # pair would cost as much as the query's).
         unknown = tf.where(tf.logical_not(title_known))
         fallback = tf.matmul(tf.gather_nd(title_static, unknown), self.fallback_map)
+        if self.title_trigram_buckets:
+            fallback += trigram_sums(self.title_trigram_map, tf.gather_nd(inputs[4], unknown))
         title = tf.tensor_scatter_nd_update(title_vector, unknown, fallback)
         title = tf.math.l2_normalize(title, axis=-1)
         return self.scale * tf.reduce_sum(query * title, axis=-1)
@@ -430,7 +445,7 @@ class SentenceMatch(tf.keras.layers.Layer):
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), sentence_dim=self.sentence_dim,
                     initial_scale=self.initial_scale,
-                    query_trigram_buckets=self.query_trigram_buckets)
+                    title_trigram_buckets=self.title_trigram_buckets)
 
 
 def trigram_sums(rows: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:

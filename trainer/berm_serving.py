@@ -396,11 +396,13 @@ class BermServing(tf.Module):
         # A request usually scores many items of few queries: tokenise each distinct query once.
         queries, query_row = tf.unique(query)
         query_tokens = tf.gather(self.scorer.get_layer(student.QUERY_WORDPIECE)(queries), query_row)
-        trigrams = student.query_trigrams_layer(self.scorer)
+        title_vectors = None if table is None else table(item_title)
+        trigrams = student.title_trigrams_layer(self.scorer)
         features.update(student.centre_vectors(
             token_scorer, query_tokens, self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title),
-            None if table is None else table(item_title), embed=self.token_vectors,
-            query_trigrams=None if trigrams is None else tf.gather(trigrams(queries), query_row)))
+            title_vectors, embed=self.token_vectors,
+            title_trigrams=None if trigrams is None else trigrams(item_title,
+                                                                  skip_rows=title_vectors[1])))
         logit = token_scorer.get_layer(student.VECTOR_SCORER)(features, training=False)
         return {student.SCORE_KEY: tf.sigmoid(logit)}
 

@@ -134,10 +134,10 @@ TITLE_VECTOR_KEY = "title_vector"
 TITLE_KNOWN_KEY = "title_vector_known"
 QUERY_STATIC_KEY = "query_static"
 TITLE_STATIC_KEY = "title_static"
-# With `query_trigram_buckets`, the query's hashed letter trigrams (`berm_layers.LetterTrigrams`,
-# the string scorer's layer QUERY_TRIGRAMS) join the path's inputs.
-QUERY_TRIGRAMS = "query_trigrams"
-QUERY_TRIGRAMS_KEY = "query_trigrams"
+# With `title_trigram_buckets`, the hashed letter trigrams of the titles outside the table
+# (`berm_layers.LetterTrigrams`, the string scorer's layer TITLE_TRIGRAMS) join the path's inputs.
+TITLE_TRIGRAMS = "title_trigrams"
+TITLE_TRIGRAMS_KEY = "title_trigrams"
 
 RANKING_LOSSES = ("softmax_loss", "approx_ndcg_loss", "pairwise_logistic_loss")
 MAX_ORDER = 3
@@ -146,6 +146,8 @@ TEACHER_EMBEDDINGS_KEY = "embeddings.word_embeddings.weight"
 _FOREIGN_KEY_PREFIXES = ("ai_platform",)
 # Smooth inverse frequency's a (Arora et al., 2017): the title path's WordPiece means.
 DEFAULT_TITLE_MAP_SIF = 1e-3
+# Hash buckets of the letter trigrams that the title path's fallback reads (0: none).
+DEFAULT_TITLE_TRIGRAM_BUCKETS = 4096
 
 
 # --- Settings -----------------------------------------------------------------------
@@ -206,10 +208,13 @@ class StudentConfig:
         "x", "in" and "##s" count less than "mower"; 0: the plain mean. 1e-3 (the
         paper's value) lifts the Home Depot eval AUC for items never logged by
         0.004-0.007 over three seeds (README, Student on Home Depot).
-      query_trigram_buckets: the title-vector path also reads the query's
-        hashed letter trigrams (`berm_layers.LetterTrigrams`), so many buckets,
-        through a trainable map fitted with the query map; 0: not. Read only
-        with the title-vector path.
+      title_trigram_buckets: the title-vector path's fallback, for a title
+        outside the table, also reads the title's hashed letter trigrams
+        (`berm_layers.LetterTrigrams`), so many buckets, through a frozen map
+        fitted with the fallback map; 0: not. 4096 lifts the Home Depot eval
+        AUC for items never logged by 0.004-0.005 and per-query AUC by
+        0.014-0.015 (README, Student on Home Depot) and leaves the logged items'
+        scores as they are. Read only with the title-vector path.
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -245,7 +250,7 @@ class StudentConfig:
     title_vectors_dir: Optional[str] = None
     title_map_l2: float = 0.1
     title_map_sif: float = DEFAULT_TITLE_MAP_SIF
-    query_trigram_buckets: int = 0
+    title_trigram_buckets: int = DEFAULT_TITLE_TRIGRAM_BUCKETS
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -267,7 +272,7 @@ class StudentConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 or None, got {getattr(self, name)}")
         for name in ("teacher_pointwise_weight", "human_loss_weight", "patience", "title_map_l2",
-                     "title_map_sif", "query_trigram_buckets"):
+                     "title_map_sif", "title_trigram_buckets"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -326,14 +331,14 @@ def string_inputs(max_order: int, max_context_texts: int) -> Dict[str, tf.keras.
 
 
 def token_inputs(max_order: int, sentence_dim: Optional[int] = None,
-                 query_trigrams: bool = False) -> Dict[str, tf.keras.Input]:
+                 title_trigrams: bool = False) -> Dict[str, tf.keras.Input]:
     """Keras inputs of the token scorer: ids [N, T], contexts [N, C, T] (T, C dynamic), and with
     `sentence_dim` the title's stored vector [N, sentence_dim] and whether it has one [N] (and
-    with `query_trigrams` the query's trigram ids [N, L])."""
+    with `title_trigrams` the title's trigram ids [N, L], -1 for titles in the table)."""
     inputs = {QUERY_TOKENS_KEY: tf.keras.Input(shape=(None,), dtype=tf.int32, name=QUERY_TOKENS_KEY),
               TITLE_TOKENS_KEY: tf.keras.Input(shape=(None,), dtype=tf.int32, name=TITLE_TOKENS_KEY)}
     if sentence_dim:
-        inputs.update(_title_vector_inputs(sentence_dim, query_trigrams))
+        inputs.update(_title_vector_inputs(sentence_dim, title_trigrams))
     for prefix in context_prefixes(max_order):
         inputs[f"{prefix}_tokens"] = tf.keras.Input(shape=(None, None), dtype=tf.int32,
                                                     name=f"{prefix}_tokens")
@@ -341,14 +346,14 @@ def token_inputs(max_order: int, sentence_dim: Optional[int] = None,
     return inputs
 
 
-def _title_vector_inputs(sentence_dim: int, query_trigrams: bool = False
+def _title_vector_inputs(sentence_dim: int, title_trigrams: bool = False
                          ) -> Dict[str, tf.keras.Input]:
     inputs = {TITLE_VECTOR_KEY: tf.keras.Input(shape=(sentence_dim,), dtype=tf.float32,
                                                name=TITLE_VECTOR_KEY),
               TITLE_KNOWN_KEY: tf.keras.Input(shape=(), dtype=tf.bool, name=TITLE_KNOWN_KEY)}
-    if query_trigrams:
-        inputs[QUERY_TRIGRAMS_KEY] = tf.keras.Input(shape=(None,), dtype=tf.int32,
-                                                    name=QUERY_TRIGRAMS_KEY)
+    if title_trigrams:
+        inputs[TITLE_TRIGRAMS_KEY] = tf.keras.Input(shape=(None,), dtype=tf.int32,
+                                                    name=TITLE_TRIGRAMS_KEY)
     return inputs
 
 
@@ -360,12 +365,12 @@ def _context_list_inputs(prefix: str) -> Dict[str, tf.keras.Input]:
 
 def vector_inputs(max_order: int, embedding_dim: int,
                   sentence_dims: Optional[Tuple[int, int]] = None,
-                  query_trigrams: bool = False) -> Dict[str, tf.keras.Input]:
+                  title_trigrams: bool = False) -> Dict[str, tf.keras.Input]:
     """Keras inputs of the vector scorer (`build_vector_scorer`)."""
     inputs = {}
     if sentence_dims:
         static_dim, sentence_dim = sentence_dims
-        inputs.update(_title_vector_inputs(sentence_dim, query_trigrams))
+        inputs.update(_title_vector_inputs(sentence_dim, title_trigrams))
         for key in (QUERY_STATIC_KEY, TITLE_STATIC_KEY):
             inputs[key] = tf.keras.Input(shape=(static_dim,), dtype=tf.float32, name=key)
     for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY):
@@ -384,7 +389,7 @@ def vector_inputs(max_order: int, embedding_dim: int,
 def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels: int = 11,
                         hidden_dim: int = 32, term_gating: bool = True,
                         sentence_dims: Optional[Tuple[int, int]] = None,
-                        query_trigram_buckets: int = 0,
+                        title_trigram_buckets: int = 0,
                         name: str = VECTOR_SCORER) -> tf.keras.Model:
     """BERM on embedded text: `vector_inputs(max_order, embedding_dim)` -> logit [N].
 
@@ -401,12 +406,13 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     With `sentence_dims` (P, S), the title-vector path (`berm_layers.SentenceMatch`,
     layer `sentence_match`) adds its logit to the fused one; it is outside the
     gate so that it counts for every pair, with context or without; with
-    `query_trigram_buckets` > 0 it also reads the query's letter trigrams.
+    `title_trigram_buckets` > 0 its fallback also reads the letter trigrams of
+    the titles outside the table.
     Layer names: `mean_pooling`, `unit_vectors`, `kernel_pooling`, `order0_hidden`,
     `order0_logit`, `{prefix}_attention`, `{prefix}_hidden`, `{prefix}_logit`
     (prefix q_o1, i_o1, ...), `order_fusion`.
     """
-    inputs = vector_inputs(max_order, embedding_dim, sentence_dims, query_trigram_buckets > 0)
+    inputs = vector_inputs(max_order, embedding_dim, sentence_dims, title_trigram_buckets > 0)
     mean = berm_layers.MaskedMeanPooling(name="mean_pooling")
     unit = berm_layers.UnitVectors(name=UNIT_VECTORS)
     kernels = berm_layers.InteractionKernelPooling(num_kernels, unit_vectors=True,
@@ -458,7 +464,7 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
     logit = berm_layers.OrderFusion(hidden_dim, name="order_fusion")(tuple(fusion_inputs))
     if sentence_dims:
         logit = tf.keras.layers.Add(name="logit")([logit, _sentence_match(
-            berm_layers.SentenceMatch(sentence_dims[1], query_trigram_buckets=query_trigram_buckets,
+            berm_layers.SentenceMatch(sentence_dims[1], title_trigram_buckets=title_trigram_buckets,
                                       name=SENTENCE_MATCH), inputs)])
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
 
@@ -466,13 +472,13 @@ def build_vector_scorer(max_order: int = 2, embedding_dim: int = 64, num_kernels
 def _sentence_match(layer, features):
     return layer((features[QUERY_STATIC_KEY], features[TITLE_STATIC_KEY],
                   features[TITLE_VECTOR_KEY], features[TITLE_KNOWN_KEY])
-                 + ((features[QUERY_TRIGRAMS_KEY],) if QUERY_TRIGRAMS_KEY in features else ()))
+                 + ((features[TITLE_TRIGRAMS_KEY],) if TITLE_TRIGRAMS_KEY in features else ()))
 
 
 def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_dim: int = 64,
                        pretrained_dim: Optional[int] = None, num_kernels: int = 11,
                        hidden_dim: int = 32, term_gating: bool = True,
-                       sentence_dim: Optional[int] = None, query_trigram_buckets: int = 0,
+                       sentence_dim: Optional[int] = None, title_trigram_buckets: int = 0,
                        name: str = TOKEN_SCORER) -> tf.keras.Model:
     """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
 
@@ -482,14 +488,14 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     the rest. With `sentence_dim` (which needs `pretrained_dim`), the query's and
     title's pretrained WordPiece means (the embedding's `pretrained_mean` mode)
     and the title's stored vector feed the vector scorer's title-vector path
-    (with `query_trigram_buckets` > 0, also the query's trigram ids).
+    (with `title_trigram_buckets` > 0, also the trigram ids of the titles outside the table).
     """
     if sentence_dim and not pretrained_dim:
         raise ValueError("the title-vector path (sentence_dim) needs the teacher's pretrained "
                          "embeddings (pretrained_dim)")
-    if query_trigram_buckets and not sentence_dim:
-        raise ValueError("query_trigram_buckets is part of the title-vector path (sentence_dim)")
-    inputs = token_inputs(max_order, sentence_dim, query_trigram_buckets > 0)
+    if title_trigram_buckets and not sentence_dim:
+        raise ValueError("title_trigram_buckets is part of the title-vector path (sentence_dim)")
+    inputs = token_inputs(max_order, sentence_dim, title_trigram_buckets > 0)
     embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim,
                                        name=EMBEDDING_LAYER)
     padding = berm_layers.PaddingMask(name="padding_mask")
@@ -503,14 +509,14 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
                          f"{prefix}_length": inputs[f"{prefix}_length"]})
     sentence_dims = (pretrained_dim, sentence_dim) if sentence_dim else None
     logit = build_vector_scorer(max_order, embedding_dim, num_kernels, hidden_dim,
-                                term_gating, sentence_dims, query_trigram_buckets)(features)
+                                term_gating, sentence_dims, title_trigram_buckets)(features)
     return tf.keras.Model(inputs=inputs, outputs=logit, name=name)
 
 
 def _title_vector_features(features: Mapping[str, Any]) -> Optional[Dict[str, Any]]:
     if TITLE_VECTOR_KEY not in features:
         return None
-    return {key: features[key] for key in (TITLE_VECTOR_KEY, TITLE_KNOWN_KEY, QUERY_TRIGRAMS_KEY)
+    return {key: features[key] for key in (TITLE_VECTOR_KEY, TITLE_KNOWN_KEY, TITLE_TRIGRAMS_KEY)
             if key in features}
 
 
@@ -531,20 +537,21 @@ def encode_neighbour_texts(token_scorer: tf.keras.Model, tokens: tf.Tensor
 
 def centre_vectors(token_scorer: tf.keras.Model, query_tokens: tf.Tensor, title_tokens: tf.Tensor,
                    title_vectors: Optional[Tuple[tf.Tensor, tf.Tensor]] = None, embed=None,
-                   query_trigrams: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+                   title_trigrams: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
     """Query and title ids -> the vector scorer's `*_vectors` and `*_mask` inputs, plus the
     title-vector path's when the scorer has one (`title_vectors`: the title table's output;
-    `query_trigrams`: the QUERY_TRIGRAMS layer's, where the path reads them).
+    `title_trigrams`: the TITLE_TRIGRAMS layer's, given the table's `known`, where the path
+    reads them).
     `embed` stands in for the scorer's token embedding (BERM-O's precomputed table)."""
     has_path = TITLE_VECTOR_KEY in token_scorer.input
     if has_path and title_vectors is None:
         raise ValueError("this student has a title-vector path: pass title_vectors")
-    if (QUERY_TRIGRAMS_KEY in token_scorer.input) != (query_trigrams is not None):
-        raise ValueError("pass query_trigrams exactly when the student's title-vector path reads "
+    if (TITLE_TRIGRAMS_KEY in token_scorer.input) != (title_trigrams is not None):
+        raise ValueError("pass title_trigrams exactly when the student's title-vector path reads "
                          "them")
     title = dict(zip((TITLE_VECTOR_KEY, TITLE_KNOWN_KEY), title_vectors)) if has_path else None
-    if query_trigrams is not None:
-        title[QUERY_TRIGRAMS_KEY] = query_trigrams
+    if title_trigrams is not None:
+        title[TITLE_TRIGRAMS_KEY] = title_trigrams
     return _centre_features(token_scorer.get_layer(EMBEDDING_LAYER) if embed is None else embed,
                             token_scorer.get_layer("padding_mask"), query_tokens, title_tokens,
                             title)
@@ -584,7 +591,7 @@ def zero_order_scorer(token_scorer: tf.keras.Model) -> tf.keras.Model:
     """
     inputs = {key: token_scorer.input[key]
               for key in (QUERY_TOKENS_KEY, TITLE_TOKENS_KEY, TITLE_VECTOR_KEY, TITLE_KNOWN_KEY,
-                          QUERY_TRIGRAMS_KEY)
+                          TITLE_TRIGRAMS_KEY)
               if key in token_scorer.input}
     inputs = {key: tf.keras.Input(type_spec=value.type_spec, name=key) for key, value in inputs.items()}
     embed = token_scorer.get_layer(EMBEDDING_LAYER)
@@ -611,7 +618,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
                   pretrained_embeddings: Optional[np.ndarray] = None, num_kernels: int = 11,
                   hidden_dim: int = 32, term_gating: bool = True,
                   title_table: Optional[Tuple[Sequence[str], np.ndarray]] = None,
-                  query_trigram_buckets: int = 0,
+                  title_trigram_buckets: int = 0,
                   name: str = "berm") -> tf.keras.Model:
     """The student on raw strings: `string_inputs(...)` -> relevance logit [N].
 
@@ -630,9 +637,9 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
         title-vector path, its table stored in the layer `title_vectors`
         (`berm_layers.TitleVectorTable`); needs pretrained_embeddings. Its maps
         start random: `init_title_vector_path` fits them.
-      query_trigram_buckets: > 0: the path also reads the query's hashed letter
-        trigrams (layer `query_trigrams`, `berm_layers.LetterTrigrams`) through a
-        trainable map; needs title_table.
+      title_trigram_buckets: > 0: the path's fallback also reads the hashed
+        letter trigrams (layer `title_trigrams`, `berm_layers.LetterTrigrams`) of
+        the titles outside the table, through a frozen map; needs title_table.
       others: see `StudentConfig`.
     """
     vocab = list(vocab)
@@ -640,7 +647,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
     sentence_dim = None if title_table is None else int(np.shape(title_table[1])[1])
     token_scorer = build_token_scorer(max_order, len(vocab), embedding_dim, pretrained_dim,
                                       num_kernels, hidden_dim, term_gating, sentence_dim,
-                                      query_trigram_buckets)
+                                      title_trigram_buckets)
     if pretrained_embeddings is not None:
         token_scorer.get_layer(EMBEDDING_LAYER).set_pretrained(pretrained_embeddings)
     inputs = string_inputs(max_order, max_context_texts)
@@ -657,9 +664,10 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
         table = berm_layers.TitleVectorTable(len(title_table[0]), sentence_dim, name=TITLE_VECTORS)
         table.set_table(*title_table)
         tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(inputs[TITLE_KEY])
-    if query_trigram_buckets:
-        tokens[QUERY_TRIGRAMS_KEY] = berm_layers.LetterTrigrams(
-            query_trigram_buckets, name=QUERY_TRIGRAMS)(inputs[QUERY_KEY])
+    if title_trigram_buckets:
+        tokens[TITLE_TRIGRAMS_KEY] = berm_layers.LetterTrigrams(
+            title_trigram_buckets, max_trigrams=128, name=TITLE_TRIGRAMS)(
+                inputs[TITLE_KEY], skip_rows=tokens[TITLE_KNOWN_KEY])
     return tf.keras.Model(inputs=inputs, outputs=token_scorer(tokens), name=name)
 
 
@@ -668,9 +676,9 @@ def title_vector_table(scorer: tf.keras.Model) -> Optional[berm_layers.TitleVect
     return _optional_layer(scorer, TITLE_VECTORS)
 
 
-def query_trigrams_layer(scorer: tf.keras.Model) -> Optional[berm_layers.LetterTrigrams]:
-    """The string scorer's query trigram layer, None when its title path reads no trigrams."""
-    return _optional_layer(scorer, QUERY_TRIGRAMS)
+def title_trigrams_layer(scorer: tf.keras.Model) -> Optional[berm_layers.LetterTrigrams]:
+    """The string scorer's title trigram layer, None when its title path reads no trigrams."""
+    return _optional_layer(scorer, TITLE_TRIGRAMS)
 
 
 def static_means(scorer: tf.keras.Model, texts: Sequence[str], wordpiece: str,
@@ -709,31 +717,28 @@ def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.Sen
     (fitted on the stored titles); the trainable query map takes a query's to
     the encoder's vector of that query (the train queries; the fallback map
     when there are none). With `sif` > 0 the means weigh each token by
-    `sif_weights` first. Where the path reads the query's letter trigrams, the
-    query map and the trigram map are fitted together on the train queries and
-    the stored titles (the 4,096 trigram rows need more texts than the queries
-    alone). Returns how well each fits (mean cosine).
+    `sif_weights` first. Where the fallback reads the titles' letter trigrams,
+    its map and the trigram map are fitted together. Returns how well each fits
+    (mean cosine).
     """
     if sif > 0:
         scorer.get_layer(TOKEN_SCORER).get_layer(EMBEDDING_LAYER).set_mean_weights(
             sif_weights(scorer, vectors, sif))
     titles = static_means(scorer, vectors.titles, TITLE_WORDPIECE)
-    fallback = sentence_vectors.fit_linear_map(titles, vectors.title_vectors, l2)
+    trigram_map = None
+    if title_trigrams_layer(scorer) is None:
+        fallback = sentence_vectors.fit_linear_map(titles, vectors.title_vectors, l2)
+        mapped = titles @ fallback
+    else:
+        bags = trigram_bags(scorer, vectors.titles)
+        fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
+            titles, bags, vectors.title_vectors, l2)
+        mapped = titles @ fallback + bags @ trigram_map
     query_map = fallback
     fits = {"titles": len(vectors.titles), "title_fit_cosine": _mean_cosine(
-        titles @ fallback, vectors.title_vectors), "queries": len(vectors.queries)}
-    queries = static_means(scorer, vectors.queries, QUERY_WORDPIECE)
-    trigram_map = None
-    if query_trigrams_layer(scorer) is not None:
-        texts = list(vectors.queries) + list(vectors.titles)
-        bags = trigram_bags(scorer, texts)
-        query_map, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
-            np.concatenate([queries, titles]), bags,
-            np.concatenate([vectors.query_vectors, vectors.title_vectors]), l2)
-        mapped = np.concatenate([queries, titles]) @ query_map + bags @ trigram_map
-        fits["query_fit_cosine"] = _mean_cosine(mapped[:len(vectors.queries)],
-                                                vectors.query_vectors)
-    elif vectors.queries:
+        mapped, vectors.title_vectors), "queries": len(vectors.queries)}
+    if vectors.queries:
+        queries = static_means(scorer, vectors.queries, QUERY_WORDPIECE)
         query_map = sentence_vectors.fit_linear_map(queries, vectors.query_vectors, l2)
         fits["query_fit_cosine"] = _mean_cosine(queries @ query_map, vectors.query_vectors)
     scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH).set_maps(
@@ -744,9 +749,9 @@ def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.Sen
 def trigram_bags(scorer: tf.keras.Model, texts: Sequence[str], batch_size: int = 4096
                  ) -> scipy.sparse.csr_matrix:
     """Texts -> float32 [N, buckets] sparse bags of their letter trigrams through the scorer's
-    QUERY_TRIGRAMS layer, each of a text's n trigrams counting 1 / sqrt(n), as
+    TITLE_TRIGRAMS layer, each of a text's n trigrams counting 1 / sqrt(n), as
     `berm_layers.trigram_sums` weighs them."""
-    layer = scorer.get_layer(QUERY_TRIGRAMS)
+    layer = scorer.get_layer(TITLE_TRIGRAMS)
     rows, cols, values = [], [], []
     for start in range(0, len(texts), batch_size):
         ids = layer(tf.constant(list(texts[start:start + batch_size]))).numpy()
@@ -791,9 +796,9 @@ def tokenize_features(scorer: tf.keras.Model, features: Mapping[str, tf.Tensor]
     table = title_vector_table(scorer)
     if table is not None:
         tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(features[TITLE_KEY])
-    trigrams = query_trigrams_layer(scorer)
+    trigrams = title_trigrams_layer(scorer)
     if trigrams is not None:
-        tokens[QUERY_TRIGRAMS_KEY] = trigrams(features[QUERY_KEY])
+        tokens[TITLE_TRIGRAMS_KEY] = trigrams(features[TITLE_KEY], skip_rows=tokens[TITLE_KNOWN_KEY])
     return tokens
 
 
@@ -843,7 +848,7 @@ def student_from_config(config: StudentConfig) -> tf.keras.Model:
                            config.max_context_tokens, config.embedding_dim, embeddings,
                            config.num_kernels, config.hidden_dim, config.term_gating,
                            None if vectors is None else (vectors.titles, vectors.title_vectors),
-                           0 if vectors is None else config.query_trigram_buckets)
+                           0 if vectors is None else config.title_trigram_buckets)
     if vectors is not None:
         logging.info("student: title-vector path started: %s",
                      init_title_vector_path(scorer, vectors, config.title_map_l2,
