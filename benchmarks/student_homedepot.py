@@ -198,12 +198,14 @@ def encode_title_vectors(examples_dir: str, out_dir: str) -> None:
 
 
 def forget_unlogged_titles(scorer, title_vectors_dir: Optional[str], logged_titles) -> Dict[str, int]:
-    """Keeps in the scorer's title table only the titles of `logged_titles` (a scorer without the
-    title-vector path is left as it is, and its folder not read).
+    """Keeps in the scorer's title table only the titles of `logged_titles`, and fits the path's
+    fallback again on those alone (a scorer without the title-vector path is left as it is, and
+    its folder not read).
 
     The TitleEncoder encodes the titles of every logged pair; where the test queries were never
     logged, neither were the items shown only with them, so a cold-start BERM-O must take those
-    titles through the path's fallback as it would any item outside its table.
+    titles through the path's fallback as it would any item outside its table, and the fallback
+    must not have been fitted on their vectors either.
     """
     import numpy as np
 
@@ -215,7 +217,9 @@ def forget_unlogged_titles(scorer, title_vectors_dir: Optional[str], logged_titl
     vectors = sentence_vectors.read_sentence_vectors(title_vectors_dir)
     logged = set(logged_titles)
     keep = [i for i, title in enumerate(vectors.titles) if title in logged]
-    table.set_table([vectors.titles[i] for i in keep], vectors.title_vectors[np.array(keep, int)])
+    titles, kept_vectors = [vectors.titles[i] for i in keep], vectors.title_vectors[np.array(keep, int)]
+    table.set_table(titles, kept_vectors)
+    student.fit_title_fallback(scorer, titles, kept_vectors)
     return {"title_vectors_kept": len(keep), "title_vectors_dropped": len(vectors.titles) - len(keep)}
 
 

@@ -604,7 +604,8 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
 
 
 def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
-    """The ridge fit's trigram bags give each title the sum the serving path computes."""
+    """The ridge fit's trigram bags give each title the sum the serving path computes, and the
+    fallback can be fitted again on fewer titles."""
     from trainer import sentence_vectors
 
     titles = ["steel hammer", "steel saw 1/2 in.", "wood chair", "x"]
@@ -622,6 +623,18 @@ def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
     ids = student.title_trigrams_layer(scorer)(tf.constant(titles))
     np.testing.assert_allclose(bags @ rows, berm_layers.trigram_sums(tf.constant(rows), ids).numpy(),
                                rtol=1e-5, atol=1e-6)
+    # Fitted again on fewer titles (items never logged), the fallback is their ridge fit alone
+    # and the query map stays as it was.
+    match = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.VECTOR_SCORER).get_layer(
+        student.SENTENCE_MATCH)
+    query_map = match.query_map.numpy()
+    student.fit_title_fallback(scorer, titles[:3], vectors.title_vectors[:3])
+    fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
+        student.static_means(scorer, titles[:3], student.TITLE_WORDPIECE), bags[:3],
+        vectors.title_vectors[:3])
+    np.testing.assert_allclose(match.fallback_map.numpy(), fallback, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(match.title_trigram_map.numpy(), trigram_map, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(match.query_map.numpy(), query_map)
 
 
 def test_title_vectors_need_the_teacher_embeddings(tmp_path):

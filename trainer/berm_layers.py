@@ -422,9 +422,14 @@ class SentenceMatch(tf.keras.layers.Layer):
 
     def set_maps(self, query_map: np.ndarray, fallback_map: np.ndarray,
                  title_trigram_map: Optional[np.ndarray] = None) -> None:
+        self.set_fallback(fallback_map, title_trigram_map)
+        self.query_map.assign(np.asarray(query_map, np.float32))
+
+    def set_fallback(self, fallback_map: np.ndarray,
+                     title_trigram_map: Optional[np.ndarray] = None) -> None:
+        """Sets the frozen maps of titles outside the table (built layer)."""
         if (title_trigram_map is None) != (not self.title_trigram_buckets):
             raise ValueError("pass title_trigram_map exactly when title_trigram_buckets > 0")
-        self.query_map.assign(np.asarray(query_map, np.float32))
         self.fallback_map.assign(np.asarray(fallback_map, np.float32))
         if title_trigram_map is not None:
             self.title_trigram_map.assign(np.asarray(title_trigram_map, np.float32))

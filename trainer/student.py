@@ -724,26 +724,39 @@ def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.Sen
     if sif > 0:
         scorer.get_layer(TOKEN_SCORER).get_layer(EMBEDDING_LAYER).set_mean_weights(
             sif_weights(scorer, vectors, sif))
-    titles = static_means(scorer, vectors.titles, TITLE_WORDPIECE)
-    trigram_map = None
-    if title_trigrams_layer(scorer) is None:
-        fallback = sentence_vectors.fit_linear_map(titles, vectors.title_vectors, l2)
-        mapped = titles @ fallback
-    else:
-        bags = trigram_bags(scorer, vectors.titles)
-        fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
-            titles, bags, vectors.title_vectors, l2)
-        mapped = titles @ fallback + bags @ trigram_map
-    query_map = fallback
-    fits = {"titles": len(vectors.titles), "title_fit_cosine": _mean_cosine(
-        mapped, vectors.title_vectors), "queries": len(vectors.queries)}
+    fits = fit_title_fallback(scorer, vectors.titles, vectors.title_vectors, l2)
+    fits["queries"] = len(vectors.queries)
+    match = scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH)
+    query_map = match.fallback_map.numpy()
     if vectors.queries:
         queries = static_means(scorer, vectors.queries, QUERY_WORDPIECE)
         query_map = sentence_vectors.fit_linear_map(queries, vectors.query_vectors, l2)
         fits["query_fit_cosine"] = _mean_cosine(queries @ query_map, vectors.query_vectors)
-    scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH).set_maps(
-        query_map, fallback, trigram_map)
+    match.query_map.assign(query_map)
     return fits
+
+
+def fit_title_fallback(scorer: tf.keras.Model, titles: Sequence[str], title_vectors: np.ndarray,
+                       l2: float = 0.1) -> Dict[str, Any]:
+    """Fits the title path's frozen fallback, for titles outside the table, onto `titles`' stored
+    vectors: the map of their WordPiece means, and the trigram map where the path reads letter
+    trigrams (the two fitted together). `init_title_vector_path` calls it on every stored title; a
+    table cut down to fewer titles (items never logged, `benchmarks/student_homedepot.py`) calls it
+    again on those, so that the fallback has seen none of the titles it stands in for. Returns the
+    fit's mean cosine."""
+    means = static_means(scorer, titles, TITLE_WORDPIECE)
+    trigram_map = None
+    if title_trigrams_layer(scorer) is None:
+        fallback = sentence_vectors.fit_linear_map(means, title_vectors, l2)
+        mapped = means @ fallback
+    else:
+        bags = trigram_bags(scorer, titles)
+        fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
+            means, bags, title_vectors, l2)
+        mapped = means @ fallback + bags @ trigram_map
+    scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(
+        SENTENCE_MATCH).set_fallback(fallback, trigram_map)
+    return {"titles": len(titles), "title_fit_cosine": _mean_cosine(mapped, title_vectors)}
 
 
 def trigram_bags(scorer: tf.keras.Model, texts: Sequence[str], batch_size: int = 4096
