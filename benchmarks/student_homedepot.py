@@ -205,7 +205,8 @@ def forget_unlogged_titles(scorer, title_vectors_dir: Optional[str], logged_titl
     The TitleEncoder encodes the titles of every logged pair; where the test queries were never
     logged, neither were the items shown only with them, so a cold-start BERM-O must take those
     titles through the path's fallback as it would any item outside its table, and the fallback
-    must not have been fitted on their vectors either.
+    must not have been fitted on their vectors either. The refit takes the ridge penalty the
+    student's own start took (`title_map_l2`, kept in the model).
     """
     import numpy as np
 

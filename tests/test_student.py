@@ -603,9 +603,10 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
         plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
 
 
-def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
+def test_title_trigram_bags_are_what_the_fallback_reads(vocab, tmp_path):
     """The ridge fit's trigram bags give each title the sum the serving path computes, and the
-    fallback can be fitted again on fewer titles."""
+    fallback can be fitted again on fewer titles, with the ridge penalty it was started with
+    (also in a reloaded model)."""
     from trainer import sentence_vectors
 
     titles = ["steel hammer", "steel saw 1/2 in.", "wood chair", "x"]
@@ -615,8 +616,10 @@ def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
     scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
         size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
         title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
-    fits = student.init_title_vector_path(scorer, vectors)
+    fits = student.init_title_vector_path(scorer, vectors, l2=0.5)
     assert fits["titles"] == 4 and fits["queries"] == 0
+    scorer.save(str(tmp_path / "scorer"))
+    scorer = tf.keras.models.load_model(str(tmp_path / "scorer"), compile=False)
     bags = student.trigram_bags(scorer, titles)
     assert bags.shape == (4, 32)
     rows = rng.normal(size=(32, 3)).astype(np.float32)
@@ -631,7 +634,7 @@ def test_title_trigram_bags_are_what_the_fallback_reads(vocab):
     student.fit_title_fallback(scorer, titles[:3], vectors.title_vectors[:3])
     fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
         student.static_means(scorer, titles[:3], student.TITLE_WORDPIECE), bags[:3],
-        vectors.title_vectors[:3])
+        vectors.title_vectors[:3], l2=0.5)
     np.testing.assert_allclose(match.fallback_map.numpy(), fallback, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(match.title_trigram_map.numpy(), trigram_map, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(match.query_map.numpy(), query_map)

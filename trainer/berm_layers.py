@@ -396,14 +396,19 @@ class SentenceMatch(tf.keras.layers.Layer):
     frozen row per trigram bucket (`title_trigram_map` [B, S], fitted with the
     fallback map; `trigram_sums`: each of a title's n trigrams weighed 1 /
     sqrt(n)), so that the words' spelling counts where WordPiece pieces lose it.
+
+    `fallback_l2` is the ridge penalty the fallback was fitted with; it is part of
+    the config (saved with the model) so that a later refit on other titles
+    (`student.fit_title_fallback`) fits it as the start did.
     """
 
     def __init__(self, sentence_dim: int, initial_scale: float = 2.0,
-                 title_trigram_buckets: int = 0, **kwargs):
+                 title_trigram_buckets: int = 0, fallback_l2: float = 0.1, **kwargs):
         super().__init__(**kwargs)
         self.sentence_dim = int(sentence_dim)
         self.initial_scale = float(initial_scale)
         self.title_trigram_buckets = int(title_trigram_buckets)
+        self.fallback_l2 = float(fallback_l2)
 
     def build(self, input_shape):
         static_dim = int(input_shape[0][-1])
@@ -450,7 +455,8 @@ class SentenceMatch(tf.keras.layers.Layer):
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), sentence_dim=self.sentence_dim,
                     initial_scale=self.initial_scale,
-                    title_trigram_buckets=self.title_trigram_buckets)
+                    title_trigram_buckets=self.title_trigram_buckets,
+                    fallback_l2=self.fallback_l2)
 
 
 def trigram_sums(rows: tf.Tensor, ids: tf.Tensor) -> tf.Tensor:

@@ -737,13 +737,16 @@ def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.Sen
 
 
 def fit_title_fallback(scorer: tf.keras.Model, titles: Sequence[str], title_vectors: np.ndarray,
-                       l2: float = 0.1) -> Dict[str, Any]:
+                       l2: Optional[float] = None) -> Dict[str, Any]:
     """Fits the title path's frozen fallback, for titles outside the table, onto `titles`' stored
     vectors: the map of their WordPiece means, and the trigram map where the path reads letter
     trigrams (the two fitted together). `init_title_vector_path` calls it on every stored title; a
     table cut down to fewer titles (items never logged, `benchmarks/student_homedepot.py`) calls it
-    again on those, so that the fallback has seen none of the titles it stands in for. Returns the
-    fit's mean cosine."""
+    again on those, so that the fallback has seen none of the titles it stands in for. The ridge
+    penalty `l2` defaults to the one the path's fallback was last fitted with (the student's
+    `title_map_l2`, which the layer keeps, also through a reload). Returns the fit's mean cosine."""
+    match = scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH)
+    l2 = match.fallback_l2 if l2 is None else float(l2)
     means = static_means(scorer, titles, TITLE_WORDPIECE)
     trigram_map = None
     if title_trigrams_layer(scorer) is None:
@@ -754,8 +757,8 @@ def fit_title_fallback(scorer: tf.keras.Model, titles: Sequence[str], title_vect
         fallback, trigram_map = sentence_vectors.fit_linear_maps_with_bags(
             means, bags, title_vectors, l2)
         mapped = means @ fallback + bags @ trigram_map
-    scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(
-        SENTENCE_MATCH).set_fallback(fallback, trigram_map)
+    match.set_fallback(fallback, trigram_map)
+    match.fallback_l2 = l2
     return {"titles": len(titles), "title_fit_cosine": _mean_cosine(mapped, title_vectors)}
 
 
