@@ -105,6 +105,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="folder under --work-dir/tuning for the model (default from the order, seed "
                              "and settings, e.g. k1_seed42)")
     parser.add_argument("--out", default=None, help="write the result as JSON here")
+    parser.add_argument("--rescore", action="store_true",
+                        help="do not train: score again the model an earlier run of the same "
+                             "--name (or order, seed and settings) left under --work-dir/tuning "
+                             "(e.g. after a change to how items never logged are scored)")
     args = parser.parse_args(argv)
     args.student_overrides = th.parse_overrides(parser, args.overrides)
     for sub in ("student_examples", "tables_all_logs"):
@@ -121,6 +125,24 @@ def default_name(order: int, seed: int, title_vectors: bool, overrides: Dict[str
                     + [f"{k}={v}" for k, v in sorted(overrides.items())])
 
 
+def earlier_student(run_dir: str, order: int) -> Dict[str, Any]:
+    """What `train_student` returns, for the model an earlier run left in run_dir (--rescore)."""
+    import json
+
+    model_dir = os.path.join(run_dir, f"student_k{order}")
+    if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
+        raise FileNotFoundError(f"--rescore: no student model in {model_dir}; run without "
+                                "--rescore first (same --name, or order, seed and settings)")
+    history_file = os.path.join(run_dir, f"student_k{order}_run", "history.json")
+    val_loss = []
+    if os.path.isfile(history_file):
+        with open(history_file) as f:
+            val_loss = json.load(f).get("val_loss", [])
+    return {"model_dir": model_dir, "train_seconds": None, "epochs_run": len(val_loss) or None,
+            "best_epoch": (min(range(len(val_loss)), key=val_loss.__getitem__) + 1
+                           if val_loss else None)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     import numpy as np
 
@@ -134,8 +156,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         if not os.path.isdir(title_vectors):  # A work dir from before the TitleEncoder existed.
             sh.log(f"title vectors: {title_vectors} not found, encoding them (once)...")
             sh.encode_title_vectors(examples_dir, title_vectors)
-    info = sh.train_student(args, args.order, examples_dir, os.path.join(args.work_dir, "tables_all_logs"),
-                            run_dir, title_vectors_dir=title_vectors)
+    if args.rescore:
+        info = earlier_student(run_dir, args.order)
+    else:
+        info = sh.train_student(args, args.order, examples_dir,
+                                os.path.join(args.work_dir, "tables_all_logs"), run_dir,
+                                title_vectors_dir=title_vectors)
     pairs = split_pairs(examples_dir, "eval")
     student_scores = score_examples(info["model_dir"], pairs["serialized"])
     train = split_pairs(examples_dir, "train")
@@ -143,6 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     (score_examples(info["model_dir"], train["serialized"]), train["teacher"])]
     result = {
         "benchmark": "student_tuning", "git_commit": th.git_commit(), "split": "eval",
+        "rescored": args.rescore,
         "order": args.order, "settings": args.student_overrides, "title_vectors": title_vectors,
         "epochs_run": info["epochs_run"], "best_epoch": info["best_epoch"],
         "train_seconds": info["train_seconds"],

@@ -84,3 +84,18 @@ def test_unlogged_titles_score_through_the_fallback_and_logged_ones_as_before(tm
     assert abs(scores[0] - as_logged[0]) < 1e-6  # its title was logged with a train query
     assert abs(scores[1] - as_logged[1]) > 1e-4  # "garden hose reel" now takes the fallback
     assert os.path.isfile(tmp_path / "cold" / "saved_model.pb")  # the re-exported BERM-O
+
+
+def test_rescore_finds_the_model_an_earlier_run_left(tmp_path):
+    """--rescore skips training and scores the model of an earlier run of the same name."""
+    import json
+
+    with pytest.raises(FileNotFoundError, match="run without --rescore first"):
+        student_tuning.earlier_student(str(tmp_path), 1)
+    (tmp_path / "student_k1").mkdir()
+    (tmp_path / "student_k1" / "saved_model.pb").write_bytes(b"")
+    (tmp_path / "student_k1_run").mkdir()
+    (tmp_path / "student_k1_run" / "history.json").write_text(json.dumps({"val_loss": [3.0, 2.0, 2.5]}))
+    info = student_tuning.earlier_student(str(tmp_path), 1)
+    assert info["model_dir"] == str(tmp_path / "student_k1")
+    assert (info["epochs_run"], info["best_epoch"], info["train_seconds"]) == (3, 2, None)
