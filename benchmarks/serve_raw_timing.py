@@ -1,0 +1,119 @@
+"""Time per `serve_raw` call of two or more BERM-O SavedModels, called in turn on the same pairs.
+
+Each model's raw-string signature scores a split's joined pairs (a `student_homedepot.py`
+work dir's `student_examples`; the eval split by default, the one tuning may read) in calls of
+`--batch-size` pairs, the models alternating call by call so that both meet the machine in the
+same state, with one thread per op as `relkd serve` and the speed race run BERM-O. The first
+`--warm-up-passes` passes are not counted. It compares variants of one model: a student tuning's
+`unlogged_titles_model` (only the train logs' titles stored, so most eval titles go through the
+title path's fallback) against another setting's, or a model against itself (the noise)::
+
+    .venv/bin/python benchmarks/serve_raw_timing.py --work-dir runs/homedepot_s10/benchmark \\
+        --model trigrams=runs/homedepot_s10/benchmark/tuning/ttri4096_s42/unlogged_titles_model \\
+        --model sif=runs/homedepot_s10/benchmark/tuning/k1_seed42_title_map_sif=0.001/unlogged_titles_model
+
+The models' neighbour tables are whatever their export held (the tuning models have none).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from typing import Any, Dict, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+from benchmarks import student_homedepot as sh  # noqa: E402
+from benchmarks import teacher_homedepot as th  # noqa: E402
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--work-dir", required=True,
+                        help="a benchmarks/student_homedepot.py --work-dir (student_examples/)")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR",
+                        help="a BERM-O SavedModel and the name it is reported under (repeat: two "
+                             "or more)")
+    parser.add_argument("--split", default="eval", choices=["train", "eval", "test"])
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--passes", type=int, default=1, help="timed passes over the split")
+    parser.add_argument("--warm-up-passes", type=int, default=1, help="passes not timed")
+    parser.add_argument("--intra-op-threads", type=int, default=1,
+                        help="threads per op (1, as BERM-O is served; 0: TensorFlow's choice)")
+    parser.add_argument("--out", default=None, help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        args.models = dict(m.split("=", 1) for m in args.model)
+    except ValueError:
+        parser.error("--model takes NAME=DIR")
+    if len(args.models) < 2:
+        parser.error("give two or more --model NAME=DIR, with different names")
+    for name, path in args.models.items():
+        if not os.path.isfile(os.path.join(path, "saved_model.pb")):
+            parser.error(f"--model {name}={path}: no SavedModel there")
+    if args.batch_size < 1 or args.passes < 1 or args.warm_up_passes < 0:
+        parser.error("--batch-size and --passes must be >= 1, --warm-up-passes >= 0")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    import numpy as np
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(args.intra_op_threads)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # main() called in a process whose TensorFlow has already started
+        sh.log(f"warning: TensorFlow had already started in this process: --intra-op-threads "
+               f"{args.intra_op_threads} not applied")
+    import tensorflow_text  # noqa: F401  (the student's tokeniser ops)
+
+    from trainer import student
+
+    columns = ("query", "item_id", "item_title")
+    examples = [tf.train.Example.FromString(e).features.feature for e in
+                sh.read_examples(os.path.join(args.work_dir, "student_examples",
+                                              f"Split-{args.split}", "*"))]
+    values = {c: np.array([f[c].bytes_list.value[0] for f in examples], object) for c in columns}
+    calls = [{c: tf.constant(values[c][i:i + args.batch_size]) for c in columns}
+             for i in range(0, len(examples) - args.batch_size + 1, args.batch_size)]
+    if not calls:
+        raise SystemExit(f"fewer than --batch-size {args.batch_size} pairs in the {args.split} split")
+    models = {name: tf.saved_model.load(path).signatures[student.RAW_SIGNATURE]
+              for name, path in args.models.items()}
+    milliseconds = {name: [] for name in models}
+    for done in range(args.warm_up_passes + args.passes):
+        sh.log(f"pass {done + 1} of {args.warm_up_passes + args.passes} "
+               f"({'warm-up' if done < args.warm_up_passes else 'timed'}), {len(calls)} calls each")
+        for call in calls:
+            for name, serve in models.items():
+                start = time.perf_counter()
+                serve(**call)["score"].numpy()
+                if done >= args.warm_up_passes:
+                    milliseconds[name].append((time.perf_counter() - start) * 1000)
+    result = {"benchmark": "serve_raw_timing", "git_commit": th.git_commit(),
+              "machine": th.machine_info(), "split": args.split, "batch_size": args.batch_size,
+              "calls_per_model": len(calls) * args.passes, "intra_op_threads": args.intra_op_threads,
+              "models": {}}
+    for name, times in milliseconds.items():
+        stats = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
+                 "mean_ms": float(np.mean(times)), "model_dir": args.models[name]}
+        result["models"][name] = stats
+        print(f"{name}: median {stats['median_ms']:.2f} ms, p90 {stats['p90_ms']:.2f} ms, "
+              f"mean {stats['mean_ms']:.2f} ms per {args.batch_size}-pair call "
+              f"({len(times)} calls)")
+    th.write_result(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
