@@ -86,3 +86,48 @@ def analyse(query_ids, student, teacher, relevance,
         "student_order_teacher_levels_auc": rm.auc(teacher_levels + student_order, relevance, threshold),
         "teacher_order_student_levels_auc": rm.auc(student_levels + teacher_order, relevance, threshold),
     }
+
+
+def level_correction(query_ids, student, teacher, features, relevance, folds: int = 5,
+                     l2: float = 10.0, seeds=(0, 1, 2),
+                     threshold: float = rm.RELEVANT_THRESHOLD) -> Dict[str, float]:
+    """Can the query levels the student misses be told from the query alone?
+
+    Per query, the target is the teacher's level minus the student's (logits); `features`
+    [pairs, F] describe the query (equal within a query). A ridge fit on the other folds' queries
+    (`folds`, assigned at random by each of `seeds`; standardised features, penalty `l2`)
+    predicts each held-out query's target, which is added to its pairs' student logits.
+    `auc` is that corrected student's AUC (mean over the seeds) next to the student's own
+    (`student_auc`); `correlation` is the predictions' with the targets (first seed). The fit
+    never sees a held-out query's own teacher scores, so the gain is what a correction learnt
+    on some unseen queries would carry to others.
+    """
+    features = np.asarray(features, dtype=float).reshape(len(query_ids), -1)
+    student_logits, teacher_logits = logits(student), logits(teacher)
+    groups = list(rm.query_groups(list(query_ids)))
+    if len(groups) < folds:
+        raise ValueError(f"level_correction needs at least {folds} queries, got {len(groups)}")
+    x = np.stack([features[g[0]] for g in groups])
+    target = np.array([teacher_logits[g].mean() - student_logits[g].mean() for g in groups])
+    aucs, correlation = [], float("nan")
+    for seed in seeds:
+        fold = np.random.default_rng(seed).permutation(len(groups)) % folds
+        predicted = np.empty(len(groups))
+        for f in range(folds):
+            train, held = fold != f, fold == f
+            mean, std = x[train].mean(axis=0), x[train].std(axis=0) + 1e-9
+            design = lambda rows: np.c_[(x[rows] - mean) / std, np.ones(int(rows.sum()))]
+            a = design(train)
+            penalty = l2 * np.eye(a.shape[1])
+            penalty[-1, -1] = 0.0  # the intercept is not shrunk
+            weights = np.linalg.solve(a.T @ a + penalty, a.T @ target[train])
+            predicted[held] = design(held) @ weights
+        corrected = student_logits.copy()
+        for g, level in zip(groups, predicted):
+            corrected[g] += level
+        aucs.append(rm.auc(corrected, relevance, threshold))
+        if seed == seeds[0]:
+            correlation = float(np.corrcoef(predicted, target)[0, 1])
+    return {"auc": float(np.mean(aucs)), "aucs": [float(a) for a in aucs],
+            "student_auc": rm.auc(student_logits, relevance, threshold), "correlation": correlation,
+            "queries": len(groups), "features": int(x.shape[1])}

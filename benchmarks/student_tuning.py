@@ -109,6 +109,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help="do not train: score again the model an earlier run of the same "
                              "--name (or order, seed and settings) left under --work-dir/tuning "
                              "(e.g. after a change to how items never logged are scored)")
+    parser.add_argument("--level-features", action="store_true",
+                        help="also ask whether the query levels the student misses can be told "
+                             "from the query alone (gap_analysis.level_correction, cross-validated "
+                             "over the eval queries): its word count, and the pretrained encoder's "
+                             "cosines of the whole query to its nearest stored titles")
     args = parser.parse_args(argv)
     args.student_overrides = th.parse_overrides(parser, args.overrides)
     for sub in ("student_examples", "tables_all_logs"):
@@ -185,6 +190,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             os.path.join(run_dir, "unlogged_titles_model"))
         result["student_unlogged_titles"] = dict(
             rm.evaluate(pairs["queries"], cold_scores, pairs["relevance"], k=sh.NDCG_K), **kept)
+    if args.level_features:
+        result["level_correction"] = level_correction(
+            pairs, student_scores, os.path.join(args.work_dir, sh.TITLE_VECTORS))
     k = sh.NDCG_K
     for who in ("teacher", "student", "student_unlogged_titles"):
         if who not in result:
@@ -202,8 +210,39 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     print(f"  eval AUC of the teacher's query means + the student's order within queries "
           f"{gap['student_order_teacher_levels_auc']:.3f}; of the student's means + the teacher's "
           f"order {gap['teacher_order_student_levels_auc']:.3f}")
+    for features, fit in result.get("level_correction", {}).items():
+        print(f"  query levels told from {features}: eval AUC {fit['auc']:.3f} (the student "
+              f"{fit['student_auc']:.3f}), predictions' correlation with the missed levels "
+              f"{fit['correlation']:.2f}, cross-validated over {fit['queries']} queries")
     th.write_result(args.out, result)
     return result
+
+
+def query_level_features(queries: Sequence[str], title_vectors_dir: str) -> Dict[str, Any]:
+    """Per pair, what the query alone tells: its word count, and the cosines of the pretrained
+    encoder's vector of the whole query to its 1 / 10 / 100 nearest stored title vectors (the
+    mean of each), how well the catalogue covers it. The second set costs an encoder pass per
+    query, what BERM-O cannot pay per call (README, *Student on Home Depot*)."""
+    import numpy as np
+
+    from trainer import sentence_vectors
+
+    distinct = sorted(set(queries))
+    position = {q: i for i, q in enumerate(distinct)}
+    index = np.array([position[q] for q in queries])
+    words = np.array([len(q.split()) for q in distinct], float)
+    titles = sentence_vectors.read_sentence_vectors(title_vectors_dir).title_vectors
+    cosines = -np.sort(-(sentence_vectors.SentenceEncoder().encode(distinct) @ titles.T), axis=1)
+    nearest = np.stack([cosines[:, :n].mean(axis=1) for n in (1, 10, 100)], axis=1)
+    return {"word count": words[index, None],
+            "word count + nearest titles": np.c_[words, nearest][index]}
+
+
+def level_correction(pairs: Dict[str, Any], student_scores, title_vectors_dir: str
+                     ) -> Dict[str, Dict[str, Any]]:
+    return {name: gap_analysis.level_correction(pairs["queries"], student_scores, pairs["teacher"],
+                                                features, pairs["relevance"])
+            for name, features in query_level_features(pairs["queries"], title_vectors_dir).items()}
 
 
 if __name__ == "__main__":

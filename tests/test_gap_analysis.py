@@ -70,3 +70,36 @@ def test_a_student_that_misorders_within_queries_is_found_out_within_them():
 def test_misaligned_inputs_are_refused():
     with pytest.raises(ValueError, match="one entry per pair"):
         ga.analyse(QUERIES, np.full(8, 0.5), np.full(9, 0.5), RELEVANCE)
+
+
+def _levels_missed_by_the_student(feature_tells: bool):
+    """120 queries of 4 pairs. The teacher's logits are the truth; the student has its order but
+    misses each query's level, which is 2 x a query feature (or unrelated to it)."""
+    rng = np.random.default_rng(0)
+    queries = np.repeat(np.arange(120), 4)
+    level = rng.normal(size=120)
+    order = rng.normal(size=480)
+    teacher_logits = level[queries] * 2 + order
+    relevance = np.where(teacher_logits + rng.normal(scale=0.5, size=480) > 0, 3.0, 1.0)
+    feature = level if feature_tells else rng.normal(size=120)
+    sigmoid = lambda x: 1 / (1 + np.exp(-x))
+    return queries, sigmoid(order), sigmoid(teacher_logits), feature[queries][:, None], relevance
+
+
+def test_a_level_the_query_features_tell_is_recovered_on_held_out_queries():
+    queries, student, teacher, features, relevance = _levels_missed_by_the_student(True)
+    result = ga.level_correction(queries, student, teacher, features, relevance)
+    assert result["correlation"] > 0.95 and result["queries"] == 120
+    assert result["auc"] > result["student_auc"] + 0.1
+    assert result["auc"] == pytest.approx(rm.auc(teacher, relevance), abs=0.01)
+
+
+def test_features_unrelated_to_the_level_do_not_lift_the_student():
+    queries, student, teacher, features, relevance = _levels_missed_by_the_student(False)
+    result = ga.level_correction(queries, student, teacher, features, relevance)
+    # A chance correlation over 120 queries lifts it a little; the telling feature lifted it 0.33.
+    assert abs(result["correlation"]) < 0.3
+    assert result["auc"] < result["student_auc"] + 0.05
+    with pytest.raises(ValueError, match="at least 5 queries"):
+        ga.level_correction(queries[:12], student[:12], teacher[:12], features[:12],
+                                      relevance[:12])

@@ -99,3 +99,21 @@ def test_rescore_finds_the_model_an_earlier_run_left(tmp_path):
     info = student_tuning.earlier_student(str(tmp_path), 1)
     assert info["model_dir"] == str(tmp_path / "student_k1")
     assert (info["epochs_run"], info["best_epoch"], info["train_seconds"]) == (3, 2, None)
+
+
+def test_query_level_features_tell_word_counts_and_the_nearest_titles(tmp_path):
+    from trainer import sentence_vectors
+
+    titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
+    encoder = sentence_vectors.SentenceEncoder()
+    with tf.io.TFRecordWriter(str(tmp_path / "vectors.gz"), "GZIP") as writer:
+        for title, vector in zip(titles, encoder.encode(titles)):
+            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
+    queries = ["steel claw hammer", "chair", "steel claw hammer"]
+    features = student_tuning.query_level_features(queries, str(tmp_path))
+    np.testing.assert_array_equal(features["word count"], [[3], [1], [3]])
+    both = features["word count + nearest titles"]
+    assert both.shape == (3, 4)
+    np.testing.assert_array_equal(both[0], both[2])  # one row per pair, equal within a query
+    assert both[0, 1] == pytest.approx(1.0, abs=1e-5)  # the query is a stored title
+    assert both[1, 1] < 0.99 and both[1, 1] >= both[1, 2] >= both[1, 3]  # nearest first
