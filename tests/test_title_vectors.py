@@ -179,6 +179,12 @@ def test_trigram_sums_weigh_each_trigram_by_one_over_root_count_as_the_bags_do()
     got = berm_layers.trigram_sums(tf.constant(rows), ids).numpy()
     np.testing.assert_allclose(got, [(rows[0] + rows[2]) / np.sqrt(2), [0, 0, 0],
                                      (2 * rows[3] + rows[1]) / np.sqrt(3)], rtol=1e-6)
+    # Texts without a trigram at the end, or only such texts, or none at all (every title known).
+    np.testing.assert_array_equal(berm_layers.trigram_sums(
+        tf.constant(rows), tf.constant([[1, -1], [-1, -1]])).numpy(), [rows[1], [0, 0, 0]])
+    np.testing.assert_array_equal(berm_layers.trigram_sums(
+        tf.constant(rows), tf.constant([[-1], [-1]])).numpy(), np.zeros([2, 3]))
+    assert berm_layers.trigram_sums(tf.constant(rows), tf.zeros([0, 1], tf.int32)).shape == (0, 3)
 
 
 def test_ridge_maps_with_sparse_bags_match_the_dense_fit():
