@@ -60,7 +60,8 @@ def _batches(pairs: Pairs, batch_size: int) -> List[Pairs]:
             for i in range(0, len(queries) - batch_size + 1, batch_size)]
 
 
-def _batch_tensors(pairs: Pairs, batch_size: int) -> List[Tuple[Any, Any, Any]]:
+def batch_tensors(pairs: Pairs, batch_size: int) -> List[Tuple[Any, Any, Any]]:
+    """(query, item_id, item_title) string tensors of each full batch of `pairs`."""
     import tensorflow as tf
 
     batches = [tuple(tf.constant(x) for x in b) for b in _batches(pairs, batch_size)]
@@ -69,7 +70,8 @@ def _batch_tensors(pairs: Pairs, batch_size: int) -> List[Tuple[Any, Any, Any]]:
     return batches
 
 
-def _load_raw(model_dir: str):
+def load_raw(model_dir: str):
+    """A BERM-O SavedModel's raw-string signature."""
     import tensorflow as tf
 
     from trainer import student
@@ -102,7 +104,7 @@ def _time_calls(raw, batches, rounds: int,
 
 def time_alone(model_dir: str, pairs: Pairs, batch_size: int, rounds: int) -> List[Dict[str, Any]]:
     """Per round: calls, median and mean ms per call, back to back; one warm-up call first."""
-    return _time_calls(_load_raw(model_dir), _batch_tensors(pairs, batch_size), rounds)
+    return _time_calls(load_raw(model_dir), batch_tensors(pairs, batch_size), rounds)
 
 
 def time_cold(model_dir: str, pairs: Pairs, batch_size: int, pauses: Sequence[float],
@@ -113,8 +115,8 @@ def time_cold(model_dir: str, pairs: Pairs, batch_size: int, pauses: Sequence[fl
 
     from trainer import teacher
 
-    batches = _batch_tensors(pairs, batch_size)
-    raw = _load_raw(model_dir)
+    batches = batch_tensors(pairs, batch_size)
+    raw = load_raw(model_dir)
     out = []
     for pause in pauses:
         result = _time_calls(raw, batches, 1, lambda _, seconds=pause: time.sleep(seconds))[0]

@@ -31,6 +31,7 @@ REPO_ROOT = os.path.dirname(HERE)
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
+from benchmarks import berm_profile  # noqa: E402
 from benchmarks import student_homedepot as sh  # noqa: E402
 from benchmarks import teacher_homedepot as th  # noqa: E402
 
@@ -79,17 +80,16 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
     from trainer import student
 
-    columns = ("query", "item_id", "item_title")
     examples = [tf.train.Example.FromString(e).features.feature for e in
                 sh.read_examples(os.path.join(args.work_dir, "student_examples",
                                               f"Split-{args.split}", "*"))]
-    values = {c: np.array([f[c].bytes_list.value[0] for f in examples], object) for c in columns}
-    calls = [{c: tf.constant(values[c][i:i + args.batch_size]) for c in columns}
-             for i in range(0, len(examples) - args.batch_size + 1, args.batch_size)]
-    if not calls:
-        raise SystemExit(f"fewer than --batch-size {args.batch_size} pairs in the {args.split} split")
-    models = {name: tf.saved_model.load(path).signatures[student.RAW_SIGNATURE]
-              for name, path in args.models.items()}
+    pairs = tuple([f[c].bytes_list.value[0] for f in examples]
+                  for c in ("query", "item_id", "item_title"))
+    try:
+        calls = berm_profile.batch_tensors(pairs, args.batch_size)
+    except ValueError as e:
+        raise SystemExit(f"{e} in the {args.split} split") from e
+    models = {name: berm_profile.load_raw(path) for name, path in args.models.items()}
     milliseconds = {name: [] for name in models}
     for done in range(args.warm_up_passes + args.passes):
         sh.log(f"pass {done + 1} of {args.warm_up_passes + args.passes} "
@@ -97,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         for call in calls:
             for name, serve in models.items():
                 start = time.perf_counter()
-                serve(**call)["score"].numpy()
+                serve(query=call[0], item_id=call[1], item_title=call[2])[student.SCORE_KEY].numpy()
                 if done >= args.warm_up_passes:
                     milliseconds[name].append((time.perf_counter() - start) * 1000)
     result = {"benchmark": "serve_raw_timing", "git_commit": th.git_commit(),
