@@ -112,8 +112,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--level-features", action="store_true",
                         help="also ask whether the query levels the student misses can be told "
                              "from the query alone (gap_analysis.level_correction, cross-validated "
-                             "over the eval queries): its word count, and the pretrained encoder's "
-                             "cosines of the whole query to its nearest stored titles")
+                             "over the eval queries): its word count, and the cosines to its "
+                             "nearest stored titles of the pretrained encoder's vector of the whole "
+                             "query and of the student's stand-in for it")
     args = parser.parse_args(argv)
     args.student_overrides = th.parse_overrides(parser, args.overrides)
     for sub in ("student_examples", "tables_all_logs"):
@@ -192,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             rm.evaluate(pairs["queries"], cold_scores, pairs["relevance"], k=sh.NDCG_K), **kept)
     if args.level_features:
         result["level_correction"] = level_correction(
-            pairs, student_scores, os.path.join(args.work_dir, sh.TITLE_VECTORS))
+            pairs, student_scores, os.path.join(args.work_dir, sh.TITLE_VECTORS), info["model_dir"])
     k = sh.NDCG_K
     for who in ("teacher", "student", "student_unlogged_titles"):
         if who not in result:
@@ -218,11 +219,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return result
 
 
-def query_level_features(queries: Sequence[str], title_vectors_dir: str) -> Dict[str, Any]:
-    """Per pair, what the query alone tells: its word count, and the cosines of the pretrained
-    encoder's vector of the whole query to its 1 / 10 / 100 nearest stored title vectors (the
-    mean of each), how well the catalogue covers it. The second set costs an encoder pass per
-    query, what BERM-O cannot pay per call (README, *Student on Home Depot*)."""
+def query_level_features(queries: Sequence[str], title_vectors_dir: str,
+                         model_dir: Optional[str] = None) -> Dict[str, Any]:
+    """Per pair, what the query alone tells: its word count, and how well the catalogue covers
+    it, the mean cosine of a vector of the whole query to its 1 / 10 / 100 nearest stored title
+    vectors. That vector is the pretrained encoder's, which costs an encoder pass per query, what
+    BERM-O cannot pay per call (README, *Student on Home Depot*), or, where `model_dir` names the
+    student, the stand-in it already computes: its query map of the query's WordPiece mean."""
     import numpy as np
 
     from trainer import sentence_vectors
@@ -232,17 +235,41 @@ def query_level_features(queries: Sequence[str], title_vectors_dir: str) -> Dict
     index = np.array([position[q] for q in queries])
     words = np.array([len(q.split()) for q in distinct], float)
     titles = sentence_vectors.read_sentence_vectors(title_vectors_dir).title_vectors
-    cosines = -np.sort(-(sentence_vectors.SentenceEncoder().encode(distinct) @ titles.T), axis=1)
-    nearest = np.stack([cosines[:, :n].mean(axis=1) for n in (1, 10, 100)], axis=1)
-    return {"word count": words[index, None],
-            "word count + nearest titles": np.c_[words, nearest][index]}
+    features = {"word count": words[index, None],
+                "word count + nearest titles": np.c_[
+                    words, nearest_title_cosines(sentence_vectors.SentenceEncoder().encode(distinct),
+                                                 titles)][index]}
+    if model_dir:
+        features["word count + the student's stand-in's nearest titles"] = np.c_[
+            words, nearest_title_cosines(student_query_stand_ins(model_dir, distinct), titles)][index]
+    return features
 
 
-def level_correction(pairs: Dict[str, Any], student_scores, title_vectors_dir: str
-                     ) -> Dict[str, Dict[str, Any]]:
+def nearest_title_cosines(query_vectors, title_vectors, nearest=(1, 10, 100)):
+    """[Q, len(nearest)]: each query's mean cosine to its n nearest titles, for each n."""
+    import numpy as np
+
+    unit = query_vectors / (np.linalg.norm(query_vectors, axis=1, keepdims=True) + 1e-9)
+    cosines = -np.sort(-(unit @ title_vectors.T), axis=1)
+    return np.stack([cosines[:, :n].mean(axis=1) for n in nearest], axis=1)
+
+
+def student_query_stand_ins(model_dir: str, queries: Sequence[str]):
+    """The student's stand-in for the encoder's vector of each query, as its title path computes
+    it: the query's (weighted) pretrained WordPiece mean through the trained query map."""
+    from trainer import berm_serving, student
+
+    scorer = berm_serving.load_scorer(model_dir)
+    match = student.sentence_match_layer(scorer)
+    return student.static_means(scorer, queries, student.QUERY_WORDPIECE) @ match.query_map.numpy()
+
+
+def level_correction(pairs: Dict[str, Any], student_scores, title_vectors_dir: str,
+                     model_dir: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     return {name: gap_analysis.level_correction(pairs["queries"], student_scores, pairs["teacher"],
                                                 features, pairs["relevance"])
-            for name, features in query_level_features(pairs["queries"], title_vectors_dir).items()}
+            for name, features in query_level_features(pairs["queries"], title_vectors_dir,
+                                                       model_dir).items()}
 
 
 if __name__ == "__main__":

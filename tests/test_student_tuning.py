@@ -117,3 +117,39 @@ def test_query_level_features_tell_word_counts_and_the_nearest_titles(tmp_path):
     np.testing.assert_array_equal(both[0], both[2])  # one row per pair, equal within a query
     assert both[0, 1] == pytest.approx(1.0, abs=1e-5)  # the query is a stored title
     assert both[1, 1] < 0.99 and both[1, 1] >= both[1, 2] >= both[1, 3]  # nearest first
+
+
+def test_level_features_read_the_students_own_stand_in_for_the_query(tmp_path):
+    """With the student's model, a third feature set: the nearest titles of the stand-in its title
+    path computes for a query (its query map of the WordPiece mean), read from the export."""
+    from trainer import bert_checkpoint, berm_layers, berm_serving, sentence_vectors, student
+
+    titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
+    vectors = sentence_vectors.SentenceVectors(
+        titles, sentence_vectors.SentenceEncoder().encode(titles), [], np.zeros([0, 384], np.float32))
+    with tf.io.TFRecordWriter(str(tmp_path / "vectors.gz"), "GZIP") as writer:
+        for title, vector in zip(titles, vectors.title_vectors):
+            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    rng = np.random.default_rng(0)
+    tf.keras.utils.set_random_seed(0)
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 8)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors))
+    student.init_title_vector_path(scorer, vectors)
+    model_dir = str(tmp_path / "model")
+    berm_serving.export_serving_model(scorer, model_dir)
+
+    queries = ["claw hammer", "chair", "claw hammer"]
+    expected = (student.static_means(scorer, queries, student.QUERY_WORDPIECE)
+                @ student.sentence_match_layer(scorer).query_map.numpy())
+    np.testing.assert_allclose(student_tuning.student_query_stand_ins(model_dir, queries), expected,
+                               rtol=1e-5, atol=1e-6)
+    features = student_tuning.query_level_features(queries, str(tmp_path), model_dir)
+    own = features["word count + the student's stand-in's nearest titles"]
+    assert own.shape == (3, 4)
+    np.testing.assert_array_equal(own[0], own[2])
+    np.testing.assert_array_equal(own[:, 0], [2, 1, 2])
+    assert own[1, 1] >= own[1, 2] >= own[1, 3]
+    assert "word count + the student's stand-in's nearest titles" not in \
+        student_tuning.query_level_features(queries, str(tmp_path))

@@ -676,6 +676,11 @@ def title_vector_table(scorer: tf.keras.Model) -> Optional[berm_layers.TitleVect
     return _optional_layer(scorer, TITLE_VECTORS)
 
 
+def sentence_match_layer(scorer: tf.keras.Model) -> berm_layers.SentenceMatch:
+    """The string scorer's title-vector path (built with `student.title_vectors`)."""
+    return scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH)
+
+
 def title_trigrams_layer(scorer: tf.keras.Model) -> Optional[berm_layers.LetterTrigrams]:
     """The string scorer's title trigram layer, None when its title path reads no trigrams."""
     return _optional_layer(scorer, TITLE_TRIGRAMS)
@@ -726,7 +731,7 @@ def init_title_vector_path(scorer: tf.keras.Model, vectors: sentence_vectors.Sen
             sif_weights(scorer, vectors, sif))
     fits = fit_title_fallback(scorer, vectors.titles, vectors.title_vectors, l2)
     fits["queries"] = len(vectors.queries)
-    match = scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH)
+    match = sentence_match_layer(scorer)
     query_map = match.fallback_map.numpy()
     if vectors.queries:
         queries = static_means(scorer, vectors.queries, QUERY_WORDPIECE)
@@ -745,7 +750,7 @@ def fit_title_fallback(scorer: tf.keras.Model, titles: Sequence[str], title_vect
     again on those, so that the fallback has seen none of the titles it stands in for. The ridge
     penalty `l2` defaults to the one the path's fallback was last fitted with (the student's
     `title_map_l2`, which the layer keeps, also through a reload). Returns the fit's mean cosine."""
-    match = scorer.get_layer(TOKEN_SCORER).get_layer(VECTOR_SCORER).get_layer(SENTENCE_MATCH)
+    match = sentence_match_layer(scorer)
     l2 = match.fallback_l2 if l2 is None else float(l2)
     means = static_means(scorer, titles, TITLE_WORDPIECE)
     trigram_map = None
