@@ -83,6 +83,12 @@ def _add_score(subparsers) -> None:
     offline.add_argument("--input", help="CSV with id,query,item_id,item_title")
     offline.add_argument("--output", help="CSV to write id,score to")
     offline.add_argument("--batch-size", type=int, default=1024, help="pairs per model call (default 1024)")
+    offline.add_argument("--workers", type=int, default=1,
+                         help="model calls in flight at once (default 1); on a many-core machine "
+                              "set it to the cores with --intra-op-threads 1")
+    offline.add_argument("--intra-op-threads", type=int, default=0,
+                         help="threads one TensorFlow op may split its work over (default 0: "
+                              "TensorFlow's choice)")
 
 
 def _read_items(path: str):
@@ -109,7 +115,8 @@ def _cmd_score(args) -> int:
         from pipeline import batch_scorer
 
         try:
-            batch_scorer.score_file(args.model_dir, args.input, args.output, args.batch_size)
+            batch_scorer.score_file(args.model_dir, args.input, args.output, args.batch_size,
+                                    workers=args.workers, intra_op_threads=args.intra_op_threads)
         except batch_scorer.ScoringInputError as e:
             raise UsageError(str(e)) from e
         return 0

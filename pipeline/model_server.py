@@ -35,6 +35,7 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      prediction_service_pb2_grpc, status_pb2)
 
 from pipeline import request_batching
+from pipeline.tf_threads import set_threads, threads_label
 
 log = logging.getLogger("relkd.serve")
 
@@ -345,22 +346,6 @@ class ModelServer:
 
     def wait(self) -> None:
         self._server.wait_for_termination()
-
-
-def set_threads(intra_op: int, inter_op: int) -> None:
-    """TensorFlow's thread pools for this process (0 leaves TensorFlow's choice). They can only be
-    set before TensorFlow runs its first op, so this comes before any model is loaded."""
-    threading_config = tf.config.threading
-    for wanted, get, put in ((intra_op, threading_config.get_intra_op_parallelism_threads,
-                              threading_config.set_intra_op_parallelism_threads),
-                             (inter_op, threading_config.get_inter_op_parallelism_threads,
-                              threading_config.set_inter_op_parallelism_threads)):
-        if wanted and get() != wanted:
-            put(wanted)
-
-
-def threads_label(threads: int) -> str:
-    return "TensorFlow's choice" if threads == 0 else str(threads)
 
 
 def serve(model_base: str, model_name: Optional[str], host: str, port: int, poll_seconds: float,

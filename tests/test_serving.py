@@ -238,17 +238,36 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o
         writer.writerow(["item_title", "id", "query", "item_id", "extra"])  # any column order
         for r in rows:
             writer.writerow([r[3], r[0], r[1], r[2], "ignored"])
-    out = tmp_path / "scores.csv"
-    messages = []
-    result = batch_scorer.score_file(str(base.parent / MODEL), str(pairs), str(out), batch_size=1000,
-                                     echo=messages.append, progress_seconds=0)
-    assert result["rows"] == 2500 and result["model"].endswith(os.path.join(MODEL, "3"))
-    with open(out) as f:
-        scored = list(csv.DictReader(f))
-    assert [r["id"] for r in scored] == [r[0] for r in rows]
     expected = own_scores(tiny_berm_o, [r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows])
-    np.testing.assert_allclose([float(r["score"]) for r in scored], expected, atol=1e-6)
-    assert any("pairs scored" in m for m in messages) and "2,500 pairs" in messages[-1]
+    # One call at a time, and several in flight (more batches than calls, so the output's order
+    # is the input's only if the writer keeps it).
+    for workers, batch_size in ((1, 1000), (3, 170)):
+        out = tmp_path / f"scores_{workers}.csv"
+        messages = []
+        result = batch_scorer.score_file(str(base.parent / MODEL), str(pairs), str(out),
+                                         batch_size=batch_size, echo=messages.append,
+                                         progress_seconds=0, workers=workers)
+        assert result["rows"] == 2500 and result["model"].endswith(os.path.join(MODEL, "3"))
+        assert result["workers"] == workers and f"{workers} call(s) at a time" in messages[0]
+        with open(out) as f:
+            scored = list(csv.DictReader(f))
+        assert [r["id"] for r in scored] == [r[0] for r in rows]
+        np.testing.assert_allclose([float(r["score"]) for r in scored], expected, atol=1e-6)
+        assert any("pairs scored" in m for m in messages) and "2,500 pairs" in messages[-1]
+    with pytest.raises(batch_scorer.ScoringInputError, match="--workers must be at least 1"):
+        batch_scorer.score_file(str(base), str(pairs), str(tmp_path / "never.csv"), workers=0)
+
+    # The command, in a fresh process, so the threads per op can still be set.
+    out = tmp_path / "scores_cli.csv"
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "score", "--model-dir", str(base),
+                             "--input", str(pairs), "--output", str(out), "--batch-size", "400",
+                             "--workers", "2", "--intra-op-threads", "1"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "2 call(s) at a time, threads per op: 1" in result.stdout
+    with open(out) as f:
+        np.testing.assert_allclose([float(r["score"]) for r in csv.DictReader(f)], expected, atol=1e-6)
 
     bad = tmp_path / "bad.csv"
     bad.write_text("id,query,title\n1,q,t\n")
