@@ -84,8 +84,9 @@ def _add_score(subparsers) -> None:
     offline.add_argument("--output", help="CSV to write id,score to")
     offline.add_argument("--batch-size", type=int, default=1024, help="pairs per model call (default 1024)")
     offline.add_argument("--workers", type=int, default=1,
-                         help="model calls in flight at once (default 1); on a many-core machine "
-                              "set it to the cores with --intra-op-threads 1")
+                         help="model calls in flight at once (default 1; output stays in input "
+                              "order); with many cores try up to one per core and "
+                              "--intra-op-threads 1")
     offline.add_argument("--intra-op-threads", type=int, default=0,
                          help="threads one TensorFlow op may split its work over (default 0: "
                               "TensorFlow's choice)")
