@@ -51,29 +51,46 @@ def _pair(query, title):
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
+def _write_title_vectors(folder, titles, title_vectors):
+    """A TitleEncoder output folder holding `titles`' vectors."""
+    from trainer import sentence_vectors
+
+    folder.mkdir(exist_ok=True)
+    with tf.io.TFRecordWriter(str(folder / "vectors.gz"), "GZIP") as writer:
+        for title, vector in zip(titles, title_vectors):
+            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
+
+
+def _exported_title_path_student(vectors, model_dir):
+    """A tiny 0-order student with the title-vector path started on `vectors`, exported as
+    BERM-O to `model_dir`; returns the in-memory scorer."""
+    from trainer import bert_checkpoint, berm_layers, berm_serving, student
+
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    rng = np.random.default_rng(0)
+    tf.keras.utils.set_random_seed(0)
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 8)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(vectors.titles, vectors.title_vectors))
+    student.init_title_vector_path(scorer, vectors)
+    berm_serving.export_serving_model(scorer, model_dir)
+    return scorer
+
+
 def test_unlogged_titles_score_through_the_fallback_and_logged_ones_as_before(tmp_path):
     """score_with_unlogged_titles re-exports the student with the train pairs' titles alone in its
     table: an eval pair whose title only eval queries were shown with changes score, the others
     keep theirs."""
-    from trainer import bert_checkpoint, berm_layers, berm_serving, sentence_vectors, student
+    from trainer import sentence_vectors
 
-    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
     rng = np.random.default_rng(0)
     titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
     vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(3, 5)).astype(np.float32),
                                                ["hammer"], rng.normal(size=(1, 5)).astype(np.float32))
     vectors_dir = tmp_path / "title_vectors"
-    vectors_dir.mkdir()
-    with tf.io.TFRecordWriter(str(vectors_dir / "vectors.gz"), "GZIP") as writer:
-        for title, vector in zip(titles, vectors.title_vectors):
-            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
-    tf.keras.utils.set_random_seed(0)
-    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
-        size=(len(vocab), 8)).astype(np.float32), embedding_dim=4, hidden_dim=4,
-        title_table=(titles, vectors.title_vectors))
-    student.init_title_vector_path(scorer, vectors)
+    _write_title_vectors(vectors_dir, titles, vectors.title_vectors)
     model_dir = str(tmp_path / "model")
-    berm_serving.export_serving_model(scorer, model_dir)
+    _exported_title_path_student(vectors, model_dir)
 
     train = [_pair("hammer", titles[0]), _pair("chair", titles[1])]
     eval_pairs = [_pair("claw hammer", titles[0]), _pair("hose", titles[2])]
@@ -105,10 +122,7 @@ def test_query_level_features_tell_word_counts_and_the_nearest_titles(tmp_path):
     from trainer import sentence_vectors
 
     titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
-    encoder = sentence_vectors.SentenceEncoder()
-    with tf.io.TFRecordWriter(str(tmp_path / "vectors.gz"), "GZIP") as writer:
-        for title, vector in zip(titles, encoder.encode(titles)):
-            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
+    _write_title_vectors(tmp_path, titles, sentence_vectors.SentenceEncoder().encode(titles))
     queries = ["steel claw hammer", "chair", "steel claw hammer"]
     features = student_tuning.query_level_features(queries, str(tmp_path))
     np.testing.assert_array_equal(features["word count"], [[3], [1], [3]])
@@ -122,23 +136,14 @@ def test_query_level_features_tell_word_counts_and_the_nearest_titles(tmp_path):
 def test_level_features_read_the_students_own_stand_in_for_the_query(tmp_path):
     """With the student's model, a third feature set: the nearest titles of the stand-in its title
     path computes for a query (its query map of the WordPiece mean), read from the export."""
-    from trainer import bert_checkpoint, berm_layers, berm_serving, sentence_vectors, student
+    from trainer import sentence_vectors, student
 
     titles = ["steel claw hammer", "oak dining chair", "garden hose reel"]
     vectors = sentence_vectors.SentenceVectors(
         titles, sentence_vectors.SentenceEncoder().encode(titles), [], np.zeros([0, 384], np.float32))
-    with tf.io.TFRecordWriter(str(tmp_path / "vectors.gz"), "GZIP") as writer:
-        for title, vector in zip(titles, vectors.title_vectors):
-            writer.write(sentence_vectors.to_tf_example(title, "title", vector).SerializeToString())
-    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
-    rng = np.random.default_rng(0)
-    tf.keras.utils.set_random_seed(0)
-    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
-        size=(len(vocab), 8)).astype(np.float32), embedding_dim=4, hidden_dim=4,
-        title_table=(titles, vectors.title_vectors))
-    student.init_title_vector_path(scorer, vectors)
+    _write_title_vectors(tmp_path, titles, vectors.title_vectors)
     model_dir = str(tmp_path / "model")
-    berm_serving.export_serving_model(scorer, model_dir)
+    scorer = _exported_title_path_student(vectors, model_dir)
 
     queries = ["claw hammer", "chair", "claw hammer"]
     expected = (student.static_means(scorer, queries, student.QUERY_WORDPIECE)
