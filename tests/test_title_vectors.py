@@ -230,3 +230,24 @@ def test_letter_trigrams_cut_only_the_rows_not_skipped():
     np.testing.assert_array_equal(ids[1], layer(tf.constant(["hammer"])).numpy()[0])
     assert (ids[[0, 2]] == -1).all()
     assert (layer(texts, skip_rows=tf.constant([True, True, True])).numpy() == -1).all()
+
+
+def test_one_normalisation_serves_the_wordpiece_and_trigram_layers():
+    """title_tokens_and_trigrams normalises a title once for both layers: their ids from the
+    WordPiece layer's normalised text equal those from the raw text, accents and all."""
+    from trainer import bert_checkpoint
+
+    vocab = berm_layers.read_vocab(bert_checkpoint.vocab_file())
+    wordpiece = berm_layers.WordPieceTokens(vocab, 16)
+    trigrams = berm_layers.LetterTrigrams(1 << 20)
+    texts = tf.constant(["Crème Brûlée TORCH", "DEWALT 20V\tdrill", "", "ÉCRAN  plat\x07 55in"])
+    skip = tf.constant([False, True, False, False])
+    normalized = wordpiece.normalize(texts)
+    assert trigrams.normalizes_as(wordpiece)
+    np.testing.assert_array_equal(wordpiece(normalized, normalized=True), wordpiece(texts))
+    np.testing.assert_array_equal(trigrams(normalized, skip_rows=skip, normalized=True),
+                                  trigrams(texts, skip_rows=skip))
+    np.testing.assert_array_equal(trigrams(normalized, normalized=True), trigrams(texts))
+    # Where the two would normalise differently, they do not share.
+    assert not trigrams.normalizes_as(berm_layers.WordPieceTokens(vocab, 16, lower_case=False))
+    assert not trigrams.normalizes_as(berm_layers.WordPieceTokens(vocab, 16, max_chars=64))

@@ -110,13 +110,19 @@ class WordPieceTokens(tf.keras.layers.Layer):
     def vocab_size(self) -> int:
         return len(self._vocab)
 
-    def call(self, texts: tf.Tensor) -> tf.Tensor:
+    def normalize(self, texts: tf.Tensor) -> tf.Tensor:
+        """The texts as this layer normalises them before splitting (same shape)."""
+        return text_encoding.normalize_text(texts, self._lower_case, self._max_chars)
+
+    def call(self, texts: tf.Tensor, normalized: bool = False) -> tf.Tensor:
+        """With `normalized`, the texts are already this layer's `normalize` output."""
         texts = tf.convert_to_tensor(texts)
         if texts.dtype != tf.string:
             raise TypeError(f"WordPieceTokens expects tf.string, got {texts.dtype}")
         shape = tf.shape(texts)
-        flat = text_encoding.normalize_text(tf.reshape(texts, [-1]), self._lower_case,
-                                            self._max_chars)
+        flat = tf.reshape(texts, [-1])
+        if not normalized:
+            flat = text_encoding.normalize_text(flat, self._lower_case, self._max_chars)
         ids = self._tokenizer.tokenize(flat)[:, :self.max_tokens]
         dense = ids.to_tensor(default_value=PAD_ID)
         dense = tf.pad(dense, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(dense)[1])]])
@@ -151,23 +157,34 @@ class LetterTrigrams(tf.keras.layers.Layer):
         self.num_buckets, self.max_trigrams = int(num_buckets), int(max_trigrams)
         self._max_chars = max_chars
 
-    def call(self, texts: tf.Tensor, skip_rows: Optional[tf.Tensor] = None) -> tf.Tensor:
+    def normalizes_as(self, wordpiece: WordPieceTokens) -> bool:
+        """Whether `wordpiece.normalize` gives the text this layer cuts, so that one
+        normalisation can serve both (`call(..., normalized=True)`)."""
+        return wordpiece.get_config()["lower_case"] and \
+            wordpiece.get_config()["max_chars"] == self._max_chars
+
+    def call(self, texts: tf.Tensor, skip_rows: Optional[tf.Tensor] = None,
+             normalized: bool = False) -> tf.Tensor:
+        """With `normalized`, the texts are already normalised as this layer would do it."""
         texts = tf.reshape(tf.convert_to_tensor(texts, tf.string), [-1])
         if skip_rows is None:
-            return self._trigram_ids(texts)
+            return self._trigram_ids(texts, normalized)
         # Served titles are nearly all skipped (in the title table): then the string ops, which
         # cost about as much on an empty batch as on a few titles, do not run at all.
         return tf.cond(tf.reduce_all(skip_rows),
                        lambda: tf.fill(tf.stack([tf.shape(texts)[0], 1]), -1),
-                       lambda: self._some_trigram_ids(texts, tf.where(tf.logical_not(skip_rows))))
+                       lambda: self._some_trigram_ids(texts, tf.where(tf.logical_not(skip_rows)),
+                                                      normalized))
 
-    def _some_trigram_ids(self, texts: tf.Tensor, cut: tf.Tensor) -> tf.Tensor:
-        ids = self._trigram_ids(tf.gather_nd(texts, cut))
+    def _some_trigram_ids(self, texts: tf.Tensor, cut: tf.Tensor, normalized: bool) -> tf.Tensor:
+        ids = self._trigram_ids(tf.gather_nd(texts, cut), normalized)
         return tf.tensor_scatter_nd_update(
             tf.fill(tf.stack([tf.shape(texts)[0], tf.shape(ids)[1]]), -1), cut, ids)
 
-    def _trigram_ids(self, texts: tf.Tensor) -> tf.Tensor:
-        words = tf.strings.split(text_encoding.normalize_text(texts, True, self._max_chars))
+    def _trigram_ids(self, texts: tf.Tensor, normalized: bool = False) -> tf.Tensor:
+        if not normalized:
+            texts = text_encoding.normalize_text(texts, True, self._max_chars)
+        words = tf.strings.split(texts)
         framed = tf.strings.join(["#", words.flat_values, "#"])
         trigrams = tf.strings.ngrams(tf.strings.unicode_split(framed, "UTF-8"), 3, separator="")
         ids = tf.strings.to_hash_bucket_fast(trigrams.flat_values, self.num_buckets)

@@ -397,12 +397,11 @@ class BermServing(tf.Module):
         queries, query_row = tf.unique(query)
         query_tokens = tf.gather(self.scorer.get_layer(student.QUERY_WORDPIECE)(queries), query_row)
         title_vectors = None if table is None else table(item_title)
-        trigrams = student.title_trigrams_layer(self.scorer)
+        title_tokens, title_trigrams = student.title_tokens_and_trigrams(
+            self.scorer, item_title, None if title_vectors is None else title_vectors[1])
         features.update(student.centre_vectors(
-            token_scorer, query_tokens, self.scorer.get_layer(student.TITLE_WORDPIECE)(item_title),
-            title_vectors, embed=self.token_vectors,
-            title_trigrams=None if trigrams is None else trigrams(item_title,
-                                                                  skip_rows=title_vectors[1])))
+            token_scorer, query_tokens, title_tokens, title_vectors, embed=self.token_vectors,
+            title_trigrams=title_trigrams))
         logit = token_scorer.get_layer(student.VECTOR_SCORER)(features, training=False)
         return {student.SCORE_KEY: tf.sigmoid(logit)}
 

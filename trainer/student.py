@@ -808,8 +808,7 @@ def tokenize_features(scorer: tf.keras.Model, features: Mapping[str, tf.Tensor]
                       ) -> Dict[str, tf.Tensor]:
     """String-scorer inputs -> token-scorer inputs, with the scorer's own WordPiece layers."""
     max_order = scorer_settings(scorer)["max_order"]
-    tokens = {QUERY_TOKENS_KEY: scorer.get_layer(QUERY_WORDPIECE)(features[QUERY_KEY]),
-              TITLE_TOKENS_KEY: scorer.get_layer(TITLE_WORDPIECE)(features[TITLE_KEY])}
+    tokens = {QUERY_TOKENS_KEY: scorer.get_layer(QUERY_WORDPIECE)(features[QUERY_KEY])}
     for prefix in context_prefixes(max_order):
         tokens[f"{prefix}_tokens"] = scorer.get_layer(CONTEXT_WORDPIECE)(features[f"{prefix}_texts"])
         tokens[f"{prefix}_weights"] = features[f"{prefix}_weights"]
@@ -817,10 +816,28 @@ def tokenize_features(scorer: tf.keras.Model, features: Mapping[str, tf.Tensor]
     table = title_vector_table(scorer)
     if table is not None:
         tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(features[TITLE_KEY])
-    trigrams = title_trigrams_layer(scorer)
-    if trigrams is not None:
-        tokens[TITLE_TRIGRAMS_KEY] = trigrams(features[TITLE_KEY], skip_rows=tokens[TITLE_KNOWN_KEY])
+    tokens[TITLE_TOKENS_KEY], title_trigrams = title_tokens_and_trigrams(
+        scorer, features[TITLE_KEY], tokens.get(TITLE_KNOWN_KEY))
+    if title_trigrams is not None:
+        tokens[TITLE_TRIGRAMS_KEY] = title_trigrams
     return tokens
+
+
+def title_tokens_and_trigrams(scorer: tf.keras.Model, titles: tf.Tensor,
+                              title_known: Optional[tf.Tensor]
+                              ) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+    """Titles -> their WordPiece ids, and the letter-trigram ids of those outside the title
+    table (None when the scorer reads no trigrams)."""
+    wordpiece = scorer.get_layer(TITLE_WORDPIECE)
+    trigrams = title_trigrams_layer(scorer)
+    if trigrams is None:
+        return wordpiece(titles), None
+    if not trigrams.normalizes_as(wordpiece):
+        return wordpiece(titles), trigrams(titles, skip_rows=title_known)
+    # The trigrams' words are the WordPiece layer's normalised text: normalise once for both.
+    normalized = wordpiece.normalize(titles)
+    return (wordpiece(normalized, normalized=True),
+            trigrams(normalized, skip_rows=title_known, normalized=True))
 
 
 def read_vocab_and_embeddings(config: StudentConfig) -> Tuple[List[str], Optional[np.ndarray]]:
