@@ -110,6 +110,14 @@ class WordPieceTokens(tf.keras.layers.Layer):
     def vocab_size(self) -> int:
         return len(self._vocab)
 
+    @property
+    def lower_case(self) -> bool:
+        return self._lower_case
+
+    @property
+    def max_chars(self) -> Optional[int]:
+        return self._max_chars
+
     def normalize(self, texts: tf.Tensor) -> tf.Tensor:
         """The texts as this layer normalises them before splitting (same shape)."""
         return text_encoding.normalize_text(texts, self._lower_case, self._max_chars)
@@ -160,8 +168,7 @@ class LetterTrigrams(tf.keras.layers.Layer):
     def normalizes_as(self, wordpiece: WordPieceTokens) -> bool:
         """Whether `wordpiece.normalize` gives the text this layer cuts, so that one
         normalisation can serve both (`call(..., normalized=True)`)."""
-        return wordpiece.get_config()["lower_case"] and \
-            wordpiece.get_config()["max_chars"] == self._max_chars
+        return wordpiece.lower_case and wordpiece.max_chars == self._max_chars
 
     def call(self, texts: tf.Tensor, skip_rows: Optional[tf.Tensor] = None,
              normalized: bool = False) -> tf.Tensor:
