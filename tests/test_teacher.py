@@ -196,6 +196,26 @@ def test_best_epoch_is_restored_without_early_stop():
     assert float(model.layers[0].kernel[0, 0]) == 1.0  # Epoch 2's weights, not the last.
 
 
+def test_records_that_fit_the_limit_are_read_in_one_order_however_written(tmp_path):
+    records = [f"record {i}".encode() for i in (3, 1, 4, 0, 2)]
+
+    def write(name, order):
+        os.makedirs(tmp_path / name)
+        for j, part in enumerate((order[:2], order[2:])):  # two files, as Beam may write them
+            with tf.io.TFRecordWriter(str(tmp_path / name / f"data-{j}.gz"), "GZIP") as writer:
+                for record in part:
+                    writer.write(record)
+        return str(tmp_path / name / "*")
+
+    read = lambda pattern, limit: list(training.record_dataset(pattern, limit).as_numpy_iterator())
+    written, rewritten = write("a", records), write("b", records[::-1])
+    assert read(written, 5) == read(rewritten, 5) == sorted(records)
+    assert read(written, 100) == sorted(records)
+    # More records than the limit: as written, since a canonical order would need them all.
+    assert read(written, 4) == read(written, 0) == records
+    assert read(rewritten, 4) == records[::-1]
+
+
 # --- The pretrained path ------------------------------------------------------------
 
 def test_pretrained_teacher_builds_and_scores():

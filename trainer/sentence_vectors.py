@@ -134,8 +134,13 @@ def read_sentence_vectors(directory: str) -> SentenceVectors:
     if len(sizes) != 1:
         raise ValueError(f"{directory}: vectors of different sizes {sorted(sizes)}")
     dim = sizes.pop()
-    as_array = lambda kind: np.asarray(vectors[kind], np.float32).reshape([-1, dim])
-    return SentenceVectors(texts[TITLE], as_array(TITLE), texts[QUERY], as_array(QUERY))
+    # In text order, not the order Beam wrote them in, which varies from run to run: the maps
+    # fitted on these sum over them, and the same texts should give the same sums.
+    order = {kind: sorted(range(len(texts[kind])), key=texts[kind].__getitem__) for kind in texts}
+    as_array = lambda kind: np.asarray([vectors[kind][i] for i in order[kind]],
+                                       np.float32).reshape([-1, dim])
+    in_order = lambda kind: [texts[kind][i] for i in order[kind]]
+    return SentenceVectors(in_order(TITLE), as_array(TITLE), in_order(QUERY), as_array(QUERY))
 
 
 def fit_linear_map(inputs: np.ndarray, targets: np.ndarray, l2: float = 0.1) -> np.ndarray:

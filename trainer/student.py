@@ -188,7 +188,8 @@ class StudentConfig:
       batch_size: lists per batch.
       steps_per_epoch, eval_steps: None for full passes (TFX train_args /
         eval_args num_steps are used when these are None).
-      shuffle_buffer: examples in the shuffle buffer before grouping.
+      shuffle_buffer: examples in the shuffle buffer before grouping; a split no larger
+        is read in one canonical order (`training.record_dataset`).
       cache_examples: keep the tokenised examples in memory after the first
         epoch (about 3 KB per example at the defaults).
       ndcg_topn: cut-offs of the NDCG metrics.
@@ -1029,7 +1030,7 @@ def example_dataset(file_patterns: Sequence[str], scorer: tf.keras.Model,
                                              config.relevance_max)
         return example
 
-    dataset = training.record_dataset(file_patterns).batch(256)
+    dataset = training.record_dataset(file_patterns, config.shuffle_buffer).batch(256)
     return dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
 
 

@@ -149,7 +149,8 @@ class TeacherConfig:
       tiny_encoder: `BertCheckpointConfig` fields of a small randomly
         initialised encoder (tests only; vocab_size must match the vocab).
       log_every_steps: training progress is logged every this many steps.
-      shuffle_buffer: examples in the shuffle buffer.
+      shuffle_buffer: examples in the shuffle buffer; a split no larger is read in one
+        canonical order (`training.record_dataset`), so the same examples train the same model.
     """
 
     relevance_min: float = 1.0
@@ -291,7 +292,7 @@ def make_dataset(file_patterns: Sequence[str], config: TeacherConfig,
     Training data is shuffled (seeded, reshuffled every epoch) and repeated
     when `config.steps_per_epoch` is set.
     """
-    dataset = record_dataset(file_patterns)
+    dataset = record_dataset(file_patterns, config.shuffle_buffer)
     if training:
         dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed,
                                   reshuffle_each_iteration=True)
