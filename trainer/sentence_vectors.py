@@ -134,13 +134,15 @@ def read_sentence_vectors(directory: str) -> SentenceVectors:
     if len(sizes) != 1:
         raise ValueError(f"{directory}: vectors of different sizes {sorted(sizes)}")
     dim = sizes.pop()
+
     # In text order, not the order Beam wrote them in, which varies from run to run: the maps
     # fitted on these sum over them, and the same texts should give the same sums.
-    order = {kind: sorted(range(len(texts[kind])), key=texts[kind].__getitem__) for kind in texts}
-    as_array = lambda kind: np.asarray([vectors[kind][i] for i in order[kind]],
-                                       np.float32).reshape([-1, dim])
-    in_order = lambda kind: [texts[kind][i] for i in order[kind]]
-    return SentenceVectors(in_order(TITLE), as_array(TITLE), in_order(QUERY), as_array(QUERY))
+    def in_text_order(kind):
+        order = sorted(range(len(texts[kind])), key=texts[kind].__getitem__)
+        return ([texts[kind][i] for i in order],
+                np.asarray([vectors[kind][i] for i in order], np.float32).reshape([-1, dim]))
+
+    return SentenceVectors(*in_text_order(TITLE), *in_text_order(QUERY))
 
 
 def fit_linear_map(inputs: np.ndarray, targets: np.ndarray, l2: float = 0.1) -> np.ndarray:
