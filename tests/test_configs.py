@@ -64,6 +64,9 @@ def test_the_home_depot_profile_loads_and_builds_valid_trainer_settings():
     student_config = student.StudentConfig.from_custom_config(configs.student_custom_config(config))
     assert student_config.max_order == config.graph.max_order
     assert student_config.human_loss_weight > 0
+    # The whole file's 58,789 pairs fit both buffers, so every split is read in one order and a
+    # second run on the same data trains the same models (training.record_dataset).
+    assert min(teacher_config.shuffle_buffer, student_config.shuffle_buffer) >= 58789
     assert set(config.evaluation.gates) <= set(configs.GATE_METRICS)
 
 
