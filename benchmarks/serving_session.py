@@ -32,9 +32,17 @@ class SessionSignature:
         config = tf.compat.v1.ConfigProto(intra_op_parallelism_threads=intra_op_threads,
                                           inter_op_parallelism_threads=inter_op_threads)
         self._session = tf.compat.v1.Session(graph=graph, config=config)
-        with graph.as_default():
-            meta_graph = tf.compat.v1.saved_model.loader.load(
-                self._session, [tf.saved_model.SERVING], model_dir)
+        # The TF1 loader is what TF Serving's own C++ loader mirrors; its deprecation notice
+        # ("use tf.saved_model.load") points at the eager loader, which is not what is measured.
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel("ERROR")
+        try:
+            with graph.as_default():
+                meta_graph = tf.compat.v1.saved_model.loader.load(
+                    self._session, [tf.saved_model.SERVING], model_dir)
+        finally:
+            logger.setLevel(level)
         if signature not in meta_graph.signature_def:
             raise ValueError(f"{model_dir} has no signature {signature!r} "
                              f"(it has {sorted(meta_graph.signature_def)})")

@@ -64,6 +64,30 @@ def test_a_session_signature_scores_as_the_saved_model_does(tiny_berm_o):
         SessionSignature(tiny_berm_o, "nope", student.SCORE_KEY)
 
 
+def test_loading_a_session_signature_prints_no_deprecation_notice(tmp_path):
+    # In its own process: TensorFlow prints a deprecation notice once per process, so an earlier
+    # load in this one would hide it.
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import tensorflow as tf\n"
+        "from benchmarks.serving_session import SessionSignature\n"
+        "class M(tf.Module):\n"
+        "    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32)])\n"
+        "    def f(self, x): return {'y': 2 * x}\n"
+        "m = M()\n"
+        f"tf.saved_model.save(m, {str(tmp_path)!r}, signatures={{'serving_default': m.f}})\n"
+        f"s = SessionSignature({str(tmp_path)!r}, 'serving_default', 'y')\n"
+        "print('scores', list(s(x=[1.0, 2.0])), 'level', tf.get_logger().level)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": root}, check=True)
+    assert "scores [2.0, 4.0] level 0" in done.stdout     # and the logger's level is put back
+    assert "deprecated" not in done.stderr + done.stdout
+
+
 def test_the_race_threads_are_flags_with_the_servers_defaults(tmp_path):
     data = tmp_path / "train_dev.csv"
     data.write_text("id,product_uid,product_title,search_term,relevance\n", encoding="latin-1")
