@@ -7,6 +7,7 @@ config file are errors (a typo must not silently fall back to a default).
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 from typing import Any, Dict, List, Optional
@@ -240,8 +241,10 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
+            close = difflib.get_close_matches(key, sorted(fields), n=1)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(
-                f"unknown setting '{path}'; known settings here: {', '.join(sorted(fields))}"
+                f"unknown setting '{path}'{guess}; known settings here: {', '.join(sorted(fields))}"
             )
         current = getattr(target, key)
         if dataclasses.is_dataclass(current):

@@ -17,7 +17,8 @@ def test_yaml_overrides_nested_settings(tmp_path):
 
 
 @pytest.mark.parametrize("text,message", [
-    ("data:\n  encodng: utf-8\n", "unknown setting 'data.encodng'"),
+    ("data:\n  encodng: utf-8\n", r"unknown setting 'data.encodng' \(did you mean 'encoding'\?\)"),
+    ("data:\n  zzz: 1\n", r"unknown setting 'data.zzz'; known settings here"),
     ("data:\n  relevance_min: high\n", "must be a number"),
     ("data:\n  relevance_min: 3\n  relevance_max: 1\n", "must be below"),
     ("data:\n  encoding: klingon\n", "unknown encoding"),
@@ -30,6 +31,16 @@ def test_bad_settings_are_rejected_with_the_setting_named(tmp_path, text, messag
     path.write_text(text)
     with pytest.raises(configs.ConfigError, match=message):
         configs.load_config(str(path))
+
+
+@pytest.mark.parametrize("part", ["teacher", "student"])
+def test_a_misspelt_trainer_setting_names_the_setting_meant(tmp_path, part):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{part}:\n  settings:\n    epoch: 3\n")
+    config = configs.load_config(str(path))
+    build = getattr(configs, f"{part}_custom_config")
+    with pytest.raises(configs.ConfigError, match=rf"{part}.settings: .*'epoch' \(did you mean 'epochs'\?\)"):
+        build(config)
 
 
 def test_missing_config_file():

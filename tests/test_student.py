@@ -203,7 +203,7 @@ def test_custom_config_defaults_and_typos():
     assert (config.human_loss_weight, config.relevance_min, config.relevance_max) == (0.0, 1.0, 3.0)
     assert config.neighbour_tables_dir is None
     assert student.StudentConfig.from_custom_config({"ndcg_topn": [3]}).ndcg_topn == (3,)
-    with pytest.raises(ValueError, match="max_ordr"):
+    with pytest.raises(ValueError, match=r"'max_ordr' \(did you mean 'max_order'\?\)"):
         student.StudentConfig.from_custom_config({"max_ordr": 1})
     with pytest.raises(ValueError, match="ranking_loss"):
         student.StudentConfig.from_custom_config({"ranking_loss": "hinge"})

@@ -53,8 +53,10 @@ def test_custom_config_defaults_profiles_and_typos():
     assert config.pretrained and config.num_layers is None and config.seed == 42
     for profile in teacher.PROFILES.values():
         teacher.TeacherConfig.from_custom_config(profile)
-    with pytest.raises(ValueError, match="learning_rat"):
+    with pytest.raises(ValueError, match=r"'learning_rat' \(did you mean 'learning_rate'\?\)"):
         teacher.TeacherConfig.from_custom_config({"learning_rat": 1e-3})
+    # Vertex AI's own keys ride along in a Trainer's custom_config; they are not settings.
+    assert teacher.TeacherConfig.from_custom_config({"ai_platform_training_args": {}}).epochs == 3
     with pytest.raises(ValueError, match="relevance_max"):
         teacher.TeacherConfig.from_custom_config({"relevance_min": 3, "relevance_max": 1})
 

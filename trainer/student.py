@@ -143,7 +143,6 @@ RANKING_LOSSES = ("softmax_loss", "approx_ndcg_loss", "pairwise_logistic_loss")
 MAX_ORDER = 3
 TEACHER_EMBEDDINGS_KEY = "embeddings.word_embeddings.weight"
 
-_FOREIGN_KEY_PREFIXES = ("ai_platform",)
 # Smooth inverse frequency's a (Arora et al., 2017): the title path's WordPiece means.
 DEFAULT_TITLE_MAP_SIF = 1e-3
 # Hash buckets of the letter trigrams that the title path's fallback reads (0: none).
@@ -284,14 +283,7 @@ class StudentConfig:
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Mapping[str, Any]]) -> "StudentConfig":
         """Reads a TFX custom_config; unknown keys are an error (typos)."""
-        values = dict(custom_config or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values
-                         if k not in names and not k.startswith(_FOREIGN_KEY_PREFIXES))
-        if unknown:
-            raise ValueError(f"unknown student custom_config keys {unknown}; "
-                             f"known: {sorted(names)}")
-        values = {k: v for k, v in values.items() if k in names}
+        values = training.known_settings(cls, custom_config, "student")
         if "ndcg_topn" in values:
             topn = values["ndcg_topn"]
             values["ndcg_topn"] = tuple(int(k) for k in (topn if isinstance(topn, (list, tuple))

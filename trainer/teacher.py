@@ -110,11 +110,6 @@ PROFILES: Dict[str, Dict[str, Any]] = {
                  pooling="segments"),
 }
 
-# custom_config keys that TFX extensions (Vertex / AI Platform training) put
-# there for themselves; they are not teacher settings.
-_FOREIGN_KEY_PREFIXES = ("ai_platform",)
-
-
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
     """Teacher settings; `from_custom_config` reads them from a TFX custom_config.
@@ -199,14 +194,8 @@ class TeacherConfig:
     def from_custom_config(cls, custom_config: Optional[Mapping[str, Any]]
                            ) -> "TeacherConfig":
         """Reads a TFX custom_config; unknown keys are an error (typos)."""
-        values = dict(custom_config or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(k for k in values
-                         if k not in names and not k.startswith(_FOREIGN_KEY_PREFIXES))
-        if unknown:
-            raise ValueError(f"unknown teacher custom_config keys {unknown}; "
-                             f"known: {sorted(names)}")
-        return cls(**{k: v for k, v in values.items() if k in names})
+        values = training.known_settings(cls, custom_config, "teacher")
+        return cls(**values)
 
     def to_dict(self) -> Dict[str, Any]:
         values = dataclasses.asdict(self)

@@ -1,9 +1,10 @@
 """Training plumbing shared by the teacher and student module files."""
 import dataclasses
+import difflib
 import json
 import math
 import os
-from typing import Any, List, Mapping, Optional, Sequence, TypeVar
+from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 import tensorflow as tf
 from absl import logging
@@ -35,6 +36,29 @@ class RestoreBestEarlyStopping(tf.keras.callbacks.EarlyStopping):
             logging.info("restoring the weights of epoch %d (best %s %.4f)",
                          self.best_epoch + 1, self.monitor, self.best)
             self.model.set_weights(self.best_weights)
+
+
+# Keys TFX itself may put into a Trainer's custom_config (Vertex AI training settings).
+FOREIGN_KEY_PREFIXES = ("ai_platform",)
+
+
+def known_settings(config_class: type, custom_config: Optional[Mapping[str, Any]],
+                   what: str) -> Dict[str, Any]:
+    """The custom_config's settings for `config_class`: its fields; any other key is an error.
+
+    A misspelt setting would otherwise train with the default without a word, so the error
+    names the nearest field for each unknown key.
+    """
+    values = dict(custom_config or {})
+    names = sorted(f.name for f in dataclasses.fields(config_class))
+    unknown = sorted(k for k in values
+                     if k not in names and not k.startswith(FOREIGN_KEY_PREFIXES))
+    if unknown:
+        guesses = [f"{k!r} (did you mean {close[0]!r}?)" if close else repr(k)
+                   for k in unknown for close in [difflib.get_close_matches(k, names, n=1)]]
+        raise ValueError(f"unknown {what} custom_config keys: {', '.join(guesses)}; "
+                         f"known: {names}")
+    return {k: v for k, v in values.items() if k in names}
 
 
 def with_tfx_steps(config: C, fn_args: Any) -> C:
