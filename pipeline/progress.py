@@ -67,10 +67,13 @@ class ProgressReporter(logging.Handler):
                        f"(total {_fmt(time.monotonic() - self._run_started)})")
 
     def _beat(self) -> None:
-        # Polls each second so the first heartbeat comes heartbeat_s after the step started.
-        # The count is kept per step start: consecutive steps can begin within one poll.
-        step, announced = None, 0
-        while not self._stop.wait(1.0):
+        # Wakes when the running step's next heartbeat is due, and at least each second to see
+        # a new step begin: a fixed one-second poll printed a beat up to a second late, and one
+        # due just before the step ended not at all. The count is kept per step start:
+        # consecutive steps can begin within one poll.
+        step, announced, wait = None, 0, 1.0
+        while not self._stop.wait(wait):
+            wait = 1.0
             node, started = self._current, self._started
             if not node:
                 continue
@@ -81,6 +84,7 @@ class ProgressReporter(logging.Handler):
             if due > announced:
                 announced = due
                 self._echo(f"      {node} still running ({_fmt(elapsed)})")
+            wait = min(1.0, max(0.01, (announced + 1) * self._heartbeat_s - elapsed))
 
     def __enter__(self) -> "ProgressReporter":
         self._thread = threading.Thread(target=self._beat, daemon=True)
