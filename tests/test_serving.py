@@ -20,7 +20,6 @@ from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb
                                      model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc)
 
 from pipeline import batch_scorer, model_server, scoring_client
-from trainer import berm_serving, student
 
 MODEL = "relkd"
 QUERIES = ["cordless drill", "garden hose", "red paint", "a query nobody typed"]
