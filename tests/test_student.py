@@ -640,6 +640,41 @@ def test_title_trigram_bags_are_what_the_fallback_reads(vocab, tmp_path):
     np.testing.assert_array_equal(match.query_map.numpy(), query_map)
 
 
+def test_string_scorer_normalises_a_title_once_and_scores_as_training_tokenises(
+        vocab, tmp_path, monkeypatch):
+    """The string scorer's own graph (BERM-O's `serving_default`) hands the title WordPiece
+    layer's normalised text to the trigram layer instead of normalising it again, and scores
+    as the tokenisation training uses (`tokenize_features`), also after a reload."""
+    from trainer import sentence_vectors
+
+    flags = []
+    trigram_ids = berm_layers.LetterTrigrams._trigram_ids
+    monkeypatch.setattr(berm_layers.LetterTrigrams, "_trigram_ids",
+                        lambda self, texts, normalized=False: flags.append(normalized)
+                        or trigram_ids(self, texts, normalized))
+    titles = ["steel hammer", "wood chair"]
+    rng = np.random.default_rng(0)
+    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(2, 5)).astype(np.float32),
+                                               [], np.zeros([0, 5], np.float32))
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
+    assert flags and all(flags)
+    student.init_title_vector_path(scorer, vectors)
+    # Known titles, and unknown ones (the trigrams are cut) with accents, case and control
+    # characters that normalisation changes.
+    queries = ["steel hammer", "chair", "crème brûlée torch", "drill"]
+    pairs = ["steel hammer", "Wood Chair", "Crème Brûlée TORCH", "DEWALT 20V\tdrill\x07"]
+    features = student.string_features(_parsed(queries, pairs, {}), 0, TOP_N)
+    scorer.save(str(tmp_path / "scorer"))
+    reloaded = tf.keras.models.load_model(str(tmp_path / "scorer"), compile=False)
+    for model in (scorer, reloaded):
+        by_training = model.get_layer(student.TOKEN_SCORER)(
+            student.tokenize_features(model, features)).numpy()
+        np.testing.assert_allclose(model(features).numpy(), by_training, rtol=0, atol=1e-6)
+        assert len(set(np.round(by_training, 6))) == len(pairs)
+
+
 def test_title_vectors_need_the_teacher_embeddings(tmp_path):
     config = student.StudentConfig.from_custom_config(dict(TINY, title_vectors_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="title-vector path needs them"):

@@ -122,8 +122,10 @@ class WordPieceTokens(tf.keras.layers.Layer):
         """The texts as this layer normalises them before splitting (same shape)."""
         return text_encoding.normalize_text(texts, self._lower_case, self._max_chars)
 
-    def call(self, texts: tf.Tensor, normalized: bool = False) -> tf.Tensor:
-        """With `normalized`, the texts are already this layer's `normalize` output."""
+    def call(self, texts: tf.Tensor, normalized: bool = False, return_normalized: bool = False):
+        """With `normalized`, the texts are already this layer's `normalize` output. With
+        `return_normalized`, returns (ids, the normalised texts), for a layer that cuts the
+        same text (`LetterTrigrams.normalizes_as`) and need not normalise it again."""
         texts = tf.convert_to_tensor(texts)
         if texts.dtype != tf.string:
             raise TypeError(f"WordPieceTokens expects tf.string, got {texts.dtype}")
@@ -135,7 +137,10 @@ class WordPieceTokens(tf.keras.layers.Layer):
         dense = ids.to_tensor(default_value=PAD_ID)
         dense = tf.pad(dense, [[0, 0], [0, tf.maximum(0, 1 - tf.shape(dense)[1])]])
         out = tf.reshape(dense, tf.concat([shape, tf.shape(dense)[1:]], axis=0))
-        return tf.ensure_shape(out, texts.shape.concatenate([None]))
+        out = tf.ensure_shape(out, texts.shape.concatenate([None]))
+        if return_normalized:
+            return out, tf.reshape(flat, shape)
+        return out
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), vocab=list(self._vocab), max_tokens=self.max_tokens,
@@ -167,7 +172,8 @@ class LetterTrigrams(tf.keras.layers.Layer):
 
     def normalizes_as(self, wordpiece: WordPieceTokens) -> bool:
         """Whether `wordpiece.normalize` gives the text this layer cuts, so that one
-        normalisation can serve both (`call(..., normalized=True)`)."""
+        normalisation can serve both (`wordpiece(..., return_normalized=True)`, then
+        `call(..., normalized=True)`)."""
         return wordpiece.lower_case and wordpiece.max_chars == self._max_chars
 
     def call(self, texts: tf.Tensor, skip_rows: Optional[tf.Tensor] = None,

@@ -387,11 +387,7 @@ class BermServing(tf.Module):
     def _serve_examples(self, examples):
         parsed = tf.io.parse_example(examples, self._spec)
         features = student.string_features(parsed, self._max_order, self._max_context_texts)
-        # Tokenised as in training, not by the string scorer's own graph: that one normalises a
-        # title twice, for its WordPiece ids and again for its letter trigrams.
-        tokens = student.tokenize_features(self.scorer, features)
-        logit = self.scorer.get_layer(student.TOKEN_SCORER)(tokens, training=False)
-        return {student.SCORE_KEY: tf.sigmoid(logit)}
+        return {student.SCORE_KEY: tf.sigmoid(self.scorer(features, training=False))}
 
     def _serve_raw(self, query, item_id, item_title):
         token_scorer = self.scorer.get_layer(student.TOKEN_SCORER)

@@ -647,8 +647,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
     query_wp = berm_layers.WordPieceTokens(vocab, max_query_tokens, name=QUERY_WORDPIECE)
     title_wp = berm_layers.WordPieceTokens(vocab, max_title_tokens, name=TITLE_WORDPIECE)
     context_wp = berm_layers.WordPieceTokens(vocab, max_context_tokens, name=CONTEXT_WORDPIECE)
-    tokens = {QUERY_TOKENS_KEY: query_wp(inputs[QUERY_KEY]),
-              TITLE_TOKENS_KEY: title_wp(inputs[TITLE_KEY])}
+    tokens = {QUERY_TOKENS_KEY: query_wp(inputs[QUERY_KEY])}
     for prefix in context_prefixes(max_order):
         tokens[f"{prefix}_tokens"] = context_wp(inputs[f"{prefix}_texts"])
         tokens[f"{prefix}_weights"] = inputs[f"{prefix}_weights"]
@@ -657,10 +656,14 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
         table = berm_layers.TitleVectorTable(len(title_table[0]), sentence_dim, name=TITLE_VECTORS)
         table.set_table(*title_table)
         tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(inputs[TITLE_KEY])
+    trigrams = None
     if title_trigram_buckets:
-        tokens[TITLE_TRIGRAMS_KEY] = berm_layers.LetterTrigrams(
-            title_trigram_buckets, max_trigrams=128, name=TITLE_TRIGRAMS)(
-                inputs[TITLE_KEY], skip_rows=tokens[TITLE_KNOWN_KEY])
+        trigrams = berm_layers.LetterTrigrams(title_trigram_buckets, max_trigrams=128,
+                                              name=TITLE_TRIGRAMS)
+    tokens[TITLE_TOKENS_KEY], title_trigrams = _title_ids(
+        title_wp, trigrams, inputs[TITLE_KEY], tokens.get(TITLE_KNOWN_KEY))
+    if title_trigrams is not None:
+        tokens[TITLE_TRIGRAMS_KEY] = title_trigrams
     return tf.keras.Model(inputs=inputs, outputs=token_scorer(tokens), name=name)
 
 
@@ -821,16 +824,20 @@ def title_tokens_and_trigrams(scorer: tf.keras.Model, titles: tf.Tensor,
                               ) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
     """Titles -> their WordPiece ids, and the letter-trigram ids of those outside the title
     table (None when the scorer reads no trigrams)."""
-    wordpiece = scorer.get_layer(TITLE_WORDPIECE)
-    trigrams = title_trigrams_layer(scorer)
+    return _title_ids(scorer.get_layer(TITLE_WORDPIECE), title_trigrams_layer(scorer), titles,
+                      title_known)
+
+
+def _title_ids(wordpiece: berm_layers.WordPieceTokens,
+               trigrams: Optional[berm_layers.LetterTrigrams], titles: tf.Tensor,
+               title_known: Optional[tf.Tensor]) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
     if trigrams is None:
         return wordpiece(titles), None
     if not trigrams.normalizes_as(wordpiece):
         return wordpiece(titles), trigrams(titles, skip_rows=title_known)
     # The trigrams' words are the WordPiece layer's normalised text: normalise once for both.
-    normalized = wordpiece.normalize(titles)
-    return (wordpiece(normalized, normalized=True),
-            trigrams(normalized, skip_rows=title_known, normalized=True))
+    ids, normalized = wordpiece(titles, return_normalized=True)
+    return ids, trigrams(normalized, skip_rows=title_known, normalized=True)
 
 
 def read_vocab_and_embeddings(config: StudentConfig) -> Tuple[List[str], Optional[np.ndarray]]:
