@@ -603,6 +603,19 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
         plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
 
 
+def _trigram_scorer(vocab, titles, rng):
+    """A tiny 0-order string scorer whose title table holds `titles` (random vectors, also
+    returned) and whose fallback reads letter trigrams."""
+    from trainer import sentence_vectors
+
+    vectors = sentence_vectors.SentenceVectors(
+        titles, rng.normal(size=(len(titles), 5)).astype(np.float32), [], np.zeros([0, 5], np.float32))
+    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
+        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
+        title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
+    return scorer, vectors
+
+
 def test_title_trigram_bags_are_what_the_fallback_reads(vocab, tmp_path):
     """The ridge fit's trigram bags give each title the sum the serving path computes, and the
     fallback can be fitted again on fewer titles, with the ridge penalty it was started with
@@ -611,11 +624,7 @@ def test_title_trigram_bags_are_what_the_fallback_reads(vocab, tmp_path):
 
     titles = ["steel hammer", "steel saw 1/2 in.", "wood chair", "x"]
     rng = np.random.default_rng(0)
-    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(4, 5)).astype(np.float32),
-                                               [], np.zeros([0, 5], np.float32))
-    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
-        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
-        title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
+    scorer, vectors = _trigram_scorer(vocab, titles, rng)
     fits = student.init_title_vector_path(scorer, vectors, l2=0.5)
     assert fits["titles"] == 4 and fits["queries"] == 0
     scorer.save(str(tmp_path / "scorer"))
@@ -645,20 +654,13 @@ def test_string_scorer_normalises_a_title_once_and_scores_as_training_tokenises(
     """The string scorer's own graph (BERM-O's `serving_default`) hands the title WordPiece
     layer's normalised text to the trigram layer instead of normalising it again, and scores
     as the tokenisation training uses (`tokenize_features`), also after a reload."""
-    from trainer import sentence_vectors
-
     flags = []
     trigram_ids = berm_layers.LetterTrigrams._trigram_ids
     monkeypatch.setattr(berm_layers.LetterTrigrams, "_trigram_ids",
                         lambda self, texts, normalized=False: flags.append(normalized)
                         or trigram_ids(self, texts, normalized))
-    titles = ["steel hammer", "wood chair"]
-    rng = np.random.default_rng(0)
-    vectors = sentence_vectors.SentenceVectors(titles, rng.normal(size=(2, 5)).astype(np.float32),
-                                               [], np.zeros([0, 5], np.float32))
-    scorer = student.build_student(vocab, 0, pretrained_embeddings=rng.normal(
-        size=(len(vocab), 6)).astype(np.float32), embedding_dim=4, hidden_dim=4,
-        title_table=(titles, vectors.title_vectors), title_trigram_buckets=32)
+    scorer, vectors = _trigram_scorer(vocab, ["steel hammer", "wood chair"],
+                                      np.random.default_rng(0))
     assert flags and all(flags)
     student.init_title_vector_path(scorer, vectors)
     # Known titles, and unknown ones (the trigrams are cut) with accents, case and control
