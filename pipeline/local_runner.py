@@ -5,6 +5,7 @@ Layout of an output directory:
   pipeline_root/     TFX artifacts, one directory per component and execution
   metadata.sqlite    ML Metadata (lineage of every artifact)
   run.log            everything TFX, Beam and TensorFlow logged
+  tmp/               temporary files of the steps while the run lasts (pipeline/scratch.py)
   run_summary.json   row accounting, split sizes, gate verdict, artifact paths (also .md)
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESS
                                  EXIT_OK, EXIT_USAGE, UsageError)
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
+from pipeline.scratch import scratch_directory
 
 
 @dataclasses.dataclass
@@ -161,7 +163,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     started_ms = int(time.time() * 1000)
     error, exit_code = None, EXIT_OK
     try:
-        with reporter:
+        with reporter, scratch_directory(os.path.join(output_dir, "tmp")):
             tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
     except Exception as e:  # Reported below with the step that failed; the traceback goes to run.log.
         from components.data_gate import DataRejectedError

@@ -9,6 +9,16 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _scratch(tmp_path_factory):
+    """Every test's temporary files, TFX's packages of itself among them, go under pytest's
+    base directory and are removed when the session ends (pipeline/scratch.py)."""
+    from pipeline.scratch import scratch_directory
+
+    with scratch_directory(str(tmp_path_factory.getbasetemp() / "scratch")) as path:
+        yield path
+
+
 def read_examples(split_dir):
     """All tf.Examples under a split directory, as plain dicts (see components.example_codec)."""
     import tensorflow as tf

@@ -173,6 +173,7 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
     assert os.path.exists(os.path.join(tmp_path, "run", "run_summary.md"))
+    assert not os.path.exists(os.path.join(tmp_path, "run", "tmp")), "the steps' scratch outlived the run"
 
 
 def test_schema_drift_stops_the_run_naming_input_and_column(tmp_path):
@@ -183,6 +184,7 @@ def test_schema_drift_stops_the_run_naming_input_and_column(tmp_path):
     assert "New column" in outcome.message
     problems = outcome.summary["nodes"]["DataValidationGate"]
     assert problems["state"] == "FAILED"
+    assert not os.path.exists(os.path.join(tmp_path, "run", "tmp")), "a failed run left its scratch"
 
 
 def test_too_many_quarantined_rows_stop_the_run(tmp_path):
