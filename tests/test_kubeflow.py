@@ -576,3 +576,16 @@ def test_readme_configs_load_and_their_beam_arguments_parse(tmp_path):
             assert arg.startswith("--") and arg[2:].split("=")[0] in known, arg
         runners |= {a.split("=", 1)[1] for a in args if a.startswith("--runner=")}
     assert {"DataflowRunner", "FlinkRunner"} <= runners
+
+
+def test_readme_cluster_examples_ship_no_package_of_tfx_to_their_workers():
+    # Without a dependency flag TFX packs its installation into an sdist for the workers to
+    # pip-install (README, "Beam at scale"); the examples' workers run the relkd image instead.
+    from tfx.utils import dependency_utils
+
+    examples = [(block.get("kubeflow") or {}).get("beam_pipeline_args") or []
+                for block in _readme_kubeflow_yaml_blocks()]
+    cluster = [args for args in examples if any(a.startswith("--runner=") for a in args)]
+    assert len(cluster) == 2
+    for args in cluster:
+        assert dependency_utils.make_beam_dependency_flags(list(args)) == args
