@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The report test drives a real headless browser: Debian's chromium, installed once if missing.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test clean
+.PHONY: install check-space browser run test clean
 
 install: $(STAMP)
 
@@ -17,6 +17,7 @@ install: $(STAMP)
 # because the pinned stack is 270 packages; the log is shown if anything fails.
 $(STAMP): requirements.txt setup.py
 	@test -x $(BIN)/python || { echo "relkd: creating $(VENV) with $$($(PYTHON) --version)"; $(PYTHON) -m venv $(VENV); }
+	@$(MAKE) --no-print-directory check-space
 	@echo "relkd: installing the pinned TFX 1.15.1 / TensorFlow 2.15.1 stack into $(VENV) (about 2 minutes, 3.3 GB)..."
 	@$(BIN)/pip install --disable-pip-version-check --no-deps --ignore-requires-python \
 		-r requirements.txt > $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
@@ -24,6 +25,17 @@ $(STAMP): requirements.txt setup.py
 		>> $(VENV)/install.log 2>&1 || { tail -n 40 $(VENV)/install.log; exit 1; }
 	@touch $@
 	@echo "relkd: installed ($(BIN)/relkd)."
+
+# A first install writes 3.3 GB into the venv, and pip unpacks TensorFlow's 475 MB wheel on the
+# way: say so before pip runs out of space midway. An existing venv only tops up and is not checked.
+NEEDED_MB ?= 4000
+check-space:
+	@ls -d $(VENV)/lib/python*/site-packages/tensorflow >/dev/null 2>&1 || { \
+		free=$$(df -Pk $(VENV) | awk 'NR == 2 { print int($$4 / 1024) }'); \
+		if [ "$$free" -lt $(NEEDED_MB) ]; then \
+			echo "relkd: installing needs about $(NEEDED_MB) MB free for $(VENV), but only $$free MB are free there. Free some disk (or set VENV=<a directory on a larger disk>) and run again." >&2; \
+			exit 1; \
+		fi; }
 
 run: $(STAMP)
 	$(BIN)/relkd run --output $(OUTPUT)
