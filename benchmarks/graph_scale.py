@@ -42,6 +42,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -155,6 +156,7 @@ def _child(args) -> None:
         stats = json.loads(f.read())
     with open(os.path.join(out_dir, "tables")) as f:
         table_rows = int(f.read().strip())
+    shutil.rmtree(out_dir, ignore_errors=True)
     result = {
         "rows": edges,
         "distinct_edges": stats["edges"]["total"],

@@ -1,6 +1,8 @@
 """benchmarks/graph_scale.py: a small size end to end, and what its JSON records beside the figures."""
+import glob
 import json
 import os
+import tempfile
 
 from benchmarks import graph_scale
 
@@ -17,3 +19,4 @@ def test_a_size_runs_in_a_child_and_the_json_names_commit_machine_and_settings(t
     assert run["rows"] == 1000 and 0 < run["distinct_edges"] <= 1000
     assert run["table_rows"] > 0 and run["wall_s"] > 0
     assert "| 1,000 |" in capsys.readouterr().out  # the Markdown table
+    assert not glob.glob(os.path.join(tempfile.gettempdir(), "graph_scale_*")), "the child left its output"
