@@ -114,33 +114,38 @@ def read_sentence_vectors(directory: str) -> SentenceVectors:
         raise FileNotFoundError(f"no sentence vector files (*.gz) in {directory}")
     texts = {TITLE: [], QUERY: []}
     vectors = {TITLE: [], QUERY: []}
+    sizes = set()
     spec = {TEXT_KEY: tf.io.FixedLenFeature([], tf.string),
             KIND_KEY: tf.io.FixedLenFeature([], tf.string),
             VECTOR_KEY: tf.io.RaggedFeature(tf.float32)}
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").batch(4096)
     for batch in dataset.map(lambda s: tf.io.parse_example(s, spec)):
-        batch_vectors = batch[VECTOR_KEY].to_list()
-        for text, kind, vector in zip(batch[TEXT_KEY].numpy(), batch[KIND_KEY].numpy(),
-                                      batch_vectors):
-            kind = kind.decode()
-            if kind not in texts:
-                raise ValueError(f"{directory}: unknown kind {kind!r} (expected {TITLE!r} or "
-                                 f"{QUERY!r})")
-            texts[kind].append(text.decode("utf-8"))
-            vectors[kind].append(vector)
+        # Rows stay numpy arrays (a list of Python floats would take 8x the memory of the
+        # table itself, which a catalogue of millions of titles cannot spare).
+        lengths = batch[VECTOR_KEY].row_lengths().numpy()
+        sizes.update(np.unique(lengths).tolist())
+        if len(sizes) != 1:
+            raise ValueError(f"{directory}: vectors of different sizes {sorted(sizes)}")
+        batch_vectors = batch[VECTOR_KEY].flat_values.numpy().reshape([len(lengths), -1])
+        kinds = np.array([kind.decode() for kind in batch[KIND_KEY].numpy()])
+        for kind in set(kinds.tolist()) - set(texts):
+            raise ValueError(f"{directory}: unknown kind {kind!r} (expected {TITLE!r} or "
+                             f"{QUERY!r})")
+        batch_texts = batch[TEXT_KEY].numpy()
+        for kind in texts:
+            rows = np.flatnonzero(kinds == kind)
+            texts[kind].extend(batch_texts[i].decode("utf-8") for i in rows)
+            vectors[kind].append(batch_vectors[rows])
     if not texts[TITLE]:
         raise FileNotFoundError(f"no title vectors in {directory}")
-    sizes = {len(v) for kind in vectors for v in vectors[kind]}
-    if len(sizes) != 1:
-        raise ValueError(f"{directory}: vectors of different sizes {sorted(sizes)}")
     dim = sizes.pop()
 
     # In text order, not the order Beam wrote them in, which varies from run to run: the maps
     # fitted on these sum over them, and the same texts should give the same sums.
     def in_text_order(kind):
         order = sorted(range(len(texts[kind])), key=texts[kind].__getitem__)
-        return ([texts[kind][i] for i in order],
-                np.asarray([vectors[kind][i] for i in order], np.float32).reshape([-1, dim]))
+        stacked = np.concatenate(vectors[kind] or [np.zeros([0, dim], np.float32)])
+        return [texts[kind][i] for i in order], stacked[order].astype(np.float32).reshape([-1, dim])
 
     return SentenceVectors(*in_text_order(TITLE), *in_text_order(QUERY))
 
