@@ -5,10 +5,12 @@ stores one vector per item title, computed here once with the pretrained all-Min
 encoder, before the StudentTrainer, which learns to match queries against them. The titles are
 those of every log split: like the graph, they are catalogue data the serving model will have
 for any logged item, and no judgment is read. The queries of `query_split` (the student's train
-split) are encoded too, only to fit the map that stands in for a query's vector.
+split) are encoded too, only to fit the map that stands in for a query's vector. With
+`min_impressions`, texts logged less often than that are left out (`graph.table_min_impressions`).
 
-One Beam pipeline: read -> distinct (text, kind) -> batches -> encode (one encoder per worker,
-loaded in `setup`) -> gzipped TFRecords of tf.Example (`text`, `kind`, `vector`).
+One Beam pipeline: read -> (text, kind) with its impressions summed -> those kept -> batches ->
+encode (one encoder per worker, loaded in `setup`) -> gzipped TFRecords of tf.Example (`text`,
+`kind`, `vector`).
 """
 import os
 
@@ -25,17 +27,20 @@ VECTORS_PREFIX = "vectors"
 
 
 def _texts(serialized: bytes, with_query: bool):
+    """((text, kind), the row's impressions) for the row's title and, `with_query`, its query."""
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
     from trainer import sentence_vectors  # pylint: disable=g-import-not-at-top
 
     feature = tf.train.Example.FromString(serialized).features.feature
+    counts = feature["impressions"].int64_list.value if "impressions" in feature else []
+    impressions = int(counts[0]) if counts else 0
     title = feature["item_title"].bytes_list.value
     if title and title[0].decode("utf-8").strip():
-        yield (title[0].decode("utf-8").strip(), sentence_vectors.TITLE)
+        yield (title[0].decode("utf-8").strip(), sentence_vectors.TITLE), impressions
     query = feature["query"].bytes_list.value
     if with_query and query and query[0].decode("utf-8").strip():
-        yield (query[0].decode("utf-8").strip(), sentence_vectors.QUERY)
+        yield (query[0].decode("utf-8").strip(), sentence_vectors.QUERY), impressions
 
 
 class _Encode(beam.DoFn):
@@ -62,8 +67,17 @@ class _Encode(beam.DoFn):
 
 def encode_texts(pipeline: beam.Pipeline, examples: standard_artifacts.Examples, output_dir: str,
                  query_split: str = "train", checkpoint_dir: str = "",
-                 max_seq_length: int = 40, batch_size: int = 256) -> None:
-    """Adds the encoding of `examples`' titles (and `query_split`'s queries) to `pipeline`."""
+                 max_seq_length: int = 40, batch_size: int = 256,
+                 min_impressions: int = 0) -> None:
+    """Adds the encoding of `examples`' titles (and `query_split`'s queries) to `pipeline`.
+
+    With `min_impressions` > 0 only the texts logged with at least that many impressions in
+    all (summed over their rows) are encoded: the title table is stored in BERM-O, and on a
+    catalogue of millions of items its long tail would cost 1.5 kB per title in every serving
+    replica. A title left out takes the title path's fallback, in training as in serving.
+    """
+    if min_impressions < 0:
+        raise ValueError(f"TitleEncoder: min_impressions must be >= 0, got {min_impressions}")
     splits = artifact_utils.decode_split_names(examples.split_names)
     if query_split and query_split not in splits:
         raise ValueError(f"TitleEncoder: query_split {query_split!r} is not a split of the "
@@ -76,7 +90,9 @@ def encode_texts(pipeline: beam.Pipeline, examples: standard_artifacts.Examples,
                      | f"Texts[{split}]" >> beam.FlatMap(_texts, split == query_split))
     _ = (texts
          | "AllTexts" >> beam.Flatten()
-         | "Distinct" >> beam.Distinct()
+         | "SumImpressions" >> beam.CombinePerKey(sum)
+         | "Busy" >> beam.Filter(lambda text_volume: text_volume[1] >= min_impressions)
+         | "DistinctTexts" >> beam.Keys()
          | "Batch" >> beam.BatchElements(min_batch_size=batch_size, max_batch_size=batch_size)
          | "Encode" >> beam.ParDo(_Encode(checkpoint_dir, max_seq_length))
          | "Write" >> beam.io.WriteToTFRecord(os.path.join(output_dir, VECTORS_PREFIX),
@@ -90,9 +106,10 @@ def TitleEncoder(
     query_split: Parameter[str] = "train",
     checkpoint_dir: Parameter[str] = "",
     max_seq_length: Parameter[int] = 40,
+    min_impressions: Parameter[int] = 0,
     beam_pipeline: BeamComponentParameter[beam.Pipeline] = None,
 ) -> None:
     with beam_pipeline as pipeline:
         encode_texts(pipeline, examples, title_vectors.uri, query_split, checkpoint_dir,
-                     max_seq_length)
+                     max_seq_length, min_impressions=min_impressions)
     logging.info("TitleEncoder: wrote title vectors to %s", title_vectors.uri)

@@ -153,7 +153,9 @@ def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNo
     """Distil the teacher's scores into the BERM student, then package BERM-O with the graph's tables.
 
     With `student.title_vectors`, TitleEncoder first encodes every logged title (and the train
-    queries) with the pretrained sentence encoder, and the student stores those vectors. The
+    queries; with `graph.table_min_impressions`, those logged at least that often, as the
+    graph keeps only those nodes' tables) with the pretrained sentence encoder, and the
+    student stores those vectors. The
     student reads the graph's metapath orders up to the run's graph order, unless the config
     pins its own `max_order`.
     """
@@ -163,6 +165,7 @@ def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNo
         encoder = TitleEncoder(
             examples=nodes["GraphContexts"].outputs["log_examples"],
             query_split="train",
+            min_impressions=config.graph.table_min_impressions,
         ).with_id("TitleEncoder")
         out[encoder.id] = encoder
         title_vectors = encoder.outputs["title_vectors"]

@@ -336,6 +336,10 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
                       ["capped hubs", graph["capped_hubs"]["total"]],
                       ["connected components", components.get("num_components", "-")],
                       ["largest component (nodes)", components.get("largest_component_size", "-")]]
+        if graph.get("table_min_impressions"):
+            quiet = graph["nodes_without_tables"]
+            graph_rows.append([f"without tables in BERM-O (< {graph['table_min_impressions']} impressions)",
+                               f"{quiet['query']} queries, {quiet['item']} items"])
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     # HTML

@@ -138,6 +138,9 @@ def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_
             stats = json.load(f)
         summary["graph"] = {key: stats[key] for key in
                             ("nodes", "edges", "capped_hubs", "connected_components") if key in stats}
+        if stats.get("config", {}).get("table_min_impressions"):
+            summary["graph"]["table_min_impressions"] = stats["config"]["table_min_impressions"]
+            summary["graph"]["nodes_without_tables"] = stats["nodes_without_tables"]
     for name, node_id in (("teacher", "TeacherTrainer"), ("student", "StudentTrainer")):
         history = _output(nodes, node_id, "model_run")
         if history and os.path.exists(os.path.join(history, "history.json")):
@@ -185,6 +188,10 @@ def to_markdown(summary: Dict[str, Any]) -> str:
                   f"{graph['capped_hubs']['total']} hubs capped)",
                   f"- connected components: {components.get('num_components', '-')} "
                   f"(largest {components.get('largest_component_size', '-')} nodes)"]
+        if graph.get("table_min_impressions"):
+            quiet = graph["nodes_without_tables"]
+            lines.append(f"- without tables in BERM-O (fewer than {graph['table_min_impressions']} "
+                         f"impressions; cold-start path): {quiet['query']} queries, {quiet['item']} items")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

@@ -92,3 +92,21 @@ def test_the_home_depot_profile_loads_and_builds_valid_trainer_settings():
 def test_bad_evaluation_settings_are_config_errors(evaluation, message):
     with pytest.raises(configs.ConfigError, match=message.replace("(", "\\(").replace(")", "\\)")):
         configs.load_config(overrides={"evaluation": evaluation})
+
+
+def test_table_min_impressions_reaches_the_graph_and_the_title_encoder(tmp_path):
+    import json
+
+    from pipeline.pipeline import InputSpec, create_pipeline
+
+    path = tmp_path / "c.yaml"
+    path.write_text("graph:\n  table_min_impressions: 5\n")
+    config = configs.load_config(str(path))
+    nodes = {c.id: c for c in create_pipeline(config, str(tmp_path / "root"), InputSpec("/data/logs"),
+                                              InputSpec("/data/judgments")).components}
+    graph = json.loads(nodes["GraphContexts"].exec_properties["graph_config"])
+    assert graph["table_min_impressions"] == 5
+    assert nodes["TitleEncoder"].exec_properties["min_impressions"] == 5
+    path.write_text("graph:\n  table_min_impressions: -1\n")
+    with pytest.raises(configs.ConfigError, match="table_min_impressions must be an int >= 0"):
+        configs.load_config(str(path))

@@ -208,6 +208,7 @@ def results(tmp_path_factory):
         "hand": (HAND_ROWS, HAND_CONFIG),
         "hand_top2": (HAND_ROWS, dataclass_replace(HAND_CONFIG, top_n=2)),
         "hand_k0": (HAND_ROWS, dataclass_replace(HAND_CONFIG, max_order=0)),
+        "hand_min20": (HAND_ROWS, dataclass_replace(HAND_CONFIG, table_min_impressions=20)),
         "from_examples": (example_rows, dataclass_replace(HAND_CONFIG, max_order=1)),
         "hubs": (HUB_ROWS, HUB_CONFIG),
         "min_weight": (MIN_WEIGHT_ROWS, MIN_WEIGHT_CONFIG),
@@ -247,7 +248,8 @@ def _to_example_bytes(r):
 def test_config_validation():
     for bad in (dict(max_order=4), dict(max_order=-1), dict(top_n=0), dict(hub_cap=0),
                 dict(min_edge_weight=-1.0), dict(weight_scheme="nope"), dict(prior_alpha=0.0),
-                dict(cc_rounds=0), dict(order3_beam_width=-1)):
+                dict(cc_rounds=0), dict(order3_beam_width=-1), dict(table_min_impressions=-1),
+                dict(table_min_impressions=2.5)):
         with pytest.raises(ValueError):
             GraphConfig(**bad)
     cfg = GraphConfig()
@@ -369,6 +371,21 @@ def test_hand_graph_stats(results):
     assert (q["min"], q["median"], q["max"]) == (1, 2, 3)
     assert stats["capped_hubs"]["total"] == 0 and results["hand"]["capped_hubs"] == []
     assert stats["config"]["max_order"] == 3
+
+
+def test_table_min_impressions_drops_only_the_quiet_nodes_tables(results):
+    # Impressions per node (10 a row): q1 30, q2 30, q3 20, q4 10; a 30, b 20, c 20, d 10, e 10.
+    hand = tables_by_key(results["hand"]["neighbour_tables"])
+    kept = tables_by_key(results["hand_min20"]["neighbour_tables"])
+    quiet = {("query", "q4"), ("item", "d"), ("item", "e")}
+    assert {(side, node) for side, _, node in hand} >= quiet
+    # The others keep their records unchanged: quiet nodes still appear in their lists.
+    assert kept == {k: v for k, v in hand.items() if (k[0], k[2]) not in quiet}
+    assert "d" in kept[("query", "q-i", "q3")]["neighbour_ids"]
+    stats = results["hand_min20"]["graph_stats"][0]
+    assert stats["nodes_without_tables"] == {"query": 1, "item": 2}
+    assert stats["nodes"] == results["hand"]["graph_stats"][0]["nodes"]
+    assert results["hand"]["graph_stats"][0]["nodes_without_tables"] == {"query": 0, "item": 0}
 
 
 def test_max_order_zero_gives_stats_only(results):

@@ -74,10 +74,16 @@ def check_report_in_browser(path, expected_gates):
     return seen
 
 
+# Nodes logged less often than this keep no tables in BERM-O: on the tiny shop some do.
+TABLE_MIN_IMPRESSIONS = 200
+
+
 def test_default_data_runs_through_the_whole_dag(tmp_path):
     from conftest import read_examples
 
-    config = configs.load_config(overrides={**TINY_SHOP, **PERMISSIVE_GATES, **SMALL_MODELS})
+    config = configs.load_config(overrides={
+        **TINY_SHOP, **PERMISSIVE_GATES, **SMALL_MODELS,
+        "graph": {"table_min_impressions": TABLE_MIN_IMPRESSIONS}})
     messages = []
     outcome = local_runner.run(config, str(tmp_path / "run"), echo=messages.append)
     assert outcome.exit_code == local_runner.EXIT_OK, outcome.message
@@ -136,13 +142,27 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         item_id=tf.constant([known["item_id"], "NO-SUCH-ITEM"]),
         item_title=tf.constant([known["item_title"], "Some Title 3ml"]))["score"].numpy()
     assert scores.shape == (2,) and all(0.0 <= s <= 1.0 for s in scores)
-    # ... and carries the TitleEncoder's vector of every logged title.
+    # ... and carries the TitleEncoder's vector of every title logged at least
+    # TABLE_MIN_IMPRESSIONS times, and the tables of the queries and items logged that often.
+    import collections
+
     from trainer import berm_serving, sentence_vectors
 
+    volume = {side: collections.Counter() for side in ("title", "query", "item")}
+    for r in labelled:
+        for side, key in (("title", r["item_title"].strip()), ("query", r["query"]), ("item", r["item_id"])):
+            volume[side][key] += r["impressions"]
+    busy = {side: {k for k, n in counts.items() if k and n >= TABLE_MIN_IMPRESSIONS}
+            for side, counts in volume.items()}
     vectors = sentence_vectors.read_sentence_vectors(nodes["TitleEncoder"]["outputs"]["title_vectors"][0]["uri"])
-    assert sorted(vectors.titles) == sorted({r["item_title"].strip() for r in labelled} - {""})
-    assert berm_serving.read_manifest(path_utils.serving_model_path(
-        nodes["BermServingExporter"]["outputs"]["serving_model"][0]["uri"]))["title_vectors"] == len(vectors.titles)
+    assert sorted(vectors.titles) == sorted(busy["title"])
+    manifest = berm_serving.read_manifest(path_utils.serving_model_path(
+        nodes["BermServingExporter"]["outputs"]["serving_model"][0]["uri"]))
+    assert manifest["title_vectors"] == len(vectors.titles)
+    assert manifest["tables"]["nodes"] == {side: len(busy[side]) for side in ("query", "item")}
+    quiet = {side: len(volume[side]) - len(busy[side]) for side in ("query", "item")}
+    assert quiet["query"] > 0 and quiet["item"] > 0, "the tiny shop has nodes logged less often than the bound"
+    assert summary["graph"]["nodes_without_tables"] == quiet
 
     # Evaluation: TFMA metrics for both models on the held-out judged pairs; the student cleared
     # its gates, so BERM-O was pushed as version 1 of the TF Serving layout.
@@ -166,13 +186,21 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
     with open(os.path.join(tmp_path, "run", "report", "report.md")) as f:
         markdown = f.read()
     assert "Blessed and pushed" in markdown and "| auc | all pairs |" in markdown
+    assert (f"| without tables in BERM-O (< {TABLE_MIN_IMPRESSIONS} impressions) | "
+            f"{quiet['query']} queries, {quiet['item']} items |") in markdown
 
     # Progress names each step with its position and time.
     assert any(m.startswith("[1/20] ") and m.endswith("...") for m in messages)
     assert any("BermServingExporter done in" in m for m in messages)
+    printed = []
+    local_runner.print_summary(outcome, echo=printed.append)
+    assert (f"without tables in BERM-O (< {TABLE_MIN_IMPRESSIONS} impressions): {quiet['query']} "
+            f"queries, {quiet['item']} items") in "\n".join(printed)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
-    assert os.path.exists(os.path.join(tmp_path, "run", "run_summary.md"))
+    with open(os.path.join(tmp_path, "run", "run_summary.md")) as f:
+        assert (f"- without tables in BERM-O (fewer than {TABLE_MIN_IMPRESSIONS} impressions; "
+                f"cold-start path): {quiet['query']} queries, {quiet['item']} items") in f.read()
     assert not os.path.exists(os.path.join(tmp_path, "run", "tmp")), "the steps' scratch outlived the run"
 
 

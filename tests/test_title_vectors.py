@@ -33,12 +33,15 @@ def test_sentence_encoder_gives_unit_vectors_that_place_alike_titles_closer(enco
 
 
 def _write_split(root, split, pairs):
+    """`pairs`: (query, title) or (query, title, impressions) rows."""
     os.makedirs(os.path.join(root, f"Split-{split}"))
     with tf.io.TFRecordWriter(os.path.join(root, f"Split-{split}", "data.gz"), "GZIP") as writer:
-        for query, title in pairs:
+        for query, title, *impressions in pairs:
             example = tf.train.Example()
             example.features.feature["query"].bytes_list.value.append(query.encode())
             example.features.feature["item_title"].bytes_list.value.append(title.encode())
+            if impressions:
+                example.features.feature["impressions"].int64_list.value.append(impressions[0])
             writer.write(example.SerializeToString())
 
 
@@ -65,6 +68,49 @@ def test_title_encoder_encodes_every_distinct_title_and_the_train_queries(tmp_pa
         title_encoder.encode_texts(pipeline, examples, out, query_split="test")
     with pytest.raises(FileNotFoundError, match="no sentence vector files"):
         sentence_vectors.read_sentence_vectors(str(tmp_path))
+
+
+def test_title_encoder_leaves_out_texts_logged_less_than_min_impressions(tmp_path, encoder):
+    examples = standard_artifacts.Examples()
+    examples.uri = str(tmp_path / "examples")
+    examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
+    # Impressions are summed over a text's rows in every split it is read from.
+    _write_split(examples.uri, "train", [("drill", "cordless drill", 3), ("drill", "hammer drill", 4),
+                                         ("hose", "garden hose", 1), ("hose", "hose reel", 2)])
+    _write_split(examples.uri, "eval", [("paint", "cordless drill", 2), ("brush", "paint brush", 9)])
+    out = str(tmp_path / "vectors")
+    with beam.Pipeline(options=PipelineOptions(["--direct_num_workers=1"])) as pipeline:
+        title_encoder.encode_texts(pipeline, examples, out, query_split="train", min_impressions=4)
+    got = sentence_vectors.read_sentence_vectors(out)
+    assert got.titles == ["cordless drill", "hammer drill", "paint brush"]
+    assert got.queries == ["drill"]
+    np.testing.assert_allclose(got.title_vectors, encoder.encode(got.titles), atol=1e-5)
+    with beam.Pipeline() as pipeline, pytest.raises(ValueError, match="min_impressions"):
+        title_encoder.encode_texts(pipeline, examples, out, min_impressions=-1)
+
+
+def test_reading_vectors_rejects_mixed_sizes_and_unknown_kinds(tmp_path):
+    def write(folder, rows):
+        os.makedirs(folder)
+        with tf.io.TFRecordWriter(os.path.join(folder, "v.gz"), "GZIP") as writer:
+            for text, kind, vector in rows:
+                writer.write(sentence_vectors.to_tf_example(text, kind, vector).SerializeToString())
+
+    title, query = sentence_vectors.TITLE, sentence_vectors.QUERY
+    write(str(tmp_path / "ok"), [("b", title, [1, 2]), ("a", title, [3, 4]), ("q", query, [5, 6])])
+    got = sentence_vectors.read_sentence_vectors(str(tmp_path / "ok"))
+    assert got.titles == ["a", "b"] and got.queries == ["q"]
+    np.testing.assert_array_equal(got.title_vectors, [[3, 4], [1, 2]])
+    assert got.title_vectors.dtype == np.float32 and got.dim == 2
+    write(str(tmp_path / "sizes"), [("a", title, [1, 2]), ("b", title, [1, 2, 3])])
+    with pytest.raises(ValueError, match=r"different sizes \[2, 3\]"):
+        sentence_vectors.read_sentence_vectors(str(tmp_path / "sizes"))
+    write(str(tmp_path / "kind"), [("a", title, [1, 2]), ("b", "word", [1, 2])])
+    with pytest.raises(ValueError, match="unknown kind 'word'"):
+        sentence_vectors.read_sentence_vectors(str(tmp_path / "kind"))
+    write(str(tmp_path / "queries"), [("q", query, [1, 2])])
+    with pytest.raises(FileNotFoundError, match="no title vectors"):
+        sentence_vectors.read_sentence_vectors(str(tmp_path / "queries"))
 
 
 def test_trainer_hands_the_title_vectors_folder_to_the_module():

@@ -74,7 +74,8 @@ count or arrival order.
 Outputs of :class:`ComputeNeighbourContexts` (a :class:`NeighbourContexts` named tuple,
 also indexable by name)
 ------------------------------------------------------------------------------------
-``neighbour_tables``: one dict per (side, node, metapath) that has >= 1 neighbour::
+``neighbour_tables``: one dict per (side, node, metapath) that has >= 1 neighbour (and, with
+``table_min_impressions``, whose node was logged with at least that many impressions)::
 
     {"side": "query" | "item", "node_id": str, "metapath": "q-i-q", "order": 2,
      "neighbour_ids": [str], "neighbour_texts": [str], "neighbour_weights": [float]}
@@ -181,6 +182,11 @@ class GraphConfig:
       compute_components: whether to compute connected components (extra shuffles).
       cc_rounds: rounds of label propagation before the exact union-find finish; more
         rounds -> fewer labels left for the single-worker finish.
+      table_min_impressions: a node logged with fewer impressions in all (summed over its
+        rows) gets no ``neighbour_tables`` records, so the examples joined here and BERM-O
+        alike treat it as a node without context (0 = every node keeps its tables). The
+        graph itself is unchanged: such a node still appears in other nodes' lists. It bounds
+        what BERM-O stores when the logs' long tail runs to millions of nodes.
     """
 
     max_order: int = 2
@@ -194,6 +200,7 @@ class GraphConfig:
     order3_beam_width: int = 0
     compute_components: bool = True
     cc_rounds: int = 4
+    table_min_impressions: int = 0
 
     def __post_init__(self):
         if not (isinstance(self.max_order, int) and 0 <= self.max_order <= MAX_ORDER):
@@ -206,6 +213,9 @@ class GraphConfig:
             raise ValueError(f"order3_beam_width must be an int >= 0, got {self.order3_beam_width!r}")
         if not (isinstance(self.cc_rounds, int) and self.cc_rounds >= 1):
             raise ValueError(f"cc_rounds must be an int >= 1, got {self.cc_rounds!r}")
+        if not (isinstance(self.table_min_impressions, int) and self.table_min_impressions >= 0):
+            raise ValueError(f"table_min_impressions must be an int >= 0, got "
+                             f"{self.table_min_impressions!r}")
         if self.weight_scheme not in WEIGHT_SCHEMES:
             raise ValueError(f"weight_scheme must be one of {WEIGHT_SCHEMES}, got {self.weight_scheme!r}")
         for name in ("min_edge_weight", "purchase_weight", "prior_beta"):
@@ -1364,7 +1374,8 @@ def _finalise_stats(pieces: Mapping[str, Any], config: GraphConfig) -> Dict[str,
     num_log_rows, num_invalid_rows; edges {total, after_min_weight, after_hub_cap};
     nodes {query, item} (after min weight) and nodes_after_hub_cap; degree and
     degree_after_hub_cap {query, item: :func:`degree_summary`}; capped_hubs {query, item,
-    total}; connected_components {computed, rounds, num_components,
+    total}; nodes_without_tables {query, item} (nodes whose tables ``table_min_impressions``
+    dropped); connected_components {computed, rounds, num_components,
     largest_component_size} (on the capped graph); config.
     """
     def get(key, default=0):
@@ -1386,6 +1397,7 @@ def _finalise_stats(pieces: Mapping[str, Any], config: GraphConfig) -> Dict[str,
         "degree": degree,
         "degree_after_hub_cap": degree_after,
         "capped_hubs": dict(capped, total=sum(capped.values())),
+        "nodes_without_tables": {side: get(f"nodes_without_tables.{side}") for side in SIDES},
         "connected_components": dict(
             components, computed=config.compute_components, rounds=config.cc_rounds),
         "config": config.to_dict(),
@@ -1394,6 +1406,56 @@ def _finalise_stats(pieces: Mapping[str, Any], config: GraphConfig) -> Dict[str,
 
 def _named(pcoll, name: str):
     return pcoll | f"Stat[{name}]" >> beam.Map(lambda value: (name, value))
+
+
+def _node_impressions(keyed_row):
+    query, (item_id, impressions, _clicks, _purchases, _title) = keyed_row
+    yield (QUERY, query), impressions
+    yield (ITEM, item_id), impressions
+
+
+# Tagged outputs defeat Beam's output type inference; declare Any.
+@beam.typehints.with_output_types(Any)
+class _KeepBusyNodeTablesFn(beam.DoFn):
+    """``((side, node), [(0, impressions)..., (1, record)...])`` -> the node's table records
+    if its impressions sum to at least ``min_impressions``; otherwise none, and the node's
+    side once to ``DROPPED`` (for ``graph_stats``)."""
+
+    DROPPED = "dropped"
+
+    def __init__(self, min_impressions: int):
+        self._min_impressions = min_impressions
+        self._dropped = Metrics.counter(_METRICS_NS, "nodes_without_tables_below_min_impressions")
+
+    def process(self, element):
+        (side, _), tagged = element
+        busy = sum(value for tag, value in tagged if tag == 0) >= self._min_impressions
+        dropped = False
+        for tag, record in tagged:
+            if tag != 1:
+                continue
+            if busy:
+                yield record
+            else:
+                dropped = True
+        if dropped:
+            self._dropped.inc()
+            yield pvalue.TaggedOutput(self.DROPPED, side)
+
+
+def _busy_node_tables(label: str, tables, keyed_rows, min_impressions: int):
+    """(the records of nodes logged with >= min_impressions impressions, the sides of the
+    nodes whose records were dropped). Every logged node has a volume, so a record always
+    meets its node's."""
+    volumes = (keyed_rows
+               | f"{label}NodeImpressions" >> beam.FlatMap(_node_impressions)
+               | f"{label}SumImpressions" >> beam.CombinePerKey(sum))
+    keyed_tables = tables | f"{label}KeyTables" >> beam.Map(
+        lambda r: ((r["side"], r["node_id"]), r))
+    kept = (_tagged_join(label, volumes, keyed_tables)
+            | f"{label}Keep" >> beam.ParDo(_KeepBusyNodeTablesFn(min_impressions)).with_outputs(
+                _KeepBusyNodeTablesFn.DROPPED, main="tables"))
+    return kept.tables, kept[_KeepBusyNodeTablesFn.DROPPED]
 
 
 # --------------------------------------------------------------------------------------
@@ -1472,6 +1534,10 @@ class ComputeNeighbourContexts(beam.PTransform):
             tables = table_parts | "FlattenTables" >> beam.Flatten()
         else:
             tables = rows.pipeline | "NoTables" >> beam.Create([])
+        dropped_sides = None
+        if cfg.table_min_impressions > 0:
+            tables, dropped_sides = _busy_node_tables(
+                "BusyNodeTables", tables, parsed.valid, cfg.table_min_impressions)
 
         capped_hubs = ((queries[_Tags.CAPPED], items[_Tags.CAPPED])
                        | "FlattenCapped" >> beam.Flatten())
@@ -1489,6 +1555,11 @@ class ComputeNeighbourContexts(beam.PTransform):
             _named(parsed[_NormaliseRowFn.INVALID] | "CountInvalid" >> beam.combiners.Count.Globally(),
                    "num_invalid_rows"),
         ]
+        if dropped_sides is not None:
+            pieces.append(dropped_sides
+                          | "CountDroppedTables" >> beam.combiners.Count.PerElement()
+                          | "DroppedTablesStat" >> beam.Map(
+                              lambda kv: (f"nodes_without_tables.{kv[0]}", kv[1])))
         if cfg.compute_components:
             components = _connected_components(
                 "Components", cfg.cc_rounds, query_nodes[_Tags.CC_STATE],
