@@ -218,6 +218,47 @@ def test_records_that_fit_the_limit_are_read_in_one_order_however_written(tmp_pa
     assert read(rewritten, 4) == records[::-1]
 
 
+def test_the_teacher_reads_its_examples_in_an_order_set_by_the_features_it_reads(tmp_path):
+    def example(query, title, relevance, context):
+        ex = tf.train.Example()
+        ex.features.feature["query"].bytes_list.value.append(query.encode())
+        ex.features.feature["item_title"].bytes_list.value.append(title.encode())
+        ex.features.feature["relevance"].float_list.value.append(relevance)
+        ex.features.feature["q_o1_ids"].bytes_list.value.extend(c.encode() for c in context)
+        return ex.SerializeToString()
+
+    judged = [("drill", "cordless drill", 3.0), ("drill", "hammer", 1.0), ("hose", "garden hose", 2.5),
+              ("saw", "band saw", 3.0)]
+
+    def write(name, contexts):
+        """The same judgments, with other graph contexts, in another order."""
+        os.makedirs(tmp_path / name)
+        with tf.io.TFRecordWriter(str(tmp_path / name / "data.gz"), "GZIP") as writer:
+            for (query, title, relevance), context in zip(judged, contexts):
+                writer.write(example(query, title, relevance, context))
+        return str(tmp_path / name / "*")
+
+    one = write("one", [["z"], [], ["a", "b"], ["x"]])
+    other = write("other", [[], ["q"], ["zz"], ["a"]])
+    def ordered(pattern, order_by=None):
+        return [(f["query"].bytes_list.value[0], f["item_title"].bytes_list.value[0])
+                for f in (tf.train.Example.FromString(r).features.feature for r in
+                          training.record_dataset(pattern, 10, order_by).as_numpy_iterator())]
+
+    by_text = ordered(one, ["query", "item_title"])
+    assert by_text == ordered(other, ["query", "item_title"])
+    assert sorted(by_text) == sorted((q.encode(), t.encode()) for q, t, _ in judged)
+    # In byte order the contexts would set the order; the teacher's batches are the same.
+    assert ordered(one) != ordered(other)
+    config = teacher.TeacherConfig(batch_size=2)
+    batches = [list(teacher.make_dataset([pattern], config, training=True).take(2).as_numpy_iterator())
+               for pattern in (one, other)]
+    for (features_a, target_a), (features_b, target_b) in zip(*batches):
+        assert list(features_a["query"]) == list(features_b["query"])
+        assert list(features_a["item_title"]) == list(features_b["item_title"])
+        np.testing.assert_array_equal(target_a, target_b)
+
+
 # --- The pretrained path ------------------------------------------------------------
 
 def test_pretrained_teacher_builds_and_scores():

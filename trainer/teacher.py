@@ -145,7 +145,8 @@ class TeacherConfig:
         initialised encoder (tests only; vocab_size must match the vocab).
       log_every_steps: training progress is logged every this many steps.
       shuffle_buffer: examples in the shuffle buffer; a split no larger is read in one
-        canonical order (`training.record_dataset`), so the same examples train the same model.
+        canonical order of the features the teacher reads (`training.record_dataset`), so the
+        same judgments train the same model, whatever graph contexts their examples carry.
     """
 
     relevance_min: float = 1.0
@@ -281,7 +282,8 @@ def make_dataset(file_patterns: Sequence[str], config: TeacherConfig,
     Training data is shuffled (seeded, reshuffled every epoch) and repeated
     when `config.steps_per_epoch` is set.
     """
-    dataset = record_dataset(file_patterns, config.shuffle_buffer)
+    dataset = record_dataset(file_patterns, config.shuffle_buffer,
+                             order_by=sorted(TRAINING_FEATURE_SPEC))
     if training:
         dataset = dataset.shuffle(config.shuffle_buffer, seed=config.seed,
                                   reshuffle_each_iteration=True)
