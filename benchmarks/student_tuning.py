@@ -112,9 +112,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--level-features", action="store_true",
                         help="also ask whether the query levels the student misses can be told "
                              "from the query alone (gap_analysis.level_correction, cross-validated "
-                             "over the eval queries): its word count, and the cosines to its "
-                             "nearest stored titles of the pretrained encoder's vector of the whole "
-                             "query and of the student's stand-in for it")
+                             "over the eval queries): its word count, its words' coverage by the "
+                             "titles, and the cosines to its nearest stored titles of the "
+                             "pretrained encoder's vector of the whole query and of the student's "
+                             "stand-in for it")
     args = parser.parse_args(argv)
     args.student_overrides = th.parse_overrides(parser, args.overrides)
     for sub in ("student_examples", "tables_all_logs"):
@@ -222,8 +223,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def query_level_features(queries: Sequence[str], title_vectors_dir: str,
                          model_dir: Optional[str] = None) -> Dict[str, Any]:
     """Per pair, what the query alone tells: its word count, and how well the catalogue covers
-    it, the mean cosine of a vector of the whole query to its 1 / 10 / 100 nearest stored title
-    vectors. That vector is the pretrained encoder's, which costs an encoder pass per query, what
+    it: its words' title counts and WordPiece pieces (`catalogue_coverage`), or the mean cosine
+    of a vector of the whole query to its 1 / 10 / 100 nearest stored title vectors. That vector is the pretrained encoder's, which costs an encoder pass per query, what
     BERM-O cannot pay per call (README, *Student on Home Depot*), or, where `model_dir` names the
     student, the stand-in it already computes: its query map of the query's WordPiece mean."""
     import numpy as np
@@ -239,10 +240,44 @@ def query_level_features(queries: Sequence[str], title_vectors_dir: str,
                 "word count + nearest titles": np.c_[
                     words, nearest_title_cosines(sentence_vectors.SentenceEncoder().encode(distinct),
                                                  titles)][index]}
+    features["word count + catalogue coverage"] = np.c_[
+        words, catalogue_coverage(distinct, sentence_vectors.read_sentence_vectors(
+            title_vectors_dir).titles)][index]
     if model_dir:
         features["word count + the student's stand-in's nearest titles"] = np.c_[
             words, nearest_title_cosines(student_query_stand_ins(model_dir, distinct), titles)][index]
     return features
+
+
+def catalogue_coverage(queries: Sequence[str], titles: Sequence[str]):
+    """[Q, 6]: what a query's words say of how the catalogue knows them, no encoder needed: the
+    share of its words in no title, log1p of the number of titles holding its rarest, its mean
+    and its commonest word, and its WordPiece pieces per word (mean, max), which grow where a
+    word is misspelt or run together ("vacume", "petscreen": the queries whose level the student
+    misses most)."""
+    import collections
+    import math
+    import re
+
+    import numpy as np
+    import tensorflow_text as text
+
+    from trainer import bert_checkpoint
+
+    def words(s):
+        return re.findall(r"[a-z0-9]+", s.lower())
+
+    frequency = collections.Counter(w for title in titles for w in set(words(title)))
+    pieces = text.BertTokenizer(bert_checkpoint.vocab_file(), lower_case=True).tokenize(
+        list(queries)).to_list() if queries else []
+    rows = []
+    for query, query_pieces in zip(queries, pieces):
+        counts = [frequency.get(w, 0) for w in words(query)] or [0]
+        per_word = [len(p) for p in query_pieces] or [1]
+        logs = [math.log1p(c) for c in counts]
+        rows.append([np.mean([c == 0 for c in counts]), min(logs), float(np.mean(logs)), max(logs),
+                     float(np.mean(per_word)), max(per_word)])
+    return np.asarray(rows, float).reshape(len(queries), 6)
 
 
 def nearest_title_cosines(query_vectors, title_vectors, nearest=(1, 10, 100)):

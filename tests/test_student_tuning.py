@@ -131,6 +131,23 @@ def test_query_level_features_tell_word_counts_and_the_nearest_titles(tmp_path):
     np.testing.assert_array_equal(both[0], both[2])  # one row per pair, equal within a query
     assert both[0, 1] == pytest.approx(1.0, abs=1e-5)  # the query is a stored title
     assert both[1, 1] < 0.99 and both[1, 1] >= both[1, 2] >= both[1, 3]  # nearest first
+    coverage = features["word count + catalogue coverage"]
+    assert coverage.shape == (3, 7)
+    np.testing.assert_array_equal(coverage[:, 0], [3, 1, 3])
+    np.testing.assert_array_equal(coverage[:, 1], [0, 0, 0])  # every word is in some title
+
+
+def test_catalogue_coverage_counts_the_titles_that_know_each_query_word():
+    titles = ["steel claw hammer", "claw hammer set", "oak dining chair"]
+    coverage = student_tuning.catalogue_coverage(["claw hammer", "vacume", "oak hammer", ""], titles)
+    assert coverage.shape == (4, 6)
+    # claw and hammer are in two titles each; "vacume" is in none and splits into pieces.
+    np.testing.assert_allclose(coverage[0, :4], [0.0, np.log(3), np.log(3), np.log(3)])
+    assert coverage[1, 0] == 1.0 and coverage[1, 3] == 0.0 and coverage[1, 4] > 1
+    np.testing.assert_allclose(coverage[2, :4], [0.0, np.log(2), (np.log(2) + np.log(3)) / 2, np.log(3)])
+    assert coverage[0, 4] == 1.0  # "claw", "hammer": one WordPiece each
+    np.testing.assert_allclose(coverage[3], [1.0, 0.0, 0.0, 0.0, 1.0, 1.0])  # no words
+    assert student_tuning.catalogue_coverage([], titles).shape == (0, 6)
 
 
 def test_level_features_read_the_students_own_stand_in_for_the_query(tmp_path):
