@@ -246,10 +246,9 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
     if graph:
         echo(f"{'graph':>10}: {graph['nodes']['query']} queries, {graph['nodes']['item']} items, "
              f"{graph['edges']['after_hub_cap']} edges, {graph['capped_hubs']['total']} hubs capped")
-        if graph.get("table_min_impressions"):
-            quiet = graph["nodes_without_tables"]
+        if run_summary.nodes_without_tables(graph):
             echo(" " * 12 + f"without tables in BERM-O (< {graph['table_min_impressions']} "
-                 f"impressions): {quiet['query']} queries, {quiet['item']} items")
+                 f"impressions): {run_summary.nodes_without_tables(graph)}")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

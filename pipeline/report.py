@@ -23,7 +23,7 @@ import json
 import os
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from pipeline import eval_results
+from pipeline import eval_results, run_summary
 
 REPORT_DIR = "report"
 HTML_FILE = "report.html"
@@ -336,10 +336,9 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
                       ["capped hubs", graph["capped_hubs"]["total"]],
                       ["connected components", components.get("num_components", "-")],
                       ["largest component (nodes)", components.get("largest_component_size", "-")]]
-        if graph.get("table_min_impressions"):
-            quiet = graph["nodes_without_tables"]
+        if run_summary.nodes_without_tables(graph):
             graph_rows.append([f"without tables in BERM-O (< {graph['table_min_impressions']} impressions)",
-                               f"{quiet['query']} queries, {quiet['item']} items"])
+                               run_summary.nodes_without_tables(graph)])
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     # HTML

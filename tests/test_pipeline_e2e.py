@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pipeline import configs, local_runner
+from pipeline import configs, local_runner, run_summary
 
 pytestmark = pytest.mark.e2e
 
@@ -160,9 +160,16 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         nodes["BermServingExporter"]["outputs"]["serving_model"][0]["uri"]))
     assert manifest["title_vectors"] == len(vectors.titles)
     assert manifest["tables"]["nodes"] == {side: len(busy[side]) for side in ("query", "item")}
-    quiet = {side: len(volume[side]) - len(busy[side]) for side in ("query", "item")}
-    assert quiet["query"] > 0 and quiet["item"] > 0, "the tiny shop has nodes logged less often than the bound"
-    assert summary["graph"]["nodes_without_tables"] == quiet
+    without = {side: set(volume[side]) - busy[side] for side in ("query", "item")}
+    assert without["query"] and without["item"], "the tiny shop has nodes logged less often than the bound"
+    assert summary["graph"]["nodes_without_tables"] == dict(
+        {side: len(without[side]) for side in without},
+        **{f"{side}_impressions": sum(volume[side][k] for k in without[side]) for side in without},
+        num_impressions=sum(r["impressions"] for r in labelled))
+    # e.g. "3 queries (4.1 % of impressions), 82 items (20.3 %)"
+    without_tables = run_summary.nodes_without_tables(summary["graph"])
+    assert without_tables.startswith(f"{len(without['query'])} queries (") and " % of impressions), " \
+        f"{len(without['item'])} items (" in without_tables
 
     # Evaluation: TFMA metrics for both models on the held-out judged pairs; the student cleared
     # its gates, so BERM-O was pushed as version 1 of the TF Serving layout.
@@ -187,20 +194,20 @@ def test_default_data_runs_through_the_whole_dag(tmp_path):
         markdown = f.read()
     assert "Blessed and pushed" in markdown and "| auc | all pairs |" in markdown
     assert (f"| without tables in BERM-O (< {TABLE_MIN_IMPRESSIONS} impressions) | "
-            f"{quiet['query']} queries, {quiet['item']} items |") in markdown
+            f"{without_tables} |") in markdown
 
     # Progress names each step with its position and time.
     assert any(m.startswith("[1/20] ") and m.endswith("...") for m in messages)
     assert any("BermServingExporter done in" in m for m in messages)
     printed = []
     local_runner.print_summary(outcome, echo=printed.append)
-    assert (f"without tables in BERM-O (< {TABLE_MIN_IMPRESSIONS} impressions): {quiet['query']} "
-            f"queries, {quiet['item']} items") in "\n".join(printed)
+    assert (f"without tables in BERM-O (< {TABLE_MIN_IMPRESSIONS} impressions): "
+            f"{without_tables}") in "\n".join(printed)
     with open(os.path.join(tmp_path, "run", "run_summary.json")) as f:
         assert json.load(f)["inputs"]["logs"]["rows_in"] == summary["inputs"]["logs"]["rows_in"]
     with open(os.path.join(tmp_path, "run", "run_summary.md")) as f:
         assert (f"- without tables in BERM-O (fewer than {TABLE_MIN_IMPRESSIONS} impressions; "
-                f"cold-start path): {quiet['query']} queries, {quiet['item']} items") in f.read()
+                f"cold-start path): {without_tables}") in f.read()
     assert not os.path.exists(os.path.join(tmp_path, "run", "tmp")), "the steps' scratch outlived the run"
 
 

@@ -1374,8 +1374,9 @@ def _finalise_stats(pieces: Mapping[str, Any], config: GraphConfig) -> Dict[str,
     num_log_rows, num_invalid_rows; edges {total, after_min_weight, after_hub_cap};
     nodes {query, item} (after min weight) and nodes_after_hub_cap; degree and
     degree_after_hub_cap {query, item: :func:`degree_summary`}; capped_hubs {query, item,
-    total}; nodes_without_tables {query, item} (nodes whose tables ``table_min_impressions``
-    dropped); connected_components {computed, rounds, num_components,
+    total}; nodes_without_tables {query, item, query_impressions, item_impressions,
+    num_impressions} (how many nodes ``table_min_impressions`` left without tables, their
+    impressions, and the log's; zeros without a bound); connected_components {computed, rounds, num_components,
     largest_component_size} (on the capped graph); config.
     """
     def get(key, default=0):
@@ -1397,7 +1398,11 @@ def _finalise_stats(pieces: Mapping[str, Any], config: GraphConfig) -> Dict[str,
         "degree": degree,
         "degree_after_hub_cap": degree_after,
         "capped_hubs": dict(capped, total=sum(capped.values())),
-        "nodes_without_tables": {side: get(f"nodes_without_tables.{side}") for side in SIDES},
+        "nodes_without_tables": dict(
+            {side: get(f"nodes_without_tables.{side}") for side in SIDES},
+            **{f"{side}_impressions": get(f"nodes_without_tables.{side}_impressions")
+               for side in SIDES},
+            num_impressions=get("num_impressions")),
         "connected_components": dict(
             components, computed=config.compute_components, rounds=config.cc_rounds),
         "config": config.to_dict(),
@@ -1418,8 +1423,8 @@ def _node_impressions(keyed_row):
 @beam.typehints.with_output_types(Any)
 class _KeepBusyNodeTablesFn(beam.DoFn):
     """``((side, node), [(0, impressions)..., (1, record)...])`` -> the node's table records
-    if its impressions sum to at least ``min_impressions``; otherwise none, and the node's
-    side once to ``DROPPED`` (for ``graph_stats``)."""
+    if its impressions sum to at least ``min_impressions``; otherwise none, and
+    ``(side, impressions)`` once to ``DROPPED`` (for ``graph_stats``)."""
 
     DROPPED = "dropped"
 
@@ -1429,7 +1434,8 @@ class _KeepBusyNodeTablesFn(beam.DoFn):
 
     def process(self, element):
         (side, _), tagged = element
-        busy = sum(value for tag, value in tagged if tag == 0) >= self._min_impressions
+        impressions = sum(value for tag, value in tagged if tag == 0)
+        busy = impressions >= self._min_impressions
         dropped = False
         for tag, record in tagged:
             if tag != 1:
@@ -1440,12 +1446,20 @@ class _KeepBusyNodeTablesFn(beam.DoFn):
                 dropped = True
         if dropped:
             self._dropped.inc()
-            yield pvalue.TaggedOutput(self.DROPPED, side)
+            yield pvalue.TaggedOutput(self.DROPPED, (side, impressions))
+
+
+def _sum_pairs(pairs):
+    count = total = 0
+    for c, t in pairs:
+        count, total = count + c, total + t
+    return count, total
 
 
 def _busy_node_tables(label: str, tables, keyed_rows, min_impressions: int):
-    """(the records of nodes logged with >= min_impressions impressions, the sides of the
-    nodes whose records were dropped). Every logged node has a volume, so a record always
+    """(the records of nodes logged with >= min_impressions impressions, ``graph_stats``
+    pieces: per side the number of nodes whose records were dropped and their impressions,
+    and the log's impressions in all). Every logged node has a volume, so a record always
     meets its node's."""
     volumes = (keyed_rows
                | f"{label}NodeImpressions" >> beam.FlatMap(_node_impressions)
@@ -1455,7 +1469,19 @@ def _busy_node_tables(label: str, tables, keyed_rows, min_impressions: int):
     kept = (_tagged_join(label, volumes, keyed_tables)
             | f"{label}Keep" >> beam.ParDo(_KeepBusyNodeTablesFn(min_impressions)).with_outputs(
                 _KeepBusyNodeTablesFn.DROPPED, main="tables"))
-    return kept.tables, kept[_KeepBusyNodeTablesFn.DROPPED]
+    dropped = (kept[_KeepBusyNodeTablesFn.DROPPED]
+               | f"{label}DroppedCounts" >> beam.Map(lambda d: (d[0], (1, d[1])))
+               | f"{label}SumDropped" >> beam.CombinePerKey(_sum_pairs)
+               | f"{label}DroppedStats" >> beam.FlatMap(lambda kv: [
+                   (f"nodes_without_tables.{kv[0]}", kv[1][0]),
+                   (f"nodes_without_tables.{kv[0]}_impressions", kv[1][1])]))
+    # Each impression counts once per side: the query side's sum is the log's total.
+    total = (volumes
+             | f"{label}QueryVolumes" >> beam.FlatMap(
+                 lambda kv: [kv[1]] if kv[0][0] == QUERY else [])
+             | f"{label}TotalImpressions" >> beam.CombineGlobally(sum)
+             | f"{label}TotalStat" >> beam.Map(lambda n: ("num_impressions", n)))
+    return kept.tables, (dropped, total) | f"{label}Stats" >> beam.Flatten()
 
 
 # --------------------------------------------------------------------------------------
@@ -1534,9 +1560,9 @@ class ComputeNeighbourContexts(beam.PTransform):
             tables = table_parts | "FlattenTables" >> beam.Flatten()
         else:
             tables = rows.pipeline | "NoTables" >> beam.Create([])
-        dropped_sides = None
+        table_stats = None
         if cfg.table_min_impressions > 0:
-            tables, dropped_sides = _busy_node_tables(
+            tables, table_stats = _busy_node_tables(
                 "BusyNodeTables", tables, parsed.valid, cfg.table_min_impressions)
 
         capped_hubs = ((queries[_Tags.CAPPED], items[_Tags.CAPPED])
@@ -1555,11 +1581,8 @@ class ComputeNeighbourContexts(beam.PTransform):
             _named(parsed[_NormaliseRowFn.INVALID] | "CountInvalid" >> beam.combiners.Count.Globally(),
                    "num_invalid_rows"),
         ]
-        if dropped_sides is not None:
-            pieces.append(dropped_sides
-                          | "CountDroppedTables" >> beam.combiners.Count.PerElement()
-                          | "DroppedTablesStat" >> beam.Map(
-                              lambda kv: (f"nodes_without_tables.{kv[0]}", kv[1])))
+        if table_stats is not None:
+            pieces.append(table_stats)
         if cfg.compute_components:
             components = _connected_components(
                 "Components", cfg.cc_rounds, query_nodes[_Tags.CC_STATE],
