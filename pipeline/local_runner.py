@@ -246,9 +246,10 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
     if graph:
         echo(f"{'graph':>10}: {graph['nodes']['query']} queries, {graph['nodes']['item']} items, "
              f"{graph['edges']['after_hub_cap']} edges, {graph['capped_hubs']['total']} hubs capped")
-        if run_summary.nodes_without_tables(graph):
+        without_tables = run_summary.nodes_without_tables(graph)
+        if without_tables:
             echo(" " * 12 + f"without tables in BERM-O (< {graph['table_min_impressions']} "
-                 f"impressions): {run_summary.nodes_without_tables(graph)}")
+                 f"impressions): {without_tables}")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

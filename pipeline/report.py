@@ -336,9 +336,10 @@ def build_report(run_dir: str, output_dir: Optional[str] = None) -> Dict[str, st
                       ["capped hubs", graph["capped_hubs"]["total"]],
                       ["connected components", components.get("num_components", "-")],
                       ["largest component (nodes)", components.get("largest_component_size", "-")]]
-        if run_summary.nodes_without_tables(graph):
+        without_tables = run_summary.nodes_without_tables(graph)
+        if without_tables:
             graph_rows.append([f"without tables in BERM-O (< {graph['table_min_impressions']} impressions)",
-                               run_summary.nodes_without_tables(graph)])
+                               without_tables])
     created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
     # HTML

@@ -203,9 +203,10 @@ def to_markdown(summary: Dict[str, Any]) -> str:
                   f"{graph['capped_hubs']['total']} hubs capped)",
                   f"- connected components: {components.get('num_components', '-')} "
                   f"(largest {components.get('largest_component_size', '-')} nodes)"]
-        if nodes_without_tables(graph):
+        without_tables = nodes_without_tables(graph)
+        if without_tables:
             lines.append(f"- without tables in BERM-O (fewer than {graph['table_min_impressions']} "
-                         f"impressions; cold-start path): {nodes_without_tables(graph)}")
+                         f"impressions; cold-start path): {without_tables}")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

@@ -145,7 +145,7 @@ def read_sentence_vectors(directory: str) -> SentenceVectors:
     def in_text_order(kind):
         order = sorted(range(len(texts[kind])), key=texts[kind].__getitem__)
         stacked = np.concatenate(vectors[kind] or [np.zeros([0, dim], np.float32)])
-        return [texts[kind][i] for i in order], stacked[order].astype(np.float32).reshape([-1, dim])
+        return [texts[kind][i] for i in order], stacked[np.asarray(order, np.int64)]
 
     return SentenceVectors(*in_text_order(TITLE), *in_text_order(QUERY))
 
