@@ -7,8 +7,8 @@ differs. `KubeflowV2DagRunner` turns it into a pipeline spec (schema 2.1.0) in w
     with the config's `kubeflow.beam_pipeline_args` (DirectRunner in the step's container by
     default, or DataflowRunner / FlinkRunner: see the README);
   * what users change per run is a pipeline parameter with the config's value as its default
-    (RUNTIME_PARAMETERS below): input locations, the graph's k and neighbour count, the
-    teacher's epochs and the data gate's quarantine limit;
+    (`runtime_parameters` below): input locations, the graph's k, neighbour count and table
+    bound, the teacher's epochs and the data gate's quarantine limit;
   * the curated schemas are read from where the image installs them (`kubeflow.schema_dir`),
     and the trainer's `run_fn` is a module path of the installed project.
 
@@ -52,6 +52,9 @@ def runtime_parameters(config: PipelineConfig) -> List[Parameter]:
                   "highest metapath order k of the graph contexts and the student (0..3)"),
         Parameter("graph_top_n", int, int(config.graph.top_n),
                   "neighbours kept per node and metapath"),
+        Parameter("graph_table_min_impressions", int, int(config.graph.table_min_impressions),
+                  "impressions below which a query or item gets no neighbour tables in BERM-O "
+                  "and its title no stored vector (0: every logged node)"),
         Parameter("teacher_epochs", int, int(teacher_custom_config(config)["epochs"]),
                   "maximum epochs of the BERT teacher (early stopping may end it sooner)"),
     ]
@@ -74,6 +77,7 @@ def build_pipeline(config: PipelineConfig):
             max_quarantine_fraction=params["max_quarantine_fraction"],
             graph_max_order=params["graph_max_order"],
             graph_top_n=params["graph_top_n"],
+            graph_table_min_impressions=params["graph_table_min_impressions"],
             teacher_epochs=params["teacher_epochs"],
         ),
         schema_dir=kf.schema_dir,

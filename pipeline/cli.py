@@ -228,11 +228,13 @@ def _cmd_compile(args) -> int:
     job = runner.compile_pipeline(config, args.kubeflow)
     tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]
     print(f"Compiled pipeline '{config.name}' ({len(tasks)} steps) for Kubeflow Pipelines v2 / Vertex AI: {args.kubeflow}")
-    print(f"  {'image':>24}: {config.kubeflow.image}")
-    print(f"  {'pipeline root':>24}: {config.kubeflow.pipeline_root}")
-    print(f"  {'beam args':>24}: {' '.join(config.kubeflow.beam_pipeline_args) or '(none)'}")
-    for p in runner.runtime_parameters(config):
-        print(f"  {p.name:>24}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
+    parameters = runner.runtime_parameters(config)
+    width = max(len(p.name) for p in parameters)
+    print(f"  {'image':>{width}}: {config.kubeflow.image}")
+    print(f"  {'pipeline root':>{width}}: {config.kubeflow.pipeline_root}")
+    print(f"  {'beam args':>{width}}: {' '.join(config.kubeflow.beam_pipeline_args) or '(none)'}")
+    for p in parameters:
+        print(f"  {p.name:>{width}}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
     return 0
 
 

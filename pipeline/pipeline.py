@@ -50,6 +50,8 @@ class RunParameters:
     max_quarantine_fraction: Any = None  # float: the data gate's quarantine limit
     graph_max_order: Any = None  # int: metapath order k of the graph contexts (and the student's)
     graph_top_n: Any = None  # int: neighbours kept per node and metapath
+    # int: the impressions below which a node gets no tables in BERM-O (and its title no vector)
+    graph_table_min_impressions: Any = None
     teacher_epochs: Any = None  # int: the teacher's maximum epochs
 
 
@@ -121,6 +123,7 @@ def graph_components(config: PipelineConfig, ingestion: Dict[str, base_node.Base
         config=config.graph,
         max_order=run.graph_max_order,
         top_n=run.graph_top_n,
+        table_min_impressions=run.graph_table_min_impressions,
         eval_features=eval_feature_config(config),
     ).with_id("GraphContexts")
     return {graph.id: graph}
@@ -165,7 +168,7 @@ def student_components(config: PipelineConfig, nodes: Dict[str, base_node.BaseNo
         encoder = TitleEncoder(
             examples=nodes["GraphContexts"].outputs["log_examples"],
             query_split="train",
-            min_impressions=config.graph.table_min_impressions,
+            min_impressions=_given(run.graph_table_min_impressions, config.graph.table_min_impressions),
         ).with_id("TitleEncoder")
         out[encoder.id] = encoder
         title_vectors = encoder.outputs["title_vectors"]

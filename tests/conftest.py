@@ -32,6 +32,22 @@ def read_examples(split_dir):
     return records
 
 
+def write_title_split(root, split, pairs):
+    """One gzipped split of tf.Examples with `query`, `item_title` and, when a row has a third
+    value, `impressions`: `pairs` are (query, title) or (query, title, impressions) rows."""
+    import tensorflow as tf
+
+    os.makedirs(os.path.join(root, f"Split-{split}"))
+    with tf.io.TFRecordWriter(os.path.join(root, f"Split-{split}", "data.gz"), "GZIP") as writer:
+        for query, title, *impressions in pairs:
+            example = tf.train.Example()
+            example.features.feature["query"].bytes_list.value.append(query.encode())
+            example.features.feature["item_title"].bytes_list.value.append(title.encode())
+            if impressions:
+                example.features.feature["impressions"].int64_list.value.append(impressions[0])
+            writer.write(example.SerializeToString())
+
+
 def run_example_gen(tmp_path, kind, input_path, rules=None, input_format="auto", splits=(8, 1, 1)):
     """Runs SearchDataExampleGen's executor on one input; returns (examples by split, quarantine rows, summary)."""
     from tfx.proto import example_gen_pb2

@@ -25,7 +25,7 @@ LOCAL_BEAM_ARGS = ["--direct_running_mode=in_memory", "--direct_num_workers=1"]
 
 def cluster_settings(schema_dir, beam_args=CLUSTER_BEAM_ARGS):
     return {
-        "graph": {"max_order": 3, "top_n": 7},
+        "graph": {"max_order": 3, "top_n": 7, "table_min_impressions": 8},
         "teacher": {"settings": {"epochs": 2}},
         "data": {"max_quarantine_fraction": 0.02},
         "enable_cache": True,
@@ -164,7 +164,7 @@ def test_runtime_parameters_appear_with_their_defaults(compiled):
     expected_defaults = {"logs_uri": "gs://acme-ml/relkd/data/logs",
                          "judgments_uri": "gs://acme-ml/relkd/data/judgments",
                          "max_quarantine_fraction": 0.02, "graph_max_order": 3, "graph_top_n": 7,
-                         "teacher_epochs": 2}
+                         "graph_table_min_impressions": 8, "teacher_epochs": 2}
     assert {name: params[name].default for name in expected_defaults} == expected_defaults
     kinds = {str: "STRING", int: "NUMBER_INTEGER", float: "NUMBER_DOUBLE"}
     declared = _spec(job)["root"]["inputDefinitions"]["parameters"]
@@ -185,11 +185,14 @@ def test_runtime_parameters_appear_with_their_defaults(compiled):
         "max_quarantine_fraction": "DataValidationGate.max_quarantine_fraction",
         "graph_max_order": "GraphContexts.max_order",
         "graph_top_n": "GraphContexts.top_n",
+        "graph_table_min_impressions": "GraphContexts.table_min_impressions",
         "teacher_epochs": "TeacherTrainer.epochs",
     }
     for name, consumer in expected_consumers.items():
         assert consumer in consumers[name], name
     assert "StudentTrainer.max_order" in consumers["graph_max_order"]  # the student follows the graph
+    # The titles get vectors for the nodes that get tables.
+    assert "TitleEncoder.min_impressions" in consumers["graph_table_min_impressions"]
     # What is not a runtime parameter is compiled in from the config.
     example_gen = _tasks(job)["LogsExampleGen"]["inputs"]["parameters"]
     assert "*.csv" in example_gen["input_config"]["runtimeValue"]["constant"]
@@ -233,6 +236,8 @@ def test_the_local_pipeline_is_unchanged_by_the_kubeflow_knobs():
             assert not isinstance(value, RuntimeParameter), (component.id, name)
     by_id = {c.id: c for c in local.components}
     assert by_id["GraphContexts"].exec_properties.get("max_order") is None
+    assert by_id["GraphContexts"].exec_properties.get("table_min_impressions") is None
+    assert by_id["TitleEncoder"].exec_properties["min_impressions"] == config.graph.table_min_impressions
     assert by_id["TeacherTrainer"].exec_properties.get("epochs") is None
     assert by_id["DataValidationGate"].exec_properties["max_quarantine_fraction"] == config.data.max_quarantine_fraction
     schema_file = by_id["LogsSchemaImporter"].exec_properties["schema_file"]
@@ -338,6 +343,28 @@ def test_input_location_is_taken_per_run_without_the_local_driver(runnable_job, 
     assert sorted(os.listdir(examples["uri"])) == ["Split-eval", "Split-test", "Split-train"]
 
 
+def test_the_table_bound_is_taken_per_run(runnable_job, tmp_path):
+    from conftest import write_title_split
+    from trainer import sentence_vectors
+
+    examples = tmp_path / "examples"
+    # Impressions in all: cordless drill 5, hammer drill 4, paint brush 9; the query drill 7.
+    write_title_split(str(examples), "train", [("drill", "cordless drill", 3), ("drill", "hammer drill", 4),
+                                               ("hose", "garden hose", 1)])
+    write_title_split(str(examples), "eval", [("paint", "cordless drill", 2), ("brush", "paint brush", 9)])
+
+    def encoded(run, parameter_values=None):
+        output = run_task(runnable_job, "TitleEncoder", tmp_path / run, parameter_values=parameter_values,
+                          inputs={"examples": (str(examples), ["train", "eval"])})
+        [vectors] = output["artifacts"]["title_vectors"]["artifacts"]
+        got = sentence_vectors.read_sentence_vectors(vectors["uri"])
+        return got.titles, got.queries
+
+    assert encoded("compiled") == (["paint brush"], [])  # the compiled bound: 8
+    assert encoded("per_run", {"graph_table_min_impressions": 4}) == (
+        ["cordless drill", "hammer drill", "paint brush"], ["drill"])
+
+
 def _record_run_fn(fn_args):
     """Stands in for trainer.teacher.run_fn: records what the module would get."""
     os.makedirs(fn_args.serving_model_dir, exist_ok=True)
@@ -402,10 +429,13 @@ def test_graph_overrides_replace_the_json_config():
 
     base = {executor.GRAPH_CONFIG_KEY: json.dumps(GraphConfig(max_order=2, top_n=10, hub_cap=50).to_dict())}
     assert executor.graph_config(base) == GraphConfig(max_order=2, top_n=10, hub_cap=50)
-    overridden = executor.graph_config({**base, "max_order": 1, "top_n": 3})
-    assert (overridden.max_order, overridden.top_n, overridden.hub_cap) == (1, 3, 50)
+    overridden = executor.graph_config({**base, "max_order": 1, "top_n": 3, "table_min_impressions": 20})
+    assert (overridden.max_order, overridden.top_n, overridden.table_min_impressions,
+            overridden.hub_cap) == (1, 3, 20, 50)
     with pytest.raises(ValueError, match="max_order"):
         executor.graph_config({**base, "max_order": 9})
+    with pytest.raises(ValueError, match="table_min_impressions"):
+        executor.graph_config({**base, "table_min_impressions": -1})
 
 
 def test_runtime_settings_merge_into_custom_config():
@@ -518,6 +548,7 @@ def test_relkd_compile_from_a_non_editable_install(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Compiled pipeline 'relkd' (" in result.stdout and str(out) in result.stdout
     assert "teacher_epochs: 2 (int, runtime parameter)" in result.stdout
+    assert "  graph_table_min_impressions: 8 (int, runtime parameter)" in result.stdout
 
     with open(out) as f:
         job = json.load(f)

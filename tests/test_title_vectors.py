@@ -11,6 +11,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from tfx.types import artifact_utils, standard_artifacts
 
 from components import title_encoder
+from conftest import write_title_split
 from components.runtime_trainer import merged_exec_properties
 from trainer import berm_layers, sentence_vectors
 
@@ -32,26 +33,13 @@ def test_sentence_encoder_gives_unit_vectors_that_place_alike_titles_closer(enco
     assert encoder.encode([]).shape == (0, 384)
 
 
-def _write_split(root, split, pairs):
-    """`pairs`: (query, title) or (query, title, impressions) rows."""
-    os.makedirs(os.path.join(root, f"Split-{split}"))
-    with tf.io.TFRecordWriter(os.path.join(root, f"Split-{split}", "data.gz"), "GZIP") as writer:
-        for query, title, *impressions in pairs:
-            example = tf.train.Example()
-            example.features.feature["query"].bytes_list.value.append(query.encode())
-            example.features.feature["item_title"].bytes_list.value.append(title.encode())
-            if impressions:
-                example.features.feature["impressions"].int64_list.value.append(impressions[0])
-            writer.write(example.SerializeToString())
-
-
 def test_title_encoder_encodes_every_distinct_title_and_the_train_queries(tmp_path, encoder):
     examples = standard_artifacts.Examples()
     examples.uri = str(tmp_path / "examples")
     examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
-    _write_split(examples.uri, "train", [("drill", "cordless drill"), ("drill", "hammer drill"),
+    write_title_split(examples.uri, "train", [("drill", "cordless drill"), ("drill", "hammer drill"),
                                          ("hose", " garden hose "), ("hose", "")])
-    _write_split(examples.uri, "eval", [("paint", "cordless drill"), ("brush", "paint brush")])
+    write_title_split(examples.uri, "eval", [("paint", "cordless drill"), ("brush", "paint brush")])
     out = str(tmp_path / "vectors")
     options = PipelineOptions(["--direct_running_mode=in_memory", "--direct_num_workers=1"])
     with beam.Pipeline(options=options) as pipeline:
@@ -75,9 +63,9 @@ def test_title_encoder_leaves_out_texts_logged_less_than_min_impressions(tmp_pat
     examples.uri = str(tmp_path / "examples")
     examples.split_names = artifact_utils.encode_split_names(["train", "eval"])
     # Impressions are summed over a text's rows in every split it is read from.
-    _write_split(examples.uri, "train", [("drill", "cordless drill", 3), ("drill", "hammer drill", 4),
+    write_title_split(examples.uri, "train", [("drill", "cordless drill", 3), ("drill", "hammer drill", 4),
                                          ("hose", "garden hose", 1), ("hose", "hose reel", 2)])
-    _write_split(examples.uri, "eval", [("paint", "cordless drill", 2), ("brush", "paint brush", 9)])
+    write_title_split(examples.uri, "eval", [("paint", "cordless drill", 2), ("brush", "paint brush", 9)])
     out = str(tmp_path / "vectors")
     with beam.Pipeline(options=PipelineOptions(["--direct_num_workers=1"])) as pipeline:
         title_encoder.encode_texts(pipeline, examples, out, query_split="train", min_impressions=4)

@@ -23,6 +23,7 @@ class GraphContextsSpec(component_spec.ComponentSpec):
         # Override graph_config's fields of the same name when set (runtime parameters on Kubeflow).
         executor.MAX_ORDER_KEY: ExecutionParameter(type=int, optional=True),
         executor.TOP_N_KEY: ExecutionParameter(type=int, optional=True),
+        executor.TABLE_MIN_IMPRESSIONS_KEY: ExecutionParameter(type=int, optional=True),
         executor.EVAL_FEATURES_KEY: ExecutionParameter(type=str, optional=True),
     }
     INPUTS = {
@@ -55,8 +56,10 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
                  config: GraphConfig, data_report: Optional[channel.BaseChannel] = None,
                  max_order: Optional[Union[int, RuntimeParameter]] = None,
                  top_n: Optional[Union[int, RuntimeParameter]] = None,
-                 eval_features: Optional[EvalFeatureConfig] = None):
-        """`max_order` and `top_n`, when given (e.g. as RuntimeParameters), replace config's."""
+                 eval_features: Optional[EvalFeatureConfig] = None,
+                 table_min_impressions: Optional[Union[int, RuntimeParameter]] = None):
+        """`max_order`, `top_n` and `table_min_impressions`, when given (e.g. as
+        RuntimeParameters), replace config's."""
         spec = GraphContextsSpec(
             logs=logs,
             judgments=judgments,
@@ -64,6 +67,7 @@ class GraphContexts(base_beam_component.BaseBeamComponent):
             graph_config=json.dumps(config.to_dict(), sort_keys=True),
             max_order=max_order,
             top_n=top_n,
+            table_min_impressions=table_min_impressions,
             eval_features=json.dumps((eval_features or EvalFeatureConfig()).to_dict(), sort_keys=True),
             log_examples=channel.Channel(type=standard_artifacts.Examples),
             judgment_examples=channel.Channel(type=standard_artifacts.Examples),

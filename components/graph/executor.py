@@ -27,6 +27,7 @@ GRAPH_CONFIG_KEY = "graph_config"
 # ints, so the Kubeflow runner can make them runtime parameters (a JSON string cannot hold one).
 MAX_ORDER_KEY = "max_order"
 TOP_N_KEY = "top_n"
+TABLE_MIN_IMPRESSIONS_KEY = "table_min_impressions"
 # JSON of eval_features.EvalFeatureConfig: the label and slice features judged pairs get.
 EVAL_FEATURES_KEY = "eval_features"
 
@@ -77,9 +78,10 @@ def _attach_relevance(element):
 
 
 def graph_config(exec_properties: Dict[str, Any]) -> metapaths.GraphConfig:
-    """`graph_config` (JSON) with the `max_order` / `top_n` exec properties, when set, over it."""
+    """`graph_config` (JSON) with the `max_order` / `top_n` / `table_min_impressions` exec
+    properties, when set, over it."""
     values = json.loads(exec_properties[GRAPH_CONFIG_KEY])
-    for key in (MAX_ORDER_KEY, TOP_N_KEY):
+    for key in (MAX_ORDER_KEY, TOP_N_KEY, TABLE_MIN_IMPRESSIONS_KEY):
         if exec_properties.get(key) is not None:
             values[key] = int(exec_properties[key])
     return metapaths.GraphConfig(**values)
