@@ -474,13 +474,74 @@ def test_separate_component_rebuilds_berm_o_from_the_export(distilled, world, tm
         berm_serving.read_manifest(distilled["fn_args"].serving_model_dir)["tables"]["fingerprint"]
 
 
+def table_record(side, node, order, ids, texts, weights, metapath=None):
+    return metapaths.neighbour_record_to_tf_example({
+        "side": side, "node_id": node, "order": order, "neighbour_ids": ids, "neighbour_texts": texts,
+        "neighbour_weights": weights,
+        "metapath": metapaths.metapath_name(side, order) if metapath is None else metapath,
+    }).SerializeToString()
+
+
+def test_neighbour_tables_read_into_arrays(tmp_path, monkeypatch):
+    write_records(str(tmp_path / "tables-0.gz"), [
+        table_record("query", "drill", 1, ["P1", "P2", "P3", "P4"],
+                     ["cordless drill", "hammer drill", "drill bit", "saw"], [0.9, 0.8, 0.7, 0.6]),
+        table_record("item", "P1", 1, ["drill", "driver"], ["drill", "driver"], [0.5, 0.25]),
+        table_record("query", "drill", 2, ["driver", "saw", "bit"], ["driver", "saw", "bit"],
+                     [0.3, 0.2, 0.1], metapath=""),
+    ])
+    with tf.io.TFRecordWriter(str(tmp_path / "tables-1")) as writer:  # not gzipped
+        for record in (
+                table_record("query", "café", 1, ["P2"], ["hammer drill", "extra"], [1.0]),
+                table_record("query", "bob", 3, ["x"], ["never"], [1.0]),  # above max_order
+                table_record("item", "P2", 2, [], [], [])):
+            writer.write(record)
+    data = berm_serving.read_neighbour_tables(str(tmp_path), max_order=2, max_context_texts=2)
+
+    assert data.keys == {"query": ["café", "drill"], "item": ["P1", "P2"]}  # row = place + 1
+    assert data.records == {"query_o1": 2, "query_o2": 1, "item_o1": 1, "item_o2": 1}
+    # Texts are numbered from 1 in the order they are first met: side, order, then records read.
+    assert data.texts == ["cordless drill", "hammer drill", "drill bit", "driver", "saw", "drill"]
+    # Order 1 keeps one entry more than served (the lookup may drop the pair itself); a record
+    # keeps no more entries than its shortest list.
+    np.testing.assert_array_equal(data.neighbours["query_o1"], [[0, 0, 0], [2, 0, 0], [1, 2, 3]])
+    np.testing.assert_array_equal(data.weights["query_o1"],
+                                  np.array([[0, 0, 0], [1.0, 0, 0], [0.9, 0.8, 0.7]], np.float32))
+    np.testing.assert_array_equal(data.neighbour_ids["query_o1"],
+                                  [[b"", b"", b""], [b"P2", b"", b""], [b"P1", b"P2", b"P3"]])
+    np.testing.assert_array_equal(data.neighbours["query_o2"], [[0, 0], [0, 0], [4, 5]])
+    np.testing.assert_array_equal(data.weights["query_o2"], np.array([[0, 0], [0, 0], [0.3, 0.2]], np.float32))
+    np.testing.assert_array_equal(data.neighbours["item_o1"], [[0, 0, 0], [6, 4, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(data.neighbour_ids["item_o1"],
+                                  [[b"", b"", b""], [b"drill", b"driver", b""], [b"", b"", b""]])
+    np.testing.assert_array_equal(data.neighbours["item_o2"], np.zeros([3, 2]))
+    assert sorted(data.neighbour_ids) == ["item_o1", "query_o1"]
+    assert [f["name"] for f in data.source_files] == ["tables-0.gz", "tables-1"]
+    assert data.fingerprint() == berm_serving.read_neighbour_tables(str(tmp_path), 2, 2).fingerprint()
+
+    # Texts and nodes are made distinct by their fingerprints; were every fingerprint the same,
+    # the check behind them would fall back to comparing the strings themselves.
+    monkeypatch.setattr(tf.strings, "to_hash_bucket_fast", lambda strings, _: tf.zeros_like(strings, tf.int64))
+    collided = berm_serving.read_neighbour_tables(str(tmp_path), max_order=2, max_context_texts=2)
+    assert collided.texts == data.texts and collided.keys == data.keys
+    assert collided.fingerprint() == data.fingerprint()
+
+
 def test_neighbour_tables_reject_inconsistent_records(tmp_path):
-    bad = metapaths.neighbour_record_to_tf_example({
-        "side": "query", "node_id": "red drill", "metapath": "q-i", "order": 2, "neighbour_ids": ["P1"],
-        "neighbour_texts": ["red drill"], "neighbour_weights": [1.0]})
-    write_records(str(tmp_path / "tables-0.gz"), [bad.SerializeToString()])
-    with pytest.raises(ValueError, match="metapath"):
-        berm_serving.read_neighbour_tables(str(tmp_path), 2, 5)
+    def read(name, *files):
+        for i, records in enumerate(files):
+            write_records(str(tmp_path / name / f"tables-{i}.gz"), records)
+        return berm_serving.read_neighbour_tables(str(tmp_path / name), 2, 5)
+
+    good = table_record("query", "drill", 1, ["P1"], ["red drill"], [1.0])
+    with pytest.raises(ValueError, match="metapath 'q-i' does not match side query and order 2"):
+        read("metapath", [good, table_record("query", "red drill", 2, ["P1"], ["red drill"], [1.0], "q-i")])
+    with pytest.raises(ValueError, match="unknown side 'shop' for node 'P1'"):
+        read("side", [good, table_record("shop", "P1", 1, ["q"], ["q"], [1.0], "")])
+    with pytest.raises(ValueError, match="order 4 outside 1..3 for item 'P1'"):
+        read("order", [table_record("item", "P1", 4, ["q"], ["q"], [1.0], "")])
+    with pytest.raises(ValueError, match=r"tables-1.gz: query node 'drill' has two order-1 records"):
+        read("twice", [good], [table_record("query", "other", 1, ["P2"], ["t"], [1.0]), good])
     with pytest.raises(FileNotFoundError):
         berm_serving.read_neighbour_tables(str(tmp_path / "missing"), 2, 5)
 

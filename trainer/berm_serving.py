@@ -61,6 +61,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from absl import logging
 import numpy as np
+import pandas as pd
 import tensorflow as tf
 
 from trainer import student
@@ -189,72 +190,178 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
         not match side and order, or the same (side, node, order) twice.
     """
     files = _table_files(directory)
-    lists: Dict[str, Dict[str, Tuple[List[str], List[float]]]] = {
-        f"{side}_o{k}": {} for side in SIDES for k in range(1, max_order + 1)}
-    records = {name: 0 for name in lists}
-    for path in files:
+    names = [f"{side}_o{k}" for side in SIDES for k in range(1, max_order + 1)]
+    # Column by column in numpy, not record by record in Python: a log of millions of nodes
+    # has tens of millions of neighbour entries, and per-entry Python objects cost minutes and
+    # gigabytes at that size.
+    chunks: Dict[str, List[_TableChunk]] = {name: [] for name in names}
+    texts: Dict[str, List[tf.Tensor]] = {name: [] for name in names}  # each chunk's kept texts
+    for file_index, path in enumerate(files):
         dataset = tf.data.TFRecordDataset(path, compression_type="GZIP" if path.endswith(".gz") else "")
         for batch in dataset.batch(_READ_BATCH).map(lambda s: tf.io.parse_example(s, _TABLE_SPEC)):
-            texts, weights = batch["neighbour_texts"].to_list(), batch["neighbour_weights"].to_list()
-            ids = batch["neighbour_ids"].to_list()
-            for i, (side, node, metapath, order) in enumerate(zip(
-                    batch["side"].numpy(), batch["node_id"].numpy(), batch["metapath"].numpy(),
-                    batch["order"].numpy())):
-                side, node, metapath = side.decode(), node.decode("utf-8"), metapath.decode()
-                order = int(order)
-                if side not in SIDES:
-                    raise ValueError(f"{path}: unknown side {side!r} for node {node!r}")
-                if not 1 <= order <= 3:
-                    raise ValueError(f"{path}: order {order} outside 1..3 for {side} {node!r}")
-                if metapath and metapath != metapath_name(side, order):
-                    raise ValueError(f"{path}: metapath {metapath!r} does not match side {side} "
-                                     f"and order {order}")
-                if order > max_order:
-                    continue
-                name = f"{side}_o{order}"
-                if node in lists[name]:
-                    raise ValueError(f"{path}: {side} node {node!r} has two order-{order} records")
-                n = min(len(texts[i]), len(weights[i]), max_context_texts)
-                # One more entry than served: the lookup may drop the pair itself.
-                extra = min(len(texts[i]), len(weights[i]), len(ids[i]), max_context_texts + 1)
-                lists[name][node] = ([t.decode("utf-8") for t in texts[i][:extra]],
-                                     [float(w) for w in weights[i][:extra]],
-                                     list(ids[i][:extra]), n)
-                records[name] += 1
+            columns = {key: batch[key].numpy() for key in ("side", "node_id", "metapath", "order")}
+            _check_records(path, columns)
+            # Strings stay in tensors (no Python object per string) until they are made distinct.
+            lists = {key: (batch[key].flat_values, batch[key].row_splits.numpy())
+                     for key in ("neighbour_texts", "neighbour_weights", "neighbour_ids")}
+            for side in SIDES:
+                for order in range(1, max_order + 1):
+                    rows = np.flatnonzero((columns["side"] == side.encode()) & (columns["order"] == order))
+                    if rows.size:
+                        chunk, kept_texts = _TableChunk.take(batch["node_id"], lists, rows, order,
+                                                             max_context_texts, file_index)
+                        chunks[f"{side}_o{order}"].append(chunk)
+                        texts[f"{side}_o{order}"].append(kept_texts)
     data = NeighbourTablesData.empty(max_order, max_context_texts)
-    data.records = records
+    data.records = {name: sum(len(c.keep) for c in chunks[name]) for name in names}
     data.source_files = [_file_info(f) for f in files]
-    text_index: Dict[str, int] = {}
+    merged = {name: _TableChunk.concat(chunks.pop(name)) for name in names if chunks[name]}
+    for name, chunk in merged.items():
+        _check_unique_nodes(name, chunk, files)
+    # A text's index is the order of its first appearance, side by side, order by order, in the
+    # order the records were read, as the tables have always numbered them (the fingerprint).
+    distinct, text_index = _first_appearance([part for name in merged for part in texts.pop(name)])
+    data.texts = [text.decode("utf-8") for text in distinct]
+    text_ids = dict(zip(merged, np.split(np.concatenate(text_index or [[]]).astype(np.int32) + 1,
+                                         np.cumsum([len(c.positions) for c in merged.values()])[:-1])))
     for side in SIDES:
-        names = [f"{side}_o{k}" for k in range(1, max_order + 1)]
-        keys = sorted({node for name in names for node in lists[name]})
-        row = {node: r + 1 for r, node in enumerate(keys)}
-        data.keys[side] = keys
-        for name in names:
-            # Order-1 rows keep one entry more than served: dropping the pair itself at
-            # lookup then leaves the same neighbours the training examples got.
+        side_names = [f"{side}_o{k}" for k in range(1, max_order + 1)]
+        present = [name for name in side_names if name in merged]
+        nodes, node_index = _first_appearance([merged[name].nodes for name in present])
+        keys = [node.decode("utf-8") for node in nodes]
+        by_key = sorted(range(len(keys)), key=keys.__getitem__)
+        data.keys[side] = [keys[i] for i in by_key]
+        row_of_node = np.empty(len(keys), np.int64)
+        row_of_node[by_key] = np.arange(1, len(keys) + 1)
+        node_rows = dict(zip(present, (row_of_node[index] for index in node_index)))
+        for name in side_names:
             first_order = name.endswith("_o1")
             width = data.neighbours[name].shape[1] + (1 if first_order else 0)
             neighbours = np.zeros([len(keys) + 1, width], np.int32)
             weights = np.zeros(neighbours.shape, np.float32)
-            ids = np.full(neighbours.shape, b"", dtype=object)
-            for node, (texts, node_weights, node_ids, n) in lists[name].items():
-                keep = len(texts) if first_order else n
-                for j, (text, weight, nid) in enumerate(list(zip(texts, node_weights, node_ids))[:keep]):
-                    if text not in text_index:
-                        text_index[text] = len(text_index) + 1
-                    neighbours[row[node], j] = text_index[text]
-                    weights[row[node], j] = weight
-                    ids[row[node], j] = nid
+            if name in merged:
+                chunk = merged[name]
+                entry_rows = np.repeat(node_rows[name], chunk.keep)
+                neighbours[entry_rows, chunk.positions] = text_ids[name]
+                weights[entry_rows, chunk.positions] = chunk.weights
             data.neighbours[name], data.weights[name] = neighbours, weights
             if first_order:
+                ids = np.full(neighbours.shape, b"", dtype=object)
+                if name in merged:
+                    # One bytes object per distinct id, however many rows name it.
+                    distinct_ids, [id_index] = _first_appearance([chunk.ids])
+                    ids[entry_rows, chunk.positions] = np.array(distinct_ids, dtype=object)[id_index]
                 data.neighbour_ids[name] = ids
-    data.texts = sorted(text_index, key=text_index.get)
-    for name, count in records.items():
+    for name, count in data.records.items():
         if not count:
             logging.warning("BERM-O: no %s records in %s; that context is always empty", name,
                             directory)
     return data
+
+
+@dataclasses.dataclass
+class _TableChunk:
+    """Records of one (side, order), columns in read order: each node's kept entries, flat."""
+
+    nodes: tf.Tensor  # tf.string [records]
+    keep: np.ndarray  # int [records]: entries kept per record
+    positions: np.ndarray  # int [entries]: each entry's place in its record's list
+    weights: np.ndarray  # float32 [entries]
+    ids: tf.Tensor  # tf.string [entries] at order 1, [0] above
+    file_index: np.ndarray  # int [records]: which file each record came from
+
+    _STRINGS = ("nodes", "ids")
+
+    @classmethod
+    def take(cls, nodes: tf.Tensor, lists: Mapping[str, Tuple[tf.Tensor, np.ndarray]],
+             rows: np.ndarray, order: int, max_context_texts: int, file_index: int
+             ) -> Tuple["_TableChunk", tf.Tensor]:
+        """`rows` of a parsed batch (`nodes` its node ids, `lists` each neighbour list's flat
+        values and row splits), and their kept texts, which are numbered apart."""
+        lengths = {key: np.diff(splits)[rows] for key, (_, splits) in lists.items()}
+        texts_and_weights = np.minimum(lengths["neighbour_texts"], lengths["neighbour_weights"])
+        # Order-1 rows keep one entry more than served: dropping the pair itself at lookup
+        # then leaves the same neighbours the training examples got.
+        keep = np.minimum(np.minimum(texts_and_weights, lengths["neighbour_ids"]), max_context_texts + 1)
+        if order > 1:
+            keep = np.minimum(keep, max_context_texts)
+        record_start = np.cumsum(keep) - keep
+        positions = np.arange(int(keep.sum())) - np.repeat(record_start, keep)
+        # Only order 1 serves the neighbours' ids (BERM-O drops the pair itself by them).
+        wanted = [key for key in lists if order == 1 or key != "neighbour_ids"]
+        taken = {key: tf.gather(lists[key][0], np.repeat(lists[key][1][:-1][rows], keep) + positions)
+                 for key in wanted}
+        ids = taken.get("neighbour_ids", tf.constant([], tf.string))
+        return cls(tf.gather(nodes, rows), keep, positions, taken["neighbour_weights"].numpy(), ids,
+                   np.full(len(rows), file_index)), taken["neighbour_texts"]
+
+    @classmethod
+    def concat(cls, chunks: Sequence["_TableChunk"]) -> "_TableChunk":
+        def join(parts, strings):
+            return tf.concat(parts, axis=0) if strings else np.concatenate(parts)
+
+        return cls(*(join([getattr(c, f.name) for c in chunks], f.name in cls._STRINGS)
+                     for f in dataclasses.fields(cls)))
+
+
+def _first_appearance(parts: Sequence[tf.Tensor]) -> Tuple[List[bytes], List[np.ndarray]]:
+    """The distinct strings of `parts` in the order they first appear, and each part's strings'
+    indices into them."""
+    if not parts:
+        return [], []
+    # tf.unique hashes strings one by one (about 0.7 us each) and needs them in one tensor;
+    # pandas numbers their 64-bit fingerprints by first appearance in a fraction of that, and
+    # the parts are never copied into one. Every string is then compared with the one standing
+    # for its fingerprint, so a collision cannot merge two texts: it falls back to tf.unique.
+    fingerprints = np.concatenate([tf.strings.to_hash_bucket_fast(part, np.iinfo(np.int64).max).numpy()
+                                   for part in parts])
+    index, _ = pd.factorize(fingerprints)
+    seen = np.maximum.accumulate(index)
+    first = np.flatnonzero(np.diff(seen, prepend=-1) > 0)  # where each number first appears
+    bounds = np.cumsum([0] + [len(part) for part in parts])
+    firsts = np.split(first, np.searchsorted(first, bounds[1:-1]))
+    distinct = tf.concat([tf.gather(part, at - start) for part, at, start in zip(parts, firsts, bounds)],
+                         axis=0)
+    indices = np.split(index, bounds[1:-1])
+    if not all(bool(tf.reduce_all(tf.gather(distinct, at) == part)) for part, at in zip(parts, indices)):
+        distinct, index = tf.unique(tf.concat(parts, axis=0))
+        indices = np.split(index.numpy(), bounds[1:-1])
+    return distinct.numpy().tolist(), indices
+
+
+def _check_records(path: str, columns: Mapping[str, np.ndarray]) -> None:
+    """Raises on the first record with an unknown side, an order outside 1..3, or a metapath
+    (when given) that is not its side's and order's."""
+    side, order, metapath = columns["side"], columns["order"], columns["metapath"]
+    known_side = np.isin(side, [s.encode() for s in SIDES])
+    known_order = (order >= 1) & (order <= 3)
+    matching = metapath == b""
+    for s in SIDES:
+        for k in range(1, 4):
+            matching |= (side == s.encode()) & (order == k) & (metapath == metapath_name(s, k).encode())
+    bad = np.flatnonzero(~(known_side & known_order & matching))
+    if not bad.size:
+        return
+    i = bad[0]
+    node = columns["node_id"][i].decode("utf-8")
+    if not known_side[i]:
+        raise ValueError(f"{path}: unknown side {side[i].decode()!r} for node {node!r}")
+    if not known_order[i]:
+        raise ValueError(f"{path}: order {int(order[i])} outside 1..3 for {side[i].decode()} {node!r}")
+    raise ValueError(f"{path}: metapath {metapath[i].decode()!r} does not match side {side[i].decode()} "
+                     f"and order {int(order[i])}")
+
+
+def _check_unique_nodes(name: str, chunk: _TableChunk, files: Sequence[str]) -> None:
+    """Raises if a node has two records of one (side, order), naming the file of the second."""
+    nodes, [index] = _first_appearance([chunk.nodes])
+    # A record whose node's number is not above all before it repeats an earlier node.
+    repeats = np.flatnonzero(index[1:] <= np.maximum.accumulate(index)[:-1]) + 1
+    if repeats.size:
+        i = repeats[0]
+        side, order = name.split("_o")
+        raise ValueError(f"{files[chunk.file_index[i]]}: {side} node {nodes[index[i]].decode('utf-8')!r} "
+                         f"has two order-{order} records")
 
 
 # --- In-model tables ------------------------------------------------------------------
