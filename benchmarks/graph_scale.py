@@ -37,7 +37,6 @@ shuffle, so it is faster than in_memory on two cores but needs about twice the m
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
@@ -337,12 +336,7 @@ def main(argv=None) -> None:
     from benchmarks import teacher_homedepot as th
 
     # The sizes' figures with what they depend on: the machine, its load and the commit.
-    record = {"benchmark": "graph_scale",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": th.git_commit(),
-              "machine": dict(th.machine_info(), load_average_before=list(os.getloadavg())),
-              "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-              "runs": []}
+    record = th.sizes_record("graph_scale", args)
     for size in args.edges:
         edges = int(float(size))
         print(f"running {edges:,} rows, mode={args.mode}, workers={args.workers}, k={args.k} ...",
@@ -353,10 +347,7 @@ def main(argv=None) -> None:
         if args.out:  # keep what finished if a later size fails or is interrupted
             with open(args.out, "w") as f:
                 json.dump(record, f, indent=2, sort_keys=True)
-    print()
-    print(markdown_table(record["runs"]))
-    record["machine"]["load_average_after"] = list(os.getloadavg())
-    th.write_result(args.out, record)
+    th.finish_sizes_record(record, markdown_table(record["runs"]), args.out)
 
 
 if __name__ == "__main__":

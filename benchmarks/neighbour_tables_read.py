@@ -17,7 +17,6 @@ fingerprint, which a change that must not alter the arrays keeps.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import random
@@ -132,20 +131,12 @@ def main(argv=None) -> None:
 
     from benchmarks import teacher_homedepot as th
 
-    record = {"benchmark": "neighbour_tables_read",
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "git_commit": th.git_commit(),
-              "machine": dict(th.machine_info(), load_average_before=list(os.getloadavg())),
-              "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
-              "runs": []}
+    record = th.sizes_record("neighbour_tables_read", args)
     for size in args.nodes:
         result = _run_size(int(float(size)), args)
         print(json.dumps(result, sort_keys=True), flush=True)
         record["runs"].append(result)
-    print()
-    print(markdown_table(record["runs"]))
-    record["machine"]["load_average_after"] = list(os.getloadavg())
-    th.write_result(args.out, record)
+    th.finish_sizes_record(record, markdown_table(record["runs"]), args.out)
 
 
 if __name__ == "__main__":

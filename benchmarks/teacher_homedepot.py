@@ -269,6 +269,25 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def sizes_record(benchmark: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """The JSON of a benchmark run size by size, before its sizes: what, when, at which commit,
+    on what machine under what load, with which settings (`args`, less the `child_*` ones)."""
+    return {"benchmark": benchmark,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git_commit": git_commit(),
+            "machine": dict(machine_info(), load_average_before=list(os.getloadavg())),
+            "settings": {k: v for k, v in vars(args).items() if not k.startswith("child")},
+            "runs": []}
+
+
+def finish_sizes_record(record: Dict[str, Any], table: str, path: Optional[str]) -> None:
+    """Prints the sizes' Markdown `table`, adds the load after them and writes `record`."""
+    print()
+    print(table)
+    record["machine"]["load_average_after"] = list(os.getloadavg())
+    write_result(path, record)
+
+
 def write_result(path: Optional[str], result: Dict[str, Any]) -> None:
     """A benchmark's result as sorted, indented JSON at `path` (nothing when path is None)."""
     if not path:
