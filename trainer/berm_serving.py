@@ -216,42 +216,42 @@ def read_neighbour_tables(directory: str, max_order: int, max_context_texts: int
     data.records = {name: sum(len(c.keep) for c in chunks[name]) for name in names}
     data.source_files = [_file_info(f) for f in files]
     merged = {name: _TableChunk.concat(chunks.pop(name)) for name in names if chunks[name]}
-    for name, chunk in merged.items():
-        _check_unique_nodes(name, chunk, files)
+    node_rows = {}  # per (side, order) present, each record's row
+    for side in SIDES:
+        present = [name for name in names if name.startswith(f"{side}_") and name in merged]
+        nodes, node_index = _first_appearance([merged[name].nodes for name in present])
+        keys = [node.decode("utf-8") for node in nodes]
+        for name, index in zip(present, node_index):
+            _check_unique_nodes(name, index, keys, merged[name].file_index, files)
+        by_key = sorted(range(len(keys)), key=keys.__getitem__)
+        data.keys[side] = [keys[i] for i in by_key]
+        row_of_node = np.empty(len(keys), np.int64)
+        row_of_node[by_key] = np.arange(1, len(keys) + 1)
+        node_rows.update((name, row_of_node[index]) for name, index in zip(present, node_index))
     # A text's index is the order of its first appearance, side by side, order by order, in the
     # order the records were read, as the tables have always numbered them (the fingerprint).
     distinct, text_index = _first_appearance([part for name in merged for part in texts.pop(name)])
     data.texts = [text.decode("utf-8") for text in distinct]
     text_ids = dict(zip(merged, np.split(np.concatenate(text_index or [[]]).astype(np.int32) + 1,
                                          np.cumsum([len(c.positions) for c in merged.values()])[:-1])))
-    for side in SIDES:
-        side_names = [f"{side}_o{k}" for k in range(1, max_order + 1)]
-        present = [name for name in side_names if name in merged]
-        nodes, node_index = _first_appearance([merged[name].nodes for name in present])
-        keys = [node.decode("utf-8") for node in nodes]
-        by_key = sorted(range(len(keys)), key=keys.__getitem__)
-        data.keys[side] = [keys[i] for i in by_key]
-        row_of_node = np.empty(len(keys), np.int64)
-        row_of_node[by_key] = np.arange(1, len(keys) + 1)
-        node_rows = dict(zip(present, (row_of_node[index] for index in node_index)))
-        for name in side_names:
-            first_order = name.endswith("_o1")
-            width = data.neighbours[name].shape[1] + (1 if first_order else 0)
-            neighbours = np.zeros([len(keys) + 1, width], np.int32)
-            weights = np.zeros(neighbours.shape, np.float32)
+    for name in names:
+        first_order = name.endswith("_o1")
+        width = data.neighbours[name].shape[1] + (1 if first_order else 0)
+        neighbours = np.zeros([len(data.keys[name.split("_o")[0]]) + 1, width], np.int32)
+        weights = np.zeros(neighbours.shape, np.float32)
+        if name in merged:
+            chunk = merged[name]
+            entry_rows = np.repeat(node_rows[name], chunk.keep)
+            neighbours[entry_rows, chunk.positions] = text_ids[name]
+            weights[entry_rows, chunk.positions] = chunk.weights
+        data.neighbours[name], data.weights[name] = neighbours, weights
+        if first_order:
+            ids = np.full(neighbours.shape, b"", dtype=object)
             if name in merged:
-                chunk = merged[name]
-                entry_rows = np.repeat(node_rows[name], chunk.keep)
-                neighbours[entry_rows, chunk.positions] = text_ids[name]
-                weights[entry_rows, chunk.positions] = chunk.weights
-            data.neighbours[name], data.weights[name] = neighbours, weights
-            if first_order:
-                ids = np.full(neighbours.shape, b"", dtype=object)
-                if name in merged:
-                    # One bytes object per distinct id, however many rows name it.
-                    distinct_ids, [id_index] = _first_appearance([chunk.ids])
-                    ids[entry_rows, chunk.positions] = np.array(distinct_ids, dtype=object)[id_index]
-                data.neighbour_ids[name] = ids
+                # One bytes object per distinct id, however many rows name it.
+                distinct_ids, [id_index] = _first_appearance([chunk.ids])
+                ids[entry_rows, chunk.positions] = np.array(distinct_ids, dtype=object)[id_index]
+            data.neighbour_ids[name] = ids
     for name, count in data.records.items():
         if not count:
             logging.warning("BERM-O: no %s records in %s; that context is always empty", name,
@@ -352,16 +352,16 @@ def _check_records(path: str, columns: Mapping[str, np.ndarray]) -> None:
                      f"and order {int(order[i])}")
 
 
-def _check_unique_nodes(name: str, chunk: _TableChunk, files: Sequence[str]) -> None:
-    """Raises if a node has two records of one (side, order), naming the file of the second."""
-    nodes, [index] = _first_appearance([chunk.nodes])
-    # A record whose node's number is not above all before it repeats an earlier node.
-    repeats = np.flatnonzero(index[1:] <= np.maximum.accumulate(index)[:-1]) + 1
+def _check_unique_nodes(name: str, index: np.ndarray, keys: Sequence[str], file_index: np.ndarray,
+                        files: Sequence[str]) -> None:
+    """Raises if a node has two records of one (side, order) (`index`: each record's node in
+    `keys`, in read order), naming the file of the earliest second record."""
+    by_node = np.argsort(index, kind="stable")
+    repeats = by_node[1:][index[by_node[1:]] == index[by_node[:-1]]]
     if repeats.size:
-        i = repeats[0]
+        i = repeats.min()
         side, order = name.split("_o")
-        raise ValueError(f"{files[chunk.file_index[i]]}: {side} node {nodes[index[i]].decode('utf-8')!r} "
-                         f"has two order-{order} records")
+        raise ValueError(f"{files[file_index[i]]}: {side} node {keys[index[i]]!r} has two order-{order} records")
 
 
 # --- In-model tables ------------------------------------------------------------------
