@@ -232,7 +232,7 @@ def _cmd_compile(args) -> int:
     width = max(len(p.name) for p in parameters)
     print(f"  {'image':>{width}}: {config.kubeflow.image}")
     print(f"  {'pipeline root':>{width}}: {config.kubeflow.pipeline_root}")
-    print(f"  {'beam args':>{width}}: {' '.join(config.kubeflow.beam_pipeline_args) or '(none)'}")
+    print(f"  {'beam args':>{width}}: {' '.join(runner.step_beam_args(config)) or '(none)'}")
     for p in parameters:
         print(f"  {p.name:>{width}}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
     return 0

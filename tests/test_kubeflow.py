@@ -343,6 +343,26 @@ def test_input_location_is_taken_per_run_without_the_local_driver(runnable_job, 
     assert sorted(os.listdir(examples["uri"])) == ["Split-eval", "Split-test", "Split-train"]
 
 
+def test_a_beam_step_in_its_own_container_packs_no_tfx_sdist(runnable_job, tmp_path, monkeypatch):
+    # DirectRunner arguments: Beam runs in the step's pod, which has TFX already; without the
+    # image flag the compiler adds, TFX would build an sdist of itself here (README, "Beam at scale").
+    from tfx.utils import dependency_utils
+
+    built = []
+    monkeypatch.setattr(dependency_utils, "build_ephemeral_package", lambda: built.append(1) or "x")
+    [task_args] = {tuple(a for a in executor["container"]["args"] if a.startswith("--direct") or
+                         a.startswith("--sdk_container_image"))
+                   for executor in _spec(runnable_job)["deploymentSpec"]["executors"].values()
+                   if "container" in executor}
+    assert task_args == (*LOCAL_BEAM_ARGS, "--sdk_container_image=europe-docker.pkg.dev/acme-ml/ml/relkd:1.2.3")
+    data = tmp_path / "logs"
+    data.mkdir()
+    (data / "logs.csv").write_text("query,item_id,item_title,impressions,clicks\n"
+                                   + "".join(f"q{i},P{i},Item {i},10,1\n" for i in range(20)))
+    output = run_task(runnable_job, "LogsExampleGen", tmp_path / "run", parameter_values={"logs_uri": str(data)})
+    assert output["artifacts"]["examples"]["artifacts"] and built == []
+
+
 def test_the_table_bound_is_taken_per_run(runnable_job, tmp_path):
     from conftest import write_title_split
     from trainer import sentence_vectors
@@ -620,3 +640,35 @@ def test_readme_cluster_examples_ship_no_package_of_tfx_to_their_workers():
     assert len(cluster) == 2
     for args in cluster:
         assert dependency_utils.make_beam_dependency_flags(list(args)) == args
+
+
+@pytest.mark.parametrize("args, added", [
+    (None, True),  # the default: multi_processing DirectRunner in the step's container
+    ([], True),
+    (["--runner=DirectRunner", "--direct_num_workers=2"], True),
+    (["--runner=direct"], True),
+    (["--setup_file=/app/setup.py"], False),
+    (["--sdk_container_image=registry/other:1"], False),
+    (["--runner=FlinkRunner", "--flink_master=flink:8081"], False),
+    (CLUSTER_BEAM_ARGS, False),
+])
+def test_steps_running_beam_in_their_container_name_the_image_so_tfx_ships_nothing(
+        args, added, monkeypatch):
+    from tfx.utils import dependency_utils
+
+    from kubeflow import runner
+
+    def build():
+        raise AssertionError("TFX built an sdist of itself")
+
+    monkeypatch.setattr(dependency_utils, "build_ephemeral_package", build)
+
+    settings = {"kubeflow": {"image": "registry/relkd:7"}}
+    if args is not None:
+        settings["kubeflow"]["beam_pipeline_args"] = args
+    config = configs.load_config(overrides=settings)
+    step_args = runner.step_beam_args(config)
+    given = list(config.kubeflow.beam_pipeline_args)
+    assert step_args == given + (["--sdk_container_image=registry/relkd:7"] if added else [])
+    if added:
+        assert dependency_utils.make_beam_dependency_flags(list(step_args)) == step_args
