@@ -76,7 +76,7 @@ def run_once(tmp_path, model_dir, config):
     tfx.orchestration.LocalDagRunner().run(tfx.dsl.Pipeline(
         pipeline_name="gates", pipeline_root=root, components=[examples, model, *nodes.values()],
         metadata_connection_config=tfx.orchestration.metadata.sqlite_metadata_connection_config(metadata),
-        beam_pipeline_args=["--direct_running_mode=in_memory", "--direct_num_workers=1"]))
+        beam_pipeline_args=list(config.beam_pipeline_args)))
     return run_summary.collect(metadata, "gates", NODE_IDS, gates=config.evaluation.gates,
                                ndcg_k=config.evaluation.ndcg_k)
 

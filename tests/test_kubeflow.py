@@ -603,6 +603,20 @@ def test_relkd_compile_reports_config_errors(tmp_path):
     assert not (tmp_path / "p.json").exists()
 
 
+def test_relkd_compile_prints_the_beam_arguments_the_steps_get(tmp_path, capsys):
+    from pipeline import cli
+
+    out = tmp_path / "p.json"
+    assert cli.main(["compile", "--kubeflow", str(out), "--image", "registry.example/relkd:9"]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert ("beam args: --direct_running_mode=multi_processing --direct_num_workers=0 "
+            "--sdk_container_image=registry.example/relkd:9") in printed
+    with open(out) as f:
+        executors = _spec(json.load(f))["deploymentSpec"]["executors"].values()
+    assert all(e["container"]["args"][-1] == "--sdk_container_image=registry.example/relkd:9"
+               for e in executors if "container" in e)
+
+
 # --- the README's worked examples ---------------------------------------------------------------
 
 def _readme_kubeflow_yaml_blocks():
