@@ -6,6 +6,7 @@ differs. `KubeflowV2DagRunner` turns it into a pipeline spec (schema 2.1.0) in w
   * every step runs in the project's image (kubeflow/Dockerfile; `config.kubeflow.image`),
     with the config's `kubeflow.beam_pipeline_args` (DirectRunner in the step's container by
     default, or DataflowRunner / FlinkRunner: see the README; `step_beam_args`);
+  * steps named in `kubeflow.resources` get those CPU and memory limits (`set_step_resources`);
   * what users change per run is a pipeline parameter with the config's value as its default
     (`runtime_parameters` below): input locations, the graph's k, neighbour count and table
     bound, the teacher's epochs and the data gate's quarantine limit;
@@ -19,12 +20,13 @@ wants. Both carry the parameters' defaults in the spec itself.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 from typing import Any, Dict, List, Optional
 
 import yaml
 
-from pipeline.configs import PipelineConfig, teacher_custom_config
+from pipeline.configs import ConfigError, PipelineConfig, teacher_custom_config
 from pipeline.pipeline import InputSpec, RunParameters, create_pipeline
 
 
@@ -77,16 +79,58 @@ def step_beam_args(config: PipelineConfig) -> List[str]:
     which runs that image. Without it TFX would build an sdist of itself in every Beam step's
     pod (1.5-3 s and 28 MB each here) that the DirectRunner never reads.
     """
-    from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
     args = list(config.kubeflow.beam_pipeline_args)
-    options = PipelineOptions(args)
-    runner = options.view_as(StandardOptions).runner
-    in_step = runner is None or runner.lower().removesuffix("runner") in _DIRECT_RUNNERS
-    given = options.get_all_options()
-    if in_step and not any(given.get(name) for name in _SHIPPING_OPTIONS):
+    if not args:  # TFX infers nothing from no arguments
+        return args
+    options = _beam_options(args)
+    if _runs_in_step(options) and not any(options.get(name) for name in _SHIPPING_OPTIONS):
         args.append(f"--sdk_container_image={config.kubeflow.image}")
     return args
+
+
+def _beam_options(args: List[str]) -> Dict[str, Any]:
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    return PipelineOptions(args).get_all_options()
+
+
+def _runs_in_step(options: Dict[str, Any]) -> bool:
+    runner = options.get("runner")
+    return runner is None or runner.lower().removesuffix("runner") in _DIRECT_RUNNERS
+
+
+def set_step_resources(tfx_pipeline, config: PipelineConfig) -> None:
+    """Puts `kubeflow.resources` on the steps they name, as TFX's ResourceSpec (CPU and memory
+    limits, which the compiler copies into each step's container spec).
+
+    A Beam step that runs Beam in its own container with a worker per core
+    (`--direct_num_workers=0`, the default) and gets a CPU limit also gets that many workers:
+    Beam counts the machine's cores (`multiprocessing.cpu_count()`), not the pod's limit, and on
+    a large node would start more processes than the pod has room for.
+    """
+    from kfp.pipeline_spec import pipeline_spec_pb2
+    from tfx.dsl.components.base.base_beam_component import BaseBeamComponent
+    from tfx.dsl.components.base.base_component import BaseComponent
+
+    # Resolvers compile into metadata queries, not containers.
+    steps = {c.id: c for c in tfx_pipeline.components if isinstance(c, BaseComponent)}
+    options = _beam_options(step_beam_args(config))
+    worker_per_core = (_runs_in_step(options) and options.get("direct_num_workers") == 0
+                       and options.get("direct_running_mode") in ("multi_processing",
+                                                                   "multi_threading"))
+    for step, limits in config.kubeflow.resources.items():
+        if step not in steps:
+            close = difflib.get_close_matches(step, sorted(steps), n=1)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"kubeflow.resources: no step '{step}' runs a container{guess}; "
+                              f"steps: {', '.join(sorted(steps))}")
+        component = steps[step]
+        component.with_platform_config(
+            pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.ResourceSpec(
+                cpu_limit=limits.get("cpu", 0), memory_limit=limits.get("memory_gb", 0)))
+        if worker_per_core and "cpu" in limits and isinstance(component, BaseBeamComponent):
+            # After the pipeline's own arguments, so Beam takes this count.
+            component.with_beam_pipeline_args([f"--direct_num_workers={max(1, int(limits['cpu']))}"])
 
 
 def build_pipeline(config: PipelineConfig):
@@ -96,7 +140,7 @@ def build_pipeline(config: PipelineConfig):
     params = {p.name: tfx.dsl.experimental.RuntimeParameter(name=p.name, ptype=p.ptype, default=p.default)
               for p in runtime_parameters(config)}
     kf = config.kubeflow
-    return create_pipeline(
+    tfx_pipeline = create_pipeline(
         config,
         pipeline_root=kf.pipeline_root,
         logs=InputSpec(base=params["logs_uri"], pattern=kf.logs_pattern),
@@ -112,6 +156,8 @@ def build_pipeline(config: PipelineConfig):
         schema_dir=kf.schema_dir,
         serving_base=config.serving.base_directory or kf.serving_base,
     )
+    set_step_resources(tfx_pipeline, config)
+    return tfx_pipeline
 
 
 def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) -> Dict[str, Any]:

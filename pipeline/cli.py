@@ -233,6 +233,11 @@ def _cmd_compile(args) -> int:
     print(f"  {'image':>{width}}: {config.kubeflow.image}")
     print(f"  {'pipeline root':>{width}}: {config.kubeflow.pipeline_root}")
     print(f"  {'beam args':>{width}}: {' '.join(runner.step_beam_args(config)) or '(none)'}")
+    limits = "; ".join(
+        f"{step} " + ", ".join(f"cpu {v:g}" if k == "cpu" else f"memory {v:g} GB"
+                               for k, v in sorted(step_limits.items()))
+        for step, step_limits in sorted(config.kubeflow.resources.items()))
+    print(f"  {'resources':>{width}}: {limits or 'the platform defaults'}")
     for p in parameters:
         print(f"  {p.name:>{width}}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
     return 0

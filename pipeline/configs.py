@@ -105,6 +105,14 @@ class KubeflowConfig:
     beam_pipeline_args: List[str] = dataclasses.field(
         default_factory=lambda: ["--direct_running_mode=multi_processing", "--direct_num_workers=0"]
     )
+    # CPU and memory limits per step, by step id (e.g. StudentTrainer: {cpu: 8, memory_gb: 32}):
+    # Vertex AI picks each step's machine from them, Kubeflow Pipelines sets them on the pod.
+    # Steps left out get the platform's default (kubeflow/runner.py, `step_resources`).
+    resources: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
+
+
+# What a step's entry in `kubeflow.resources` may set.
+RESOURCE_KEYS = ("cpu", "memory_gb")
 
 
 @dataclasses.dataclass
@@ -315,6 +323,13 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"serving.model_name must be a plain name, got {config.serving.model_name!r}")
     if not config.kubeflow.image.strip():
         raise ConfigError("kubeflow.image must name a container image")
+    for step, limits in config.kubeflow.resources.items():
+        where = f"kubeflow.resources.{step}"
+        if not isinstance(limits, dict) or not limits or set(limits) - set(RESOURCE_KEYS):
+            raise ConfigError(f"{where} takes {' and/or '.join(RESOURCE_KEYS)}, got {limits!r}")
+        for key, value in limits.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConfigError(f"{where}.{key} must be a positive number, got {value!r}")
     return config
 
 

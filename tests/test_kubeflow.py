@@ -506,6 +506,12 @@ def test_mysql_metadata_is_built_from_settings_and_the_password_from_the_environ
     ("metadata:\n  mysql:\n    port: 0\n", "metadata.mysql.port"),
     ("kubeflow:\n  image: ''\n", "kubeflow.image"),
     ("kubeflow:\n  beam_pipeline_args: --runner=DataflowRunner\n", "must be a list"),
+    ("kubeflow:\n  resources:\n    StudentTrainer: {cpus: 8}\n", "StudentTrainer takes cpu and/or memory_gb"),
+    ("kubeflow:\n  resources:\n    StudentTrainer: {}\n", "StudentTrainer takes cpu"),
+    ("kubeflow:\n  resources:\n    StudentTrainer: 8\n", "StudentTrainer takes cpu"),
+    ("kubeflow:\n  resources:\n    StudentTrainer: {cpu: -1}\n", "StudentTrainer.cpu must be a positive number"),
+    ("kubeflow:\n  resources:\n    StudentTrainer: {memory_gb: 32GB}\n", "memory_gb must be a positive number"),
+    ("kubeflow:\n  resources: [StudentTrainer]\n", "must be a mapping"),
 ])
 def test_bad_kubeflow_and_metadata_settings_are_rejected(tmp_path, text, message):
     path = tmp_path / "c.yaml"
@@ -611,10 +617,71 @@ def test_relkd_compile_prints_the_beam_arguments_the_steps_get(tmp_path, capsys)
     printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert ("beam args: --direct_running_mode=multi_processing --direct_num_workers=0 "
             "--sdk_container_image=registry.example/relkd:9") in printed
+    assert "resources: the platform defaults" in printed
     with open(out) as f:
         executors = _spec(json.load(f))["deploymentSpec"]["executors"].values()
     assert all(e["container"]["args"][-1] == "--sdk_container_image=registry.example/relkd:9"
                for e in executors if "container" in e)
+
+
+def _executors_by_step(job):
+    return {label[:-len("_executor")]: executor
+            for label, executor in _spec(job)["deploymentSpec"]["executors"].items()}
+
+
+@pytest.mark.parametrize("beam_args, graph_workers", [
+    (None, 4),  # the default: a worker per core of the machine, now as many as the CPU limit
+    (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], 2),  # the user's count
+    (CLUSTER_BEAM_ARGS, None),  # Dataflow: the limit is the launcher's pod, not Beam's workers
+])
+def test_step_resources_reach_the_containers_and_bound_beam_workers(beam_args, graph_workers):
+    from kubeflow import runner
+
+    settings = {"image": "registry/relkd:7", "resources": {
+        "StudentTrainer": {"cpu": 8, "memory_gb": 32}, "GraphContexts": {"cpu": 4.5},
+        "TeacherTrainer": {"memory_gb": 24}}}
+    if beam_args is not None:
+        settings["beam_pipeline_args"] = beam_args
+    config = configs.load_config(overrides={"kubeflow": settings})
+    executors = _executors_by_step(runner.compile_pipeline(config))
+    resources = {step: e["container"]["resources"] for step, e in executors.items()
+                 if "resources" in e.get("container", {})}
+    assert resources == {"StudentTrainer": {"cpuLimit": 8.0, "memoryLimit": 32.0},
+                         "GraphContexts": {"cpuLimit": 4.5}, "TeacherTrainer": {"memoryLimit": 24.0}}
+    step_args = runner.step_beam_args(config)
+    for step, executor in executors.items():
+        if "container" not in executor:
+            continue
+        args = executor["container"]["args"]
+        if step == "GraphContexts" and beam_args is None:
+            assert args[-len(step_args) - 1:] == step_args + ["--direct_num_workers=4"]
+        else:  # TeacherTrainer runs no Beam; StudentTrainer neither
+            assert args[-len(step_args):] == step_args, step
+        if step == "GraphContexts":
+            workers = runner._beam_options(args[-len(step_args) - 1:])["direct_num_workers"]
+            assert workers == (graph_workers or 1), args
+
+
+def test_relkd_compile_prints_the_step_resources(tmp_path, capsys):
+    from pipeline import cli
+
+    path = tmp_path / "c.yaml"
+    path.write_text("kubeflow:\n  resources:\n    StudentTrainer: {cpu: 8, memory_gb: 32}\n"
+                    "    GraphContexts: {cpu: 4}\n")
+    assert cli.main(["compile", "--kubeflow", str(tmp_path / "p.json"), "--config", str(path)]) == 0
+    printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    assert "resources: GraphContexts cpu 4; StudentTrainer cpu 8, memory 32 GB" in printed
+
+
+def test_resources_for_a_step_that_runs_no_container_are_refused():
+    from kubeflow import runner
+
+    for step, message in [("StudentTrainr", "no step 'StudentTrainr' runs a container \\(did you mean "
+                                            "'StudentTrainer'\\?\\); steps: BermServingExporter, "),
+                          ("LatestBlessedStudent", "no step 'LatestBlessedStudent' runs a container")]:
+        config = configs.load_config(overrides={"kubeflow": {"resources": {step: {"cpu": 2}}}})
+        with pytest.raises(configs.ConfigError, match=message):
+            runner.compile_pipeline(config)
 
 
 # --- the README's worked examples ---------------------------------------------------------------
@@ -658,7 +725,7 @@ def test_readme_cluster_examples_ship_no_package_of_tfx_to_their_workers():
 
 @pytest.mark.parametrize("args, added", [
     (None, True),  # the default: multi_processing DirectRunner in the step's container
-    ([], True),
+    ([], False),  # TFX infers nothing from no arguments
     (["--runner=DirectRunner", "--direct_num_workers=2"], True),
     (["--runner=direct"], True),
     (["--setup_file=/app/setup.py"], False),
