@@ -107,7 +107,7 @@ class KubeflowConfig:
     )
     # CPU and memory limits per step, by step id (e.g. StudentTrainer: {cpu: 8, memory_gb: 32}):
     # Vertex AI picks each step's machine from them, Kubeflow Pipelines sets them on the pod.
-    # Steps left out get the platform's default (kubeflow/runner.py, `step_resources`).
+    # Steps left out get the platform's default (kubeflow/runner.py, `set_step_resources`).
     resources: Dict[str, Dict[str, float]] = dataclasses.field(default_factory=dict)
 
 
