@@ -6,7 +6,8 @@ differs. `KubeflowV2DagRunner` turns it into a pipeline spec (schema 2.1.0) in w
   * every step runs in the project's image (kubeflow/Dockerfile; `config.kubeflow.image`),
     with the config's `kubeflow.beam_pipeline_args` (DirectRunner in the step's container by
     default, or DataflowRunner / FlinkRunner: see the README; `step_beam_args`);
-  * steps named in `kubeflow.resources` get those CPU and memory limits (`set_step_resources`);
+  * steps named in `kubeflow.resources` get those CPU and memory limits (`set_step_resources`),
+    and TensorFlow thread pools that fit them (`step_thread_env`);
   * what users change per run is a pipeline parameter with the config's value as its default
     (`runtime_parameters` below): input locations, the graph's k, neighbour count and table
     bound, the teacher's epochs and the data gate's quarantine limit;
@@ -110,10 +111,8 @@ def set_step_resources(tfx_pipeline, config: PipelineConfig) -> None:
     """
     from kfp.pipeline_spec import pipeline_spec_pb2
     from tfx.dsl.components.base.base_beam_component import BaseBeamComponent
-    from tfx.dsl.components.base.base_component import BaseComponent
 
-    # Resolvers compile into metadata queries, not containers.
-    steps = {c.id: c for c in tfx_pipeline.components if isinstance(c, BaseComponent)}
+    steps = _container_steps(tfx_pipeline)
     options = _beam_options(step_beam_args(config))
     worker_per_core = (_runs_in_step(options) and options.get("direct_num_workers") == 0
                        and options.get("direct_running_mode") in ("multi_processing",
@@ -131,6 +130,47 @@ def set_step_resources(tfx_pipeline, config: PipelineConfig) -> None:
         if worker_per_core and "cpu" in limits and isinstance(component, BaseBeamComponent):
             # After the pipeline's own arguments, so Beam takes this count.
             component.with_beam_pipeline_args([f"--direct_num_workers={max(1, int(limits['cpu']))}"])
+
+
+def step_thread_env(tfx_pipeline, config: PipelineConfig) -> Dict[str, Dict[str, str]]:
+    """The environment that sizes TensorFlow's thread pools in each step with a `cpu` limit.
+
+    TensorFlow, like Beam, sizes its intra- and inter-op pools from the cores it can schedule on,
+    which in a pod with a CPU limit are the node's: a trainer limited to 8 CPUs on a 96-core node
+    would start two pools of 96 threads and spend its quota being throttled. TensorFlow reads
+    `TF_NUM_INTRAOP_THREADS` / `TF_NUM_INTEROP_THREADS` when it starts, in the step's process
+    and in every Beam worker process it spawns, so a Beam step whose work is spread over worker
+    processes splits the cores between them.
+    """
+    from tfx.dsl.components.base.base_beam_component import BaseBeamComponent
+
+    steps = _container_steps(tfx_pipeline)
+    options = _beam_options(step_beam_args(config))
+    env = {}
+    for step, limits in config.kubeflow.resources.items():
+        if "cpu" not in limits:
+            continue
+        cores = max(1, int(limits["cpu"]))
+        processes = (_beam_worker_processes(options, cores)
+                     if isinstance(steps[step], BaseBeamComponent) else 1)
+        threads = str(max(1, cores // processes))
+        env[step] = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads}
+    return env
+
+
+def _container_steps(tfx_pipeline) -> Dict[str, Any]:
+    from tfx.dsl.components.base.base_component import BaseComponent
+
+    # Resolvers compile into metadata queries, not containers.
+    return {c.id: c for c in tfx_pipeline.components if isinstance(c, BaseComponent)}
+
+
+def _beam_worker_processes(options: Dict[str, Any], cores: int) -> int:
+    """How many worker processes a Beam step with `cores` CPUs runs in its container (1 where
+    Beam runs elsewhere, in one process, or in threads of one process)."""
+    if not _runs_in_step(options) or options.get("direct_running_mode") != "multi_processing":
+        return 1
+    return options.get("direct_num_workers") or cores  # 0: one per core, set_step_resources
 
 
 def build_pipeline(config: PipelineConfig):
@@ -184,6 +224,15 @@ def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) 
     )
     job_dict = runner.run(tfx_pipeline, parameter_values={p.name: p.default for p in parameters},
                           write_out=False)
+
+    # TFX's compiler has no way to set a container's environment; the spec has one.
+    deployment = json_format.ParseDict(job_dict["pipelineSpec"]["deploymentSpec"],
+                                       pipeline_spec_pb2.PipelineDeploymentConfig())
+    for step, env in step_thread_env(tfx_pipeline, config).items():
+        deployment.executors[f"{step}_executor"].container.env.extend(
+            pipeline_spec_pb2.PipelineDeploymentConfig.PipelineContainerSpec.EnvVar(name=k, value=v)
+            for k, v in env.items())
+    job_dict["pipelineSpec"]["deploymentSpec"] = json_format.MessageToDict(deployment)
 
     # The runner types the pipeline's parameters but leaves their defaults to runtimeConfig,
     # which a KFP client ignores; put them in the spec as well, with the pipeline root.

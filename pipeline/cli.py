@@ -238,6 +238,13 @@ def _cmd_compile(args) -> int:
                                for k, v in sorted(step_limits.items()))
         for step, step_limits in sorted(config.kubeflow.resources.items()))
     print(f"  {'resources':>{width}}: {limits or 'the platform defaults'}")
+    threads = []
+    for label, executor in sorted(job["pipelineSpec"]["deploymentSpec"]["executors"].items()):
+        env = {v["name"]: v["value"] for v in executor.get("container", {}).get("env", [])}
+        if "TF_NUM_INTRAOP_THREADS" in env:
+            threads.append(f"{label.removesuffix('_executor')} {env['TF_NUM_INTRAOP_THREADS']}")
+    threads_text = "; ".join(threads) + " per process and pool" if threads else "TensorFlow's choice"
+    print(f"  {'tf threads':>{width}}: {threads_text}")
     for p in parameters:
         print(f"  {p.name:>{width}}: {p.default!r} ({p.ptype.__name__}, runtime parameter)")
     return 0

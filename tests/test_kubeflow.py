@@ -618,6 +618,7 @@ def test_relkd_compile_prints_the_beam_arguments_the_steps_get(tmp_path, capsys)
     assert ("beam args: --direct_running_mode=multi_processing --direct_num_workers=0 "
             "--sdk_container_image=registry.example/relkd:9") in printed
     assert "resources: the platform defaults" in printed
+    assert "tf threads: TensorFlow's choice" in printed
     with open(out) as f:
         executors = _spec(json.load(f))["deploymentSpec"]["executors"].values()
     assert all(e["container"]["args"][-1] == "--sdk_container_image=registry.example/relkd:9"
@@ -629,12 +630,13 @@ def _executors_by_step(job):
             for label, executor in _spec(job)["deploymentSpec"]["executors"].items()}
 
 
-@pytest.mark.parametrize("beam_args, graph_workers", [
-    (None, 4),  # the default: a worker per core of the machine, now as many as the CPU limit
-    (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], 2),  # the user's count
-    (CLUSTER_BEAM_ARGS, None),  # Dataflow: the limit is the launcher's pod, not Beam's workers
+@pytest.mark.parametrize("beam_args, graph_workers, graph_threads", [
+    (None, 4, 1),  # the default: a worker per core of the machine, now as many as the CPU limit
+    (["--direct_running_mode=multi_processing", "--direct_num_workers=2"], 2, 2),  # the user's count
+    (CLUSTER_BEAM_ARGS, None, 4),  # Dataflow: the limit is the launcher's pod, not Beam's workers
 ])
-def test_step_resources_reach_the_containers_and_bound_beam_workers(beam_args, graph_workers):
+def test_step_resources_reach_the_containers_and_bound_beam_workers(beam_args, graph_workers,
+                                                                    graph_threads):
     from kubeflow import runner
 
     settings = {"image": "registry/relkd:7", "resources": {
@@ -660,6 +662,34 @@ def test_step_resources_reach_the_containers_and_bound_beam_workers(beam_args, g
         if step == "GraphContexts":
             workers = runner._beam_options(args[-len(step_args) - 1:])["direct_num_workers"]
             assert workers == (graph_workers or 1), args
+    # TensorFlow's pools: the CPU limit, split between a Beam step's worker processes; a step
+    # with only a memory limit keeps TensorFlow's choice.
+    env = {step: {v["name"]: v["value"] for v in e["container"].get("env", [])}
+           for step, e in executors.items() if "container" in e}
+    threads = {step: (str(n), str(n)) for step, n in [("StudentTrainer", 8),
+                                                      ("GraphContexts", graph_threads)]}
+    assert {step: (v["TF_NUM_INTRAOP_THREADS"], v["TF_NUM_INTEROP_THREADS"])
+            for step, v in env.items() if v} == threads
+
+
+def test_tensorflow_sizes_its_thread_pools_from_the_compiled_environment():
+    """The names in the containers' env are ones TensorFlow reads: a process started with a
+    step's env has that many threads in each pool (compared with a step given one)."""
+    from kubeflow import runner
+
+    config = configs.load_config(overrides={"kubeflow": {"resources": {
+        "StudentTrainer": {"cpu": 8}, "GraphContexts": {"cpu": 4}}}})  # 4 workers of 1 thread
+    executors = _executors_by_step(runner.compile_pipeline(config))
+    probe = ("import os, tensorflow as tf; tf.linalg.matmul(tf.ones([64, 64]), tf.ones([64, 64]));"
+             "print(len(os.listdir('/proc/self/task')))")
+
+    def threads_with_env_of(step):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+        env.update({v["name"]: v["value"] for v in executors[step]["container"]["env"]})
+        return int(subprocess.run([sys.executable, "-c", probe], env=env, check=True,
+                                  capture_output=True, text=True).stdout)
+
+    assert threads_with_env_of("StudentTrainer") - threads_with_env_of("GraphContexts") == 2 * (8 - 1)
 
 
 def test_relkd_compile_prints_the_step_resources(tmp_path, capsys):
@@ -671,6 +701,7 @@ def test_relkd_compile_prints_the_step_resources(tmp_path, capsys):
     assert cli.main(["compile", "--kubeflow", str(tmp_path / "p.json"), "--config", str(path)]) == 0
     printed = [line.strip() for line in capsys.readouterr().out.splitlines()]
     assert "resources: GraphContexts cpu 4; StudentTrainer cpu 8, memory 32 GB" in printed
+    assert "tf threads: GraphContexts 1; StudentTrainer 8 per process and pool" in printed
 
 
 def test_resources_for_a_step_that_runs_no_container_are_refused():
