@@ -378,6 +378,9 @@ def test_tf_serving_manifests_are_valid_and_consistent():
     serve_default = cli.build_parser().parse_args(["serve", "--model-base", "."]).intra_op_threads
     assert serve_default == 1
     assert f"--tensorflow_intra_op_parallelism={serve_default}" in container["args"]
+    # The pool of independent ops fits the pod: TensorFlow would count the node's cores.
+    cpu_limit = int(container["resources"]["limits"]["cpu"])
+    assert f"--tensorflow_inter_op_parallelism={cpu_limit}" in container["args"]
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
