@@ -692,6 +692,29 @@ def test_tensorflow_sizes_its_thread_pools_from_the_compiled_environment():
     assert threads_with_env_of("StudentTrainer") - threads_with_env_of("GraphContexts") == 2 * (8 - 1)
 
 
+def test_beam_workers_of_a_limited_step_get_its_thread_settings():
+    """A Beam step's work runs in worker processes of its own; they inherit the container's
+    environment, so the split of its cores reaches the TensorFlow that runs there."""
+    from kubeflow import runner
+
+    config = configs.load_config(overrides={"kubeflow": {"resources": {"GraphContexts": {"cpu": 2}}}})
+    container = _executors_by_step(runner.compile_pipeline(config))["GraphContexts"]["container"]
+    args = container["args"][-len(runner.step_beam_args(config)) - 1:]  # with its worker count
+    env = dict(os.environ, **{v["name"]: v["value"] for v in container["env"]})
+    # In a script of its own, whose probe Beam's workers can unpickle (not this test module).
+    step = subprocess.run([sys.executable, "-c", f"""
+import os, apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+with beam.Pipeline(options=PipelineOptions({args!r})) as p:
+    (p | beam.Create(range(8))
+     | beam.Map(lambda _, os=os, step=os.getpid(): (os.getpid() != step,
+                os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]))
+     | beam.Distinct() | beam.Map(print))
+"""], env=env, capture_output=True, text=True, timeout=300)
+    assert step.returncode == 0, step.stderr[-3000:]
+    assert step.stdout.splitlines() == ["(True, '1', '1')"]
+
+
 def test_relkd_compile_prints_the_step_resources(tmp_path, capsys):
     from pipeline import cli
 
