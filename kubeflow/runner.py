@@ -129,7 +129,7 @@ def set_step_resources(tfx_pipeline, config: PipelineConfig) -> None:
                 cpu_limit=limits.get("cpu", 0), memory_limit=limits.get("memory_gb", 0)))
         if worker_per_core and "cpu" in limits and isinstance(component, BaseBeamComponent):
             # After the pipeline's own arguments, so Beam takes this count.
-            component.with_beam_pipeline_args([f"--direct_num_workers={max(1, int(limits['cpu']))}"])
+            component.with_beam_pipeline_args([f"--direct_num_workers={_whole_cpus(limits)}"])
 
 
 def step_thread_env(tfx_pipeline, config: PipelineConfig) -> Dict[str, Dict[str, str]]:
@@ -150,12 +150,17 @@ def step_thread_env(tfx_pipeline, config: PipelineConfig) -> Dict[str, Dict[str,
     for step, limits in config.kubeflow.resources.items():
         if "cpu" not in limits:
             continue
-        cores = max(1, int(limits["cpu"]))
+        cores = _whole_cpus(limits)
         processes = (_beam_worker_processes(options, cores)
                      if isinstance(steps[step], BaseBeamComponent) else 1)
         threads = str(max(1, cores // processes))
         env[step] = {"TF_NUM_INTRAOP_THREADS": threads, "TF_NUM_INTEROP_THREADS": threads}
     return env
+
+
+def _whole_cpus(limits: Dict[str, float]) -> int:
+    """The processes or threads a `cpu` limit has room for (a fraction of a CPU is still one)."""
+    return max(1, int(limits["cpu"]))
 
 
 def _container_steps(tfx_pipeline) -> Dict[str, Any]:
