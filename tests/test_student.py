@@ -422,6 +422,11 @@ def test_export_signatures_and_manifest(distilled, world):
     # The token embedding ships evaluated for the whole vocabulary (serving gathers its rows).
     assert manifest["token_vectors_shape"] == [len(berm_layers.read_vocab(VOCAB_FILE)),
                                                TINY["embedding_dim"]]
+    # The tables are weights, not constants of the graph, which a GraphDef's 2 GB would cap.
+    with open(os.path.join(model_dir, "saved_model.pb"), "rb") as f:
+        graph = f.read()
+    node_ids = world["queries"] + [i for _, i in world["pairs"] if i.startswith("Q")]
+    assert [n for n in node_ids if n.encode() in graph] == []
 
 
 def test_serve_raw_answers_raw_strings_and_unknown_ids(distilled, world):
@@ -544,6 +549,24 @@ def test_neighbour_tables_reject_inconsistent_records(tmp_path):
         read("twice", [good], [table_record("query", "other", 1, ["P2"], ["t"], [1.0]), good])
     with pytest.raises(FileNotFoundError):
         berm_serving.read_neighbour_tables(str(tmp_path / "missing"), 2, 5)
+
+
+def test_berm_o_refuses_node_ids_that_share_a_fingerprint(tmp_path, vocab, monkeypatch):
+    """Its lookup knows a node by its id's 64-bit fingerprint, so two ids must not share one."""
+    scorer = _tiny_student(vocab)
+    write_records(str(tmp_path / "spaces" / "tables-0.gz"), [
+        table_record("query", "drill", 1, ["P1"], ["red drill"], [1.0]),
+        table_record("query", " drill ", 1, ["P2"], ["blue drill"], [1.0])])
+    with pytest.raises(ValueError, match="BERM-O's query ids: ' drill ' and 'drill' repeat after "
+                                         "stripping whitespace"):
+        berm_serving.build_serving_model(scorer, str(tmp_path / "spaces"))
+    write_records(str(tmp_path / "collide" / "tables-0.gz"), [
+        table_record("item", "P1", 1, ["drill"], ["drill"], [1.0]),
+        table_record("item", "P2", 1, ["saw"], ["saw"], [1.0])])
+    berm_serving.build_serving_model(scorer, str(tmp_path / "collide"))
+    monkeypatch.setattr(berm_layers, "text_fingerprints", lambda texts: tf.zeros_like(texts, tf.int64))
+    with pytest.raises(ValueError, match="BERM-O's item ids: 'P1' and 'P2' .* share a fingerprint"):
+        berm_serving.build_serving_model(scorer, str(tmp_path / "collide"))
 
 
 # --- The pretrained-embedding path ------------------------------------------------------

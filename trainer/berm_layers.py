@@ -349,6 +349,49 @@ def text_fingerprints(texts: tf.Tensor) -> tf.Tensor:
 
 
 _FINGERPRINT_RANGE = 2 ** 63 - 1
+# Sorts after every fingerprint, so a search that runs past a table's keys lands on it.
+NO_FINGERPRINT = _FINGERPRINT_RANGE
+
+
+def fingerprint_array(texts: Sequence[Any]) -> np.ndarray:
+    """Strings (str or bytes) -> int64 [len(texts)] `text_fingerprints`, a batch at a time."""
+    return np.concatenate([np.zeros([0], np.int64)] + [
+        text_fingerprints(tf.constant(list(texts[start:start + _FINGERPRINT_BATCH]), tf.string)).numpy()
+        for start in range(0, len(texts), _FINGERPRINT_BATCH)])
+
+
+def sorted_fingerprints(texts: Sequence[Any], what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Strings -> (their `text_fingerprints`, sorted; each sorted key's index in `texts`).
+
+    The sorted keys are what `search_fingerprints` looks strings up in. Raises ValueError, naming
+    `what` and two of the strings, if two share a key (the same text after stripping whitespace,
+    or a 64-bit collision: odds about n^2 / 2^64).
+    """
+    keys = fingerprint_array(texts)
+    order = np.argsort(keys, kind="stable")
+    keys = keys[order]
+    same = np.flatnonzero(keys[1:] == keys[:-1])
+    if same.size:
+        first, second = texts[order[same[0]]], texts[order[same[0] + 1]]
+        raise ValueError(f"{what}: {first!r} and {second!r} repeat after stripping whitespace or "
+                         f"share a fingerprint; pass each once")
+    return keys, order
+
+
+def search_fingerprints(sorted_keys: tf.Tensor, fingerprints: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Each fingerprint's position in `sorted_keys` (int64 [K], K >= 1) and whether it is there.
+
+    A binary search over a weight rather than a hash table over constants: the keys are saved and
+    restored with the other weights, and no graph holds them (a GraphDef is limited to 2 GB).
+    """
+    # One dense read, and the gather from it: a gather on the variable itself would switch it
+    # to copy-on-read, and every request would then copy all the keys (0.3 ms per million).
+    sorted_keys = tf.convert_to_tensor(sorted_keys)
+    position = tf.minimum(tf.searchsorted(sorted_keys, fingerprints), tf.size(sorted_keys, tf.int32) - 1)
+    return position, tf.equal(tf.gather(sorted_keys, position), fingerprints)
+
+
+_FINGERPRINT_BATCH = 1 << 16
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
@@ -385,23 +428,17 @@ class TitleVectorTable(tf.keras.layers.Layer):
                              f"got {len(titles)} and {list(vectors.shape)}")
         if not self.built:
             self.build(tf.TensorShape([None]))
-        keys = text_fingerprints(tf.constant(list(titles), tf.string)).numpy()
-        order = np.argsort(keys, kind="stable")
-        if len(np.unique(keys)) != len(keys):
-            raise ValueError("TitleVectorTable: titles repeat (after stripping whitespace) or "
-                             "share a fingerprint; pass each title once")
+        keys, order = sorted_fingerprints(titles, "TitleVectorTable: titles")
         # Free slots hold the one key no fingerprint takes, sorted last: a lookup that lands on
         # one compares unequal, as for any title not stored.
         free = self.size - len(titles)
-        self.keys.assign(np.concatenate([keys[order], np.full([free], _FINGERPRINT_RANGE, np.int64)]))
+        self.keys.assign(np.concatenate([keys, np.full([free], NO_FINGERPRINT, np.int64)]))
         self.vectors.assign(np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)]))
 
     def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-        keys = text_fingerprints(titles)
-        position = tf.minimum(tf.searchsorted(self.keys, keys), self.size - 1)
-        known = tf.equal(tf.gather(self.keys, position), keys)
+        position, known = search_fingerprints(self.keys, text_fingerprints(titles))
         vectors = tf.where(known[:, tf.newaxis], tf.gather(self.vectors, position),
-                           tf.zeros([tf.shape(keys)[0], self.dim], self.vectors.dtype))
+                           tf.zeros([tf.shape(titles)[0], self.dim], self.vectors.dtype))
         return vectors, known
 
     def get_config(self) -> Dict[str, Any]:

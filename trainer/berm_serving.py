@@ -9,17 +9,17 @@ BERM-O carries the graph inside the model:
     with `side`, `node_id`, `metapath`, `order`, `neighbour_ids`,
     `neighbour_texts`, `neighbour_weights`
     (`components.graph.metapaths.neighbour_record_to_tf_example`).
-  * `NeighbourTables` turns them into lookup tables: per side a
-    `tf.lookup.StaticHashTable` node id -> row (unknown -> row 0, which is
-    empty); per (side, order) int32 [rows, C] indices into a table of distinct
+  * `NeighbourTables` turns them into lookup tables: per side the node ids'
+    64-bit fingerprints, sorted, and each one's row (a binary search finds a
+    request's ids; unknown -> row 0, which is empty); per (side, order) int32 [rows, C] indices into a table of distinct
     neighbour texts (0 = padding) and float32 [rows, C] path weights; and the
     distinct texts already encoded at export time by the trained model's own
     `context_wordpiece`, embedding and pooling (float32 [texts, D] vectors,
     as training computes them). So serving gathers 4 x C vectors per pair
     instead of tokenising and embedding 4 x C texts, and hands them to the
-    nested vector scorer (`student.build_vector_scorer`). The arrays are
-    non-trainable variables and the node keys constants of the SavedModel:
-    the tables are versioned with the model.
+    nested vector scorer (`student.build_vector_scorer`). All of it is
+    non-trainable variables of the SavedModel, none of it in the graph: the
+    tables are versioned with the model.
   * `build_serving_model(scorer, neighbour_tables_dir)` -> `BermServing`, a
     tf.Module with the two signatures; `export_serving_model` writes it and
     `assets.extra/berm_manifest.json` (table sizes, max_order, the source
@@ -45,9 +45,11 @@ signatures look the title up by its text; a title outside the table takes the pa
 
 Graph ids are the raw logged strings (see `metapaths.normalise_log_row`), so
 the lookup is exact: "Red Drill" and "red drill" are different queries.
-Size: the node keys are graph constants (the GraphDef limit of 2 GB allows
-tens of millions of keys); the arrays are variables (no limit beyond memory):
-about 8 * C bytes per (node, order) plus 4 * D bytes per distinct text.
+Size: 16 bytes per node for its key and row, 8 * C bytes per (node, order) for
+its neighbours and weights, 8 * (C + 1) more at order 1 for the neighbours' id
+fingerprints (BERM-O drops the pair itself by them), and 4 * D bytes per distinct
+text; the graph's size does not grow with the tables. Two ids sharing a
+fingerprint (odds about n^2 / 2^64) would share a row, so the export refuses them.
 Like the teacher's, the graph uses tensorflow_text ops (FastBertNormalize,
 FastWordpieceTokenizeWithOffsets, NormalizeUTF8): the model server needs them.
 """
@@ -64,6 +66,7 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from trainer import berm_layers
 from trainer import student
 
 MANIFEST_FILE = "berm_manifest.json"
@@ -390,22 +393,25 @@ class NeighbourTables(tf.Module):
     def __init__(self, data: NeighbourTablesData, scorer: tf.keras.Model, name: str = "berm_tables"):
         super().__init__(name=name)
         self.max_order = data.max_order
-        self.index = {}
+        # Node ids are 64-bit fingerprints in sorted weights, searched per request, as the title
+        # table's are: a hash table's keys would be constants in the model's graph, which a
+        # GraphDef's 2 GB caps, and each would be a string in every replica's memory.
+        self.node_fingerprints, self.node_rows = {}, {}
         for side in SIDES:
-            keys, rows = list(data.keys[side]), list(range(1, len(data.keys[side]) + 1))
-            if "" not in keys:  # The empty id is never a node; a table cannot be empty.
-                keys.append("")
-                rows.append(0)
-            self.index[side] = tf.lookup.StaticHashTable(
-                tf.lookup.KeyValueTensorInitializer(tf.constant(keys, tf.string),
-                                                    tf.constant(rows, tf.int64)),
-                default_value=tf.constant(0, tf.int64))
+            keys, order = berm_layers.sorted_fingerprints(data.keys[side], f"BERM-O's {side} ids")
+            # Key i of data.keys[side] has row i + 1; the search's last place holds no node.
+            self.node_fingerprints[side] = tf.Variable(np.append(keys, berm_layers.NO_FINGERPRINT),
+                                                       trainable=False, name=f"{side}_fingerprints")
+            self.node_rows[side] = tf.Variable(np.append(order + 1, 0), trainable=False,
+                                               name=f"{side}_rows")
         self.neighbours = {n: tf.Variable(a, trainable=False, name=f"{n}_neighbours")
                            for n, a in data.neighbours.items()}
         self.weights = {n: tf.Variable(a, trainable=False, name=f"{n}_weights")
                         for n, a in data.weights.items()}
-        self.neighbour_ids = {n: tf.Variable(tf.constant(a, tf.string), trainable=False, name=f"{n}_ids")
-                              for n, a in data.neighbour_ids.items()}
+        self.neighbour_fingerprints = {
+            n: tf.Variable(berm_layers.fingerprint_array(a.reshape(-1)).reshape(a.shape),
+                           trainable=False, name=f"{n}_ids")
+            for n, a in data.neighbour_ids.items()}
         self.max_context_texts = data.max_context_texts
         # Each distinct neighbour text is embedded once here, with the trained weights, rather
         # than tokenised and embedded again in every request that reaches it: BERM-O's per-pair
@@ -416,18 +422,21 @@ class NeighbourTables(tf.Module):
 
     def lookup(self, query: tf.Tensor, item_id: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Context inputs of the vector scorer (`{prefix}_vectors/_present/_weights/_length`)."""
-        ids = {"query": tf.strings.strip(query), "item": tf.strings.strip(item_id)}
-        rows = {side: self.index[side].lookup(ids[side]) for side in SIDES}
+        ids = {"query": berm_layers.text_fingerprints(query), "item": berm_layers.text_fingerprints(item_id)}
+        rows = {}
+        for side in SIDES:
+            position, known = berm_layers.search_fingerprints(self.node_fingerprints[side], ids[side])
+            rows[side] = tf.where(known, tf.gather(self.node_rows[side], position), 0)
         features = {}
         for prefix in student.context_prefixes(self.max_order):
             side, order = student.prefix_side_and_order(prefix)
             name = f"{side}_o{order}"
             indices = tf.gather(self.neighbours[name], rows[side])  # [N, C] (C + 1 for order 1)
             weights = tf.gather(self.weights[name], rows[side])
-            if name in self.neighbour_ids:
+            if name in self.neighbour_fingerprints:
                 # As in training (metapaths.JoinContexts): the pair is not its own context.
                 other = ids["item" if side == "query" else "query"]
-                own = tf.equal(tf.gather(self.neighbour_ids[name], rows[side]), other[:, tf.newaxis])
+                own = tf.equal(tf.gather(self.neighbour_fingerprints[name], rows[side]), other[:, tf.newaxis])
                 keep = tf.logical_and(indices > 0, tf.logical_not(own))
                 order_kept = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), axis=1, stable=True)
                 keep = tf.gather(keep, order_kept, batch_dims=1)
@@ -602,6 +611,4 @@ def load_scorer(serving_model_dir: str) -> tf.keras.Model:
     A later component can thus rebuild BERM-O with newer neighbour tables:
     `export_serving_model(load_scorer(model_dir), out_dir, tables_dir)`.
     """
-    from trainer import berm_layers  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-
     return tf.keras.models.load_model(serving_model_dir, compile=False)
