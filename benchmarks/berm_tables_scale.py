@@ -1,0 +1,185 @@
+"""What BERM-O's neighbour tables cost a model server as the logs grow: size, load time, memory, latency.
+
+BERM-O carries every logged query's and item's neighbour tables (`trainer.berm_serving`), so a
+serving replica holds them all. This builds BERM-O for N queries and N items from the synthetic
+tables `benchmarks/neighbour_tables_read.py` writes (the same files, the same seed), around an
+untrained student of the default sizes (64-wide token embedding, no title vectors: the tables
+are what is measured), then, each in a fresh child process:
+
+  * exports it: wall seconds, peak RSS, and the SavedModel's graph (`saved_model.pb`) and
+    variables on disk;
+  * loads it as TF Serving's process would (`tf.saved_model.load`): wall seconds and RSS above
+    the process's after importing TensorFlow;
+  * scores 100-pair calls of known queries and items through `serve_raw`, one thread per op:
+    the median and p99 ms of `--calls` calls after a warm-up call.
+
+    .venv/bin/python benchmarks/berm_tables_scale.py --nodes 1e5 1e6 --out berm_tables_scale.json
+
+The models are written under `--work-dir` and removed after measuring (`--keep` keeps them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
+BATCH = 100
+
+
+def _peak_rss_mb() -> int:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def _export(args) -> Dict[str, Any]:
+    import psutil
+    import tensorflow as tf
+
+    from trainer import bert_checkpoint, berm_layers, berm_serving, student
+
+    baseline = psutil.Process().memory_info().rss
+    tf.keras.utils.set_random_seed(args.seed)
+    scorer = student.build_student(berm_layers.read_vocab(bert_checkpoint.vocab_file()),
+                                   max_order=args.max_order, max_context_texts=args.top_n)
+    start = time.perf_counter()
+    serving = berm_serving.export_serving_model(scorer, args.child_model, args.child_tables)
+    wall = time.perf_counter() - start
+    variables = os.path.join(args.child_model, "variables")
+    return {"export_s": round(wall, 1), "export_baseline_rss_mb": round(baseline / 2**20),
+            "export_peak_rss_mb": _peak_rss_mb(),
+            "graph_bytes": os.path.getsize(os.path.join(args.child_model, "saved_model.pb")),
+            "variables_bytes": sum(os.path.getsize(os.path.join(variables, f)) for f in os.listdir(variables)),
+            "nodes": serving.manifest["tables"]["nodes"],
+            "fingerprint": serving.manifest["tables"]["fingerprint"]}
+
+
+def _serve(args) -> Dict[str, Any]:
+    import numpy as np
+    import psutil
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    import tensorflow_text  # noqa: F401  pylint: disable=unused-import  (the model's ops)
+
+    process = psutil.Process()
+    baseline = process.memory_info().rss
+    start = time.perf_counter()
+    serve_raw = tf.saved_model.load(args.child_model).signatures["serve_raw"]
+    load = time.perf_counter() - start
+    loaded_rss = process.memory_info().rss
+    # Known ids, as neighbour_tables_read.write_tables names them: queries from the first
+    # records (it writes the query side first), items by their pattern.
+    first = sorted(f for f in os.listdir(args.child_tables) if f.endswith(".gz"))[0]
+    records = [tf.train.Example.FromString(r.numpy()).features.feature
+               for r in tf.data.TFRecordDataset(os.path.join(args.child_tables, first), "GZIP").take(2000)]
+    queries = [r["node_id"].bytes_list.value[0] for r in records if r["side"].bytes_list.value[0] == b"query"]
+    items = [f"P{i:09d}".encode() for i in range(len(queries))]
+    rng = random.Random(args.seed)
+
+    def request():
+        pairs = [(rng.choice(queries), rng.choice(items)) for _ in range(BATCH)]
+        return {"query": tf.constant([q for q, _ in pairs]), "item_id": tf.constant([i for _, i in pairs]),
+                "item_title": tf.constant([b"title " + i for _, i in pairs])}
+
+    requests = [request() for _ in range(args.calls + 1)]
+    serve_raw(**requests[0])
+    times = []
+    for inputs in requests[1:]:
+        start = time.perf_counter()
+        serve_raw(**inputs)["score"].numpy()
+        times.append((time.perf_counter() - start) * 1000)
+    return {"load_s": round(load, 2), "load_baseline_rss_mb": round(baseline / 2**20),
+            "loaded_rss_mb": round(loaded_rss / 2**20), "serve_peak_rss_mb": _peak_rss_mb(),
+            "p50_ms": round(float(np.percentile(times, 50)), 2),
+            "p99_ms": round(float(np.percentile(times, 99)), 2)}
+
+
+def _child(args, mode: str) -> Dict[str, Any]:
+    command = [sys.executable, os.path.abspath(__file__), "--child", mode,
+               "--child-model", args.child_model, "--child-tables", args.child_tables,
+               "--max-order", str(args.max_order),
+               "--top-n", str(args.top_n), "--seed", str(args.seed), "--calls", str(args.calls)]
+    child = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env={
+        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
+    if child.returncode != 0:
+        raise RuntimeError(f"{mode} of {args.child_model} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _run_size(nodes: int, args) -> Dict[str, Any]:
+    from benchmarks import neighbour_tables_read
+
+    tables = os.path.join(args.tables_dir, f"n{nodes}_o{args.max_order}_top{args.top_n}_s{args.seed}")
+    if not os.path.isdir(tables) or not any(f.endswith(".gz") for f in os.listdir(tables)):
+        print(f"writing tables for {nodes:,} queries and {nodes:,} items to {tables} ...", flush=True)
+        neighbour_tables_read.write_tables(tables, nodes, args.max_order, args.top_n, args.seed)
+    args.child_model = os.path.join(args.work_dir, f"berm_n{nodes}")
+    args.child_tables = tables
+    shutil.rmtree(args.child_model, ignore_errors=True)
+    print(f"exporting BERM-O with {tables} ...", flush=True)
+    result = {"nodes_per_side": nodes, "tables": tables, **_child(args, "export")}
+    print(f"  {result['export_s']} s; loading and serving it ...", flush=True)
+    result.update(_child(args, "serve"))
+    if not args.keep:
+        shutil.rmtree(args.child_model)
+    return result
+
+
+def markdown_table(runs: List[Dict[str, Any]]) -> str:
+    lines = ["| queries + items | export s | graph (saved_model.pb) | variables | load s "
+             "| RSS loaded, above baseline | p50 / p99 ms per 100 pairs |",
+             "|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        lines.append(f"| {2 * r['nodes_per_side']:,} | {r['export_s']:.0f} | {r['graph_bytes'] / 1e6:,.1f} MB "
+                     f"| {r['variables_bytes'] / 1e6:,.0f} MB | {r['load_s']:.1f} "
+                     f"| {r['loaded_rss_mb'] - r['load_baseline_rss_mb']:,} MB "
+                     f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", nargs="+", default=["1e4", "1e5"],
+                        help="queries per size (as many items), e.g. 1e5 1e6")
+    parser.add_argument("--max-order", type=int, default=2)
+    parser.add_argument("--top-n", type=int, default=10,
+                        help="served neighbours per list (BERM-O's max_context_texts)")
+    parser.add_argument("--seed", type=int, default=20221207)
+    parser.add_argument("--calls", type=int, default=200, help="timed 100-pair calls per size")
+    parser.add_argument("--tables-dir", default=os.path.join("runs", "neighbour_tables_read"),
+                        help="where the synthetic tables are (written there if missing)")
+    parser.add_argument("--work-dir", default=os.path.join("runs", "berm_tables_scale"),
+                        help="where the models are exported")
+    parser.add_argument("--keep", action="store_true", help="keep the exported models")
+    parser.add_argument("--out", default="", help="write results as JSON here")
+    parser.add_argument("--child", choices=["export", "serve"], help=argparse.SUPPRESS)
+    parser.add_argument("--child-model", help=argparse.SUPPRESS)
+    parser.add_argument("--child-tables", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    if args.child:
+        print(json.dumps(_export(args) if args.child == "export" else _serve(args)))
+        return
+
+    from benchmarks import teacher_homedepot as th
+
+    record = th.sizes_record("berm_tables_scale", args)
+    for size in args.nodes:
+        result = _run_size(int(float(size)), args)
+        print(json.dumps(result, sort_keys=True), flush=True)
+        record["runs"].append(result)
+    th.finish_sizes_record(record, markdown_table(record["runs"]), args.out)
+
+
+if __name__ == "__main__":
+    main()
