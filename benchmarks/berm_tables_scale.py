@@ -4,7 +4,7 @@ BERM-O carries every logged query's and item's neighbour tables (`trainer.berm_s
 serving replica holds them all. This builds BERM-O for N queries and N items from the synthetic
 tables `benchmarks/neighbour_tables_read.py` writes (the same files, the same seed), around an
 untrained student of the default sizes (64-wide token embedding, no title vectors: the tables
-are what is measured), then, each in a fresh child process:
+are what is measured; seeded, so every commit with the same student has the same weights), then, each in a fresh child process:
 
   * exports it: wall seconds, peak RSS, and the SavedModel's graph (`saved_model.pb`) and
     variables on disk;
@@ -16,6 +16,12 @@ are what is measured), then, each in a fresh child process:
     .venv/bin/python benchmarks/berm_tables_scale.py --nodes 1e5 1e6 --out berm_tables_scale.json
 
 The models are written under `--work-dir` and removed after measuring (`--keep` keeps them).
+Latencies measured in two processes drift apart by more than a change to the tables moves them,
+so to compare two commits, keep the earlier one's models and serve them beside the later one's,
+call by call in one process (`baseline_p50_ms`, and the largest score difference):
+
+    .venv/bin/python benchmarks/berm_tables_scale.py --nodes 1e6 --keep --work-dir runs/bts_old  # earlier commit
+    .venv/bin/python benchmarks/berm_tables_scale.py --nodes 1e6 --baseline-models runs/bts_old
 """
 from __future__ import annotations
 
@@ -91,16 +97,29 @@ def _serve(args) -> Dict[str, Any]:
                 "item_title": tf.constant([b"title " + i for _, i in pairs])}
 
     requests = [request() for _ in range(args.calls + 1)]
-    serve_raw(**requests[0])
-    times = []
+    models = {"": serve_raw}
+    if args.child_baseline:
+        # An earlier commit's model of the same size, called alternately in this process (in a
+        # random order per request): one process's latencies compare; two processes' drift.
+        models["baseline_"] = tf.saved_model.load(args.child_baseline).signatures["serve_raw"]
+    times = {name: [] for name in models}
+    scores = {name: model(**requests[0])["score"].numpy() for name, model in models.items()}
+    difference = 0.0
     for inputs in requests[1:]:
-        start = time.perf_counter()
-        serve_raw(**inputs)["score"].numpy()
-        times.append((time.perf_counter() - start) * 1000)
-    return {"load_s": round(load, 2), "load_baseline_rss_mb": round(baseline / 2**20),
-            "loaded_rss_mb": round(loaded_rss / 2**20), "serve_peak_rss_mb": _peak_rss_mb(),
-            "p50_ms": round(float(np.percentile(times, 50)), 2),
-            "p99_ms": round(float(np.percentile(times, 99)), 2)}
+        names = rng.sample(sorted(models), len(models))
+        for name in names:
+            start = time.perf_counter()
+            scores[name] = models[name](**inputs)["score"].numpy()
+            times[name].append((time.perf_counter() - start) * 1000)
+        difference = max(difference, float(np.abs(scores[names[0]] - scores[names[-1]]).max()))
+    result = {"load_s": round(load, 2), "load_baseline_rss_mb": round(baseline / 2**20),
+              "loaded_rss_mb": round(loaded_rss / 2**20), "serve_peak_rss_mb": _peak_rss_mb()}
+    for name, taken in times.items():
+        result[f"{name}p50_ms"] = round(float(np.percentile(taken, 50)), 2)
+        result[f"{name}p99_ms"] = round(float(np.percentile(taken, 99)), 2)
+    if args.child_baseline:
+        result["max_score_difference"] = difference
+    return result
 
 
 def _child(args, mode: str) -> Dict[str, Any]:
@@ -108,6 +127,8 @@ def _child(args, mode: str) -> Dict[str, Any]:
                "--child-model", args.child_model, "--child-tables", args.child_tables,
                "--max-order", str(args.max_order),
                "--top-n", str(args.top_n), "--seed", str(args.seed), "--calls", str(args.calls)]
+    if mode == "serve" and args.baseline_models:
+        command += ["--child-baseline", os.path.join(args.baseline_models, os.path.basename(args.child_model))]
     child = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env={
         **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
     if child.returncode != 0:
@@ -142,7 +163,9 @@ def markdown_table(runs: List[Dict[str, Any]]) -> str:
         lines.append(f"| {2 * r['nodes_per_side']:,} | {r['export_s']:.0f} | {r['graph_bytes'] / 1e6:,.1f} MB "
                      f"| {r['variables_bytes'] / 1e6:,.0f} MB | {r['load_s']:.1f} "
                      f"| {r['loaded_rss_mb'] - r['load_baseline_rss_mb']:,} MB "
-                     f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f} |")
+                     f"| {r['p50_ms']:.2f} / {r['p99_ms']:.2f}"
+                     + (f" (baseline {r['baseline_p50_ms']:.2f} / {r['baseline_p99_ms']:.2f})"
+                        if "baseline_p50_ms" in r else "") + " |")
     return "\n".join(lines)
 
 
@@ -160,10 +183,15 @@ def main(argv=None) -> None:
     parser.add_argument("--work-dir", default=os.path.join("runs", "berm_tables_scale"),
                         help="where the models are exported")
     parser.add_argument("--keep", action="store_true", help="keep the exported models")
+    parser.add_argument("--baseline-models", default="",
+                        help="a --work-dir of an earlier commit's run with --keep: its model of each "
+                             "size is served alternately with this one (baseline_p50_ms, "
+                             "max_score_difference)")
     parser.add_argument("--out", default="", help="write results as JSON here")
     parser.add_argument("--child", choices=["export", "serve"], help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
     parser.add_argument("--child-tables", help=argparse.SUPPRESS)
+    parser.add_argument("--child-baseline", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if REPO_ROOT not in sys.path:
         sys.path.insert(0, REPO_ROOT)
