@@ -31,7 +31,6 @@ import os
 import random
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List
@@ -129,20 +128,15 @@ def _child(args, mode: str) -> Dict[str, Any]:
                "--top-n", str(args.top_n), "--seed", str(args.seed), "--calls", str(args.calls)]
     if mode == "serve" and args.baseline_models:
         command += ["--child-baseline", os.path.join(args.baseline_models, os.path.basename(args.child_model))]
-    child = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, env={
-        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
-    if child.returncode != 0:
-        raise RuntimeError(f"{mode} of {args.child_model} failed:\n{child.stderr[-3000:]}")
-    return json.loads(child.stdout.strip().splitlines()[-1])
+    from benchmarks import teacher_homedepot as th
+
+    return th.child_json(command, f"{mode} of {args.child_model}")
 
 
 def _run_size(nodes: int, args) -> Dict[str, Any]:
     from benchmarks import neighbour_tables_read
 
-    tables = os.path.join(args.tables_dir, f"n{nodes}_o{args.max_order}_top{args.top_n}_s{args.seed}")
-    if not os.path.isdir(tables) or not any(f.endswith(".gz") for f in os.listdir(tables)):
-        print(f"writing tables for {nodes:,} queries and {nodes:,} items to {tables} ...", flush=True)
-        neighbour_tables_read.write_tables(tables, nodes, args.max_order, args.top_n, args.seed)
+    tables = neighbour_tables_read.tables_for(args.tables_dir, nodes, args)
     args.child_model = os.path.join(args.work_dir, f"berm_n{nodes}")
     args.child_tables = tables
     shutil.rmtree(args.child_model, ignore_errors=True)
@@ -170,13 +164,12 @@ def markdown_table(runs: List[Dict[str, Any]]) -> str:
 
 
 def main(argv=None) -> None:
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from benchmarks import neighbour_tables_read
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", nargs="+", default=["1e4", "1e5"],
-                        help="queries per size (as many items), e.g. 1e5 1e6")
-    parser.add_argument("--max-order", type=int, default=2)
-    parser.add_argument("--top-n", type=int, default=10,
-                        help="served neighbours per list (BERM-O's max_context_texts)")
-    parser.add_argument("--seed", type=int, default=20221207)
+    neighbour_tables_read.add_table_arguments(parser)
     parser.add_argument("--calls", type=int, default=200, help="timed 100-pair calls per size")
     parser.add_argument("--tables-dir", default=os.path.join("runs", "neighbour_tables_read"),
                         help="where the synthetic tables are (written there if missing)")
@@ -193,20 +186,14 @@ def main(argv=None) -> None:
     parser.add_argument("--child-tables", help=argparse.SUPPRESS)
     parser.add_argument("--child-baseline", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
     if args.child:
         print(json.dumps(_export(args) if args.child == "export" else _serve(args)))
         return
 
     from benchmarks import teacher_homedepot as th
 
-    record = th.sizes_record("berm_tables_scale", args)
-    for size in args.nodes:
-        result = _run_size(int(float(size)), args)
-        print(json.dumps(result, sort_keys=True), flush=True)
-        record["runs"].append(result)
-    th.finish_sizes_record(record, markdown_table(record["runs"]), args.out)
+    th.run_sizes("berm_tables_scale", args, args.nodes, lambda nodes: _run_size(nodes, args),
+                 markdown_table)
 
 
 if __name__ == "__main__":

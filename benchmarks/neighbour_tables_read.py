@@ -21,7 +21,6 @@ import json
 import os
 import random
 import resource
-import subprocess
 import sys
 import time
 from typing import Any, Dict, List
@@ -83,22 +82,37 @@ def _child(args) -> None:
         "distinct_texts": len(data.texts), "fingerprint": data.fingerprint()}))
 
 
-def _run_size(nodes: int, args) -> Dict[str, Any]:
-    directory = os.path.join(args.work_dir, f"n{nodes}_o{args.max_order}_top{args.top_n}_s{args.seed}")
+def add_table_arguments(parser: argparse.ArgumentParser) -> None:
+    """The synthetic tables' flags, shared with benchmarks/berm_tables_scale.py."""
+    parser.add_argument("--nodes", nargs="+", default=["1e4", "1e5"],
+                        help="queries per size (as many items), e.g. 1e5 1e6")
+    parser.add_argument("--max-order", type=int, default=2)
+    parser.add_argument("--top-n", type=int, default=10,
+                        help="served neighbours per list (BERM-O's max_context_texts)")
+    parser.add_argument("--seed", type=int, default=20221207)
+
+
+def tables_for(work_dir: str, nodes: int, args) -> str:
+    """The folder of the tables for `nodes` and `args`' settings under `work_dir`, written first
+    if no earlier run left them there."""
+    directory = os.path.join(work_dir, f"n{nodes}_o{args.max_order}_top{args.top_n}_s{args.seed}")
     if not os.path.isdir(directory) or not any(f.endswith(".gz") for f in os.listdir(directory)):
         print(f"writing tables for {nodes:,} queries and {nodes:,} items to {directory} ...", flush=True)
         start = time.perf_counter()
         write_tables(directory, nodes, args.max_order, args.top_n, args.seed)
         print(f"  written in {time.perf_counter() - start:.1f} s", flush=True)
+    return directory
+
+
+def _run_size(nodes: int, args) -> Dict[str, Any]:
+    directory = tables_for(args.work_dir, nodes, args)
     print(f"reading {directory} in a child process ...", flush=True)
-    child = subprocess.run(
-        [sys.executable, os.path.abspath(__file__), "--child-dir", directory,
-         "--max-order", str(args.max_order), "--top-n", str(args.top_n)],
-        capture_output=True, text=True, cwd=REPO_ROOT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
-    if child.returncode != 0:
-        raise RuntimeError(f"reading {directory} failed:\n{child.stderr[-3000:]}")
-    return {"nodes": nodes, "tables": directory, **json.loads(child.stdout.strip().splitlines()[-1])}
+    from benchmarks import teacher_homedepot as th
+
+    read = th.child_json([sys.executable, os.path.abspath(__file__), "--child-dir", directory,
+                          "--max-order", str(args.max_order), "--top-n", str(args.top_n)],
+                         f"reading {directory}")
+    return {"nodes": nodes, "tables": directory, **read}
 
 
 def markdown_table(runs: List[Dict[str, Any]]) -> str:
@@ -112,12 +126,7 @@ def markdown_table(runs: List[Dict[str, Any]]) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--nodes", nargs="+", default=["1e4", "1e5"],
-                        help="queries per size (as many items), e.g. 1e5 1e6")
-    parser.add_argument("--max-order", type=int, default=2)
-    parser.add_argument("--top-n", type=int, default=10,
-                        help="served neighbours per list (BERM-O's max_context_texts)")
-    parser.add_argument("--seed", type=int, default=20221207)
+    add_table_arguments(parser)
     parser.add_argument("--work-dir", default=os.path.join("runs", "neighbour_tables_read"),
                         help="where the generated tables are kept between runs")
     parser.add_argument("--out", default="", help="write results as JSON here")
@@ -131,12 +140,8 @@ def main(argv=None) -> None:
 
     from benchmarks import teacher_homedepot as th
 
-    record = th.sizes_record("neighbour_tables_read", args)
-    for size in args.nodes:
-        result = _run_size(int(float(size)), args)
-        print(json.dumps(result, sort_keys=True), flush=True)
-        record["runs"].append(result)
-    th.finish_sizes_record(record, markdown_table(record["runs"]), args.out)
+    th.run_sizes("neighbour_tables_read", args, args.nodes, lambda nodes: _run_size(nodes, args),
+                 markdown_table)
 
 
 if __name__ == "__main__":

@@ -288,6 +288,30 @@ def finish_sizes_record(record: Dict[str, Any], table: str, path: Optional[str])
     write_result(path, record)
 
 
+def run_sizes(benchmark: str, args: argparse.Namespace, sizes: Sequence[str], run_size,
+              markdown_table) -> None:
+    """A size-by-size benchmark: `run_size(int(float(size)))` for each of `sizes` ("1e5"), each
+    result printed as it comes, then the record (`sizes_record`) with `markdown_table(runs)`
+    printed and written to `args.out`."""
+    record = sizes_record(benchmark, args)
+    for size in sizes:
+        result = run_size(int(float(size)))
+        print(json.dumps(result, sort_keys=True), flush=True)
+        record["runs"].append(result)
+    finish_sizes_record(record, markdown_table(record["runs"]), args.out)
+
+
+def child_json(command: Sequence[str], what: str) -> Dict[str, Any]:
+    """Runs `command` (a benchmark's child: python and its arguments) from the repository root,
+    which it imports from, and returns the JSON of its last line; raises with its stderr's end,
+    naming `what` failed."""
+    child = subprocess.run(list(command), capture_output=True, text=True, cwd=REPO_ROOT, env={
+        **os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [REPO_ROOT, os.environ.get("PYTHONPATH")]))})
+    if child.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{child.stderr[-3000:]}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
 def write_result(path: Optional[str], result: Dict[str, Any]) -> None:
     """A benchmark's result as sorted, indented JSON at `path` (nothing when path is None)."""
     if not path:
