@@ -351,6 +351,7 @@ def text_fingerprints(texts: tf.Tensor) -> tf.Tensor:
 _FINGERPRINT_RANGE = 2 ** 63 - 1
 # Sorts after every fingerprint, so a search that runs past a table's keys lands on it.
 NO_FINGERPRINT = _FINGERPRINT_RANGE
+_FINGERPRINT_BATCH = 1 << 16
 
 
 def fingerprint_array(texts: Sequence[Any]) -> np.ndarray:
@@ -389,9 +390,6 @@ def search_fingerprints(sorted_keys: tf.Tensor, fingerprints: tf.Tensor) -> Tupl
     sorted_keys = tf.convert_to_tensor(sorted_keys)
     position = tf.minimum(tf.searchsorted(sorted_keys, fingerprints), tf.size(sorted_keys, tf.int32) - 1)
     return position, tf.equal(tf.gather(sorted_keys, position), fingerprints)
-
-
-_FINGERPRINT_BATCH = 1 << 16
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")

@@ -11,9 +11,10 @@ BERM-O carries the graph inside the model:
     (`components.graph.metapaths.neighbour_record_to_tf_example`).
   * `NeighbourTables` turns them into lookup tables: per side the node ids'
     64-bit fingerprints, sorted, and each one's row (a binary search finds a
-    request's ids; unknown -> row 0, which is empty); per (side, order) int32 [rows, C] indices into a table of distinct
-    neighbour texts (0 = padding) and float32 [rows, C] path weights; and the
-    distinct texts already encoded at export time by the trained model's own
+    request's ids; unknown -> row 0, which is empty); per (side, order) int32
+    [rows, C] indices into a table of distinct neighbour texts (0 = padding)
+    and float32 [rows, C] path weights; and the distinct texts already
+    encoded at export time by the trained model's own
     `context_wordpiece`, embedding and pooling (float32 [texts, D] vectors,
     as training computes them). So serving gathers 4 x C vectors per pair
     instead of tokenising and embedding 4 x C texts, and hands them to the
@@ -410,7 +411,7 @@ class NeighbourTables(tf.Module):
                         for n, a in data.weights.items()}
         self.neighbour_fingerprints = {
             n: tf.Variable(berm_layers.fingerprint_array(a.reshape(-1)).reshape(a.shape),
-                           trainable=False, name=f"{n}_ids")
+                           trainable=False, name=f"{n}_id_fingerprints")
             for n, a in data.neighbour_ids.items()}
         self.max_context_texts = data.max_context_texts
         # Each distinct neighbour text is embedded once here, with the trained weights, rather
@@ -422,7 +423,8 @@ class NeighbourTables(tf.Module):
 
     def lookup(self, query: tf.Tensor, item_id: tf.Tensor) -> Dict[str, tf.Tensor]:
         """Context inputs of the vector scorer (`{prefix}_vectors/_present/_weights/_length`)."""
-        ids = {"query": berm_layers.text_fingerprints(query), "item": berm_layers.text_fingerprints(item_id)}
+        ids = {"query": berm_layers.text_fingerprints(query),
+               "item": berm_layers.text_fingerprints(item_id)}
         rows = {}
         for side in SIDES:
             position, known = berm_layers.search_fingerprints(self.node_fingerprints[side], ids[side])
@@ -436,7 +438,8 @@ class NeighbourTables(tf.Module):
             if name in self.neighbour_fingerprints:
                 # As in training (metapaths.JoinContexts): the pair is not its own context.
                 other = ids["item" if side == "query" else "query"]
-                own = tf.equal(tf.gather(self.neighbour_fingerprints[name], rows[side]), other[:, tf.newaxis])
+                own = tf.equal(tf.gather(self.neighbour_fingerprints[name], rows[side]),
+                               other[:, tf.newaxis])
                 keep = tf.logical_and(indices > 0, tf.logical_not(own))
                 order_kept = tf.argsort(tf.cast(tf.logical_not(keep), tf.int32), axis=1, stable=True)
                 keep = tf.gather(keep, order_kept, batch_dims=1)
