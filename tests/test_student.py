@@ -687,6 +687,71 @@ def test_smooth_inverse_frequency_weighs_common_tokens_down_in_the_title_paths_m
         plain.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER).mean_weights.numpy(), 1.0)
 
 
+def _variable_bytes(model_dir):
+    """{variable name: (dtype, bytes)} of a SavedModel's checkpoint."""
+    reader = tf.train.load_checkpoint(os.path.join(model_dir, "variables", "variables"))
+    dtypes = reader.get_variable_to_dtype_map()
+    return {name: (dtypes[name], tf.TensorShape(shape).num_elements() * dtypes[name].size)
+            for name, shape in reader.get_variable_to_shape_map().items()}
+
+
+def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path):
+    """student.frozen_table_dtype: the teacher's WordPiece embeddings and the title vectors take
+    half the bytes in the student and in BERM-O, are read back as float32 in both (serve_raw
+    scores as the scorer does), and stay float16 through a reload. A model saved before the
+    setting (no table_dtype in its layers' configs) keeps float32 tables."""
+    rng = np.random.default_rng(0)
+    titles = ["steel hammer", "wood chair", "garden hose"]
+    pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
+    title_vectors = rng.normal(size=(3, 5)).astype(np.float32)
+    models = {}
+    for dtype in ("float32", "float16"):
+        tf.keras.utils.set_random_seed(0)
+        scorer = student.build_student(vocab, 0, pretrained_embeddings=pretrained, embedding_dim=4,
+                                       hidden_dim=4, title_table=(titles, title_vectors),
+                                       frozen_table_dtype=dtype)
+        berm_serving.export_serving_model(scorer, str(tmp_path / dtype))
+        models[dtype] = scorer
+    scorer = models["float16"]
+    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    table = student.title_vector_table(scorer)
+    assert embed.pretrained.dtype == tf.float16 and table.vectors.dtype == tf.float16
+    rounded = lambda x: x.astype(np.float16).astype(np.float32)
+    got, known = table(tf.constant(titles[::-1] + ["no such title"]))
+    assert got.dtype == tf.float32 and known.numpy().tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(got.numpy()[:3], rounded(title_vectors[::-1]))
+    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
+    real = ids.numpy()[0][ids.numpy()[0] != 0]
+    np.testing.assert_allclose(embed(ids, pretrained_mean=True).numpy()[0],
+                               rounded(pretrained)[real].mean(0), rtol=1e-6)
+    # Half the bytes of the two tables, nothing else changed.
+    full, half = _variable_bytes(str(tmp_path / "float32")), _variable_bytes(str(tmp_path / "float16"))
+    assert sorted(full) == sorted(half)
+    changed = {name for name in half if half[name] != full[name]}
+    assert {half[name][0] for name in changed} == {tf.float16} and len(changed) == 2
+    assert sum(full[n][1] - half[n][1] for n in changed) == (pretrained.size + title_vectors.size) * 2
+    # BERM-O scores what the scorer does, with the tables as stored; so does a reloaded scorer.
+    queries, items = ["steel saw", "hose", "chair"], ["steel hammer", "garden hose", "new title"]
+    direct = tf.sigmoid(scorer({student.QUERY_KEY: tf.constant(queries),
+                                student.TITLE_KEY: tf.constant(items)})).numpy()
+    loaded = tf.saved_model.load(str(tmp_path / "float16"))
+    served = loaded.signatures[student.RAW_SIGNATURE](
+        query=tf.constant(queries), item_id=tf.constant(["a", "b", "c"]),
+        item_title=tf.constant(items))["score"].numpy()
+    np.testing.assert_allclose(served, direct, rtol=0, atol=1e-6)
+    reloaded = berm_serving.load_scorer(str(tmp_path / "float16"))
+    assert student.title_vector_table(reloaded).vectors.dtype == tf.float16
+    # Before the setting existed the layers' configs had no table_dtype.
+    old_table = berm_layers.TitleVectorTable.from_config({"name": "t", "size": 2, "dim": 3})
+    old_embedding = berm_layers.TokenEmbedding.from_config(
+        {"name": "e", "vocab_size": 6, "embedding_dim": 2, "pretrained_dim": 3})
+    old_table.build(tf.TensorShape([None]))
+    old_embedding.build(tf.TensorShape([None]))
+    assert old_table.vectors.dtype == tf.float32 and old_embedding.pretrained.dtype == tf.float32
+    with pytest.raises(ValueError, match="one of .'float32', 'float16'.*'bfloat16'"):
+        student.StudentConfig(frozen_table_dtype="bfloat16")
+
+
 def _trigram_scorer(vocab, titles, rng):
     """A tiny 0-order string scorer whose title table holds `titles` (random vectors, also
     returned) and whose fallback reads letter trigrams."""

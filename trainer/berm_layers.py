@@ -219,6 +219,25 @@ class PaddingMask(tf.keras.layers.Layer):
         return tf.not_equal(ids, PAD_ID)
 
 
+# What the frozen 384-wide tables (the teacher's WordPiece embeddings, the stored title vectors)
+# may be stored as. They are most of a student's bytes; float16 halves them and keeps about three
+# significant digits, far finer than what the student learns from them. Their rows are read as
+# float32, so training and serving compute the same numbers from the same stored ones.
+FROZEN_TABLE_DTYPES = ("float32", "float16")
+
+
+def frozen_table_dtype(name: str) -> str:
+    """`name` if it is one of FROZEN_TABLE_DTYPES, else a ValueError naming them."""
+    if name not in FROZEN_TABLE_DTYPES:
+        raise ValueError(f"a frozen table's dtype must be one of {FROZEN_TABLE_DTYPES}, got {name!r}")
+    return name
+
+
+def read_rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
+    """table[ids] as float32, whatever the table is stored as."""
+    return tf.cast(tf.gather(table, ids), tf.float32)
+
+
 @tf.keras.utils.register_keras_serializable(package="relkd")
 class TokenEmbedding(tf.keras.layers.Layer):
     """Token ids [...] -> vectors [..., embedding_dim].
@@ -230,14 +249,18 @@ class TokenEmbedding(tf.keras.layers.Layer):
         projection to `embedding_dim`, initialised by `set_pretrained` to the
         table's top principal directions (centred), so that cosine similarities
         start close to the teacher's. Only the batch's distinct ids are projected.
+
+    `table_dtype` is what the frozen table is stored as ("float32", or "float16"
+    for half the bytes); its rows are read as float32 (`FROZEN_TABLE_DTYPES`).
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, pretrained_dim: Optional[int] = None,
-                 **kwargs):
+                 table_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         self.vocab_size = vocab_size
         self.embedding_dim = embedding_dim
         self.pretrained_dim = pretrained_dim
+        self.table_dtype = frozen_table_dtype(table_dtype)
 
     def build(self, input_shape):
         if self.pretrained_dim is None:
@@ -247,7 +270,7 @@ class TokenEmbedding(tf.keras.layers.Layer):
         else:
             self.pretrained = self.add_weight(
                 "pretrained", shape=[self.vocab_size, self.pretrained_dim],
-                initializer="zeros", trainable=False)
+                dtype=self.table_dtype, initializer="zeros", trainable=False)
             self.kernel = self.add_weight(
                 "projection_kernel", shape=[self.pretrained_dim, self.embedding_dim],
                 initializer="glorot_uniform", trainable=True)
@@ -261,7 +284,8 @@ class TokenEmbedding(tf.keras.layers.Layer):
         """Loads the frozen table and sets the projection to its PCA directions."""
         if self.pretrained_dim is None:
             raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
-        matrix = np.asarray(matrix, dtype=np.float32)
+        # The projection starts from the table as stored, so that it fits what training reads.
+        matrix = np.asarray(matrix).astype(self.table_dtype).astype(np.float32)
         if matrix.shape != (self.vocab_size, self.pretrained_dim):
             raise ValueError(f"pretrained embeddings have shape {matrix.shape}, expected "
                              f"{(self.vocab_size, self.pretrained_dim)}")
@@ -304,7 +328,7 @@ class TokenEmbedding(tf.keras.layers.Layer):
             return tf.gather(self.embeddings, ids)
         flat = tf.reshape(ids, [-1])
         unique, index = tf.unique(flat)
-        projected = tf.matmul(tf.gather(self.pretrained, unique), self.kernel) + self.bias
+        projected = tf.matmul(read_rows(self.pretrained, unique), self.kernel) + self.bias
         out = tf.gather(projected, index)
         return tf.reshape(out, tf.concat([tf.shape(ids), [self.embedding_dim]], axis=0))
 
@@ -321,13 +345,14 @@ class TokenEmbedding(tf.keras.layers.Layer):
         kept = tf.gather_nd(ids, where)
         weights = tf.gather(self.mean_weights, kept)
         sums = tf.math.unsorted_segment_sum(
-            tf.gather(self.pretrained, kept) * weights[:, tf.newaxis], rows, count)
+            read_rows(self.pretrained, kept) * weights[:, tf.newaxis], rows, count)
         total = tf.math.unsorted_segment_sum(weights, rows, count)
         return tf.math.divide_no_nan(sums, total[:, tf.newaxis])
 
     def get_config(self) -> Dict[str, Any]:
         return dict(super().get_config(), vocab_size=self.vocab_size,
-                    embedding_dim=self.embedding_dim, pretrained_dim=self.pretrained_dim)
+                    embedding_dim=self.embedding_dim, pretrained_dim=self.pretrained_dim,
+                    table_dtype=self.table_dtype)
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
@@ -404,19 +429,22 @@ class TitleVectorTable(tf.keras.layers.Layer):
     catalogue. Two titles sharing a fingerprint (odds about n^2 / 2^64) would
     share a vector; `set_table` refuses such a table. It may hold fewer titles
     than `size`: the free slots take a key no fingerprint can be (2^63 - 1).
+    The vectors are stored as `table_dtype` and read as float32 (`FROZEN_TABLE_DTYPES`).
     """
 
-    def __init__(self, size: int, dim: int, **kwargs):
+    def __init__(self, size: int, dim: int, table_dtype: str = "float32", **kwargs):
         super().__init__(**kwargs)
         if size < 1 or dim < 1:
             raise ValueError(f"TitleVectorTable needs size >= 1 and dim >= 1, got {size}, {dim}")
         self.size, self.dim = int(size), int(dim)
+        self.table_dtype = frozen_table_dtype(table_dtype)
 
     def build(self, input_shape):
         self.keys = self.add_weight("keys", shape=[self.size], dtype=tf.int64,
                                     initializer="zeros", trainable=False)
         self.vectors = self.add_weight("vectors", shape=[self.size, self.dim],
-                                       initializer="zeros", trainable=False)
+                                       dtype=self.table_dtype, initializer="zeros",
+                                       trainable=False)
         super().build(input_shape)
 
     def set_table(self, titles: Sequence[str], vectors: np.ndarray) -> None:
@@ -431,16 +459,17 @@ class TitleVectorTable(tf.keras.layers.Layer):
         # one compares unequal, as for any title not stored.
         free = self.size - len(titles)
         self.keys.assign(np.concatenate([keys, np.full([free], NO_FINGERPRINT, np.int64)]))
-        self.vectors.assign(np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)]))
+        self.vectors.assign(np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)])
+                            .astype(self.table_dtype))
 
     def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         position, known = search_fingerprints(self.keys, text_fingerprints(titles))
-        vectors = tf.where(known[:, tf.newaxis], tf.gather(self.vectors, position),
-                           tf.zeros([tf.shape(titles)[0], self.dim], self.vectors.dtype))
+        vectors = tf.where(known[:, tf.newaxis], read_rows(self.vectors, position),
+                           tf.zeros([tf.shape(titles)[0], self.dim], tf.float32))
         return vectors, known
 
     def get_config(self) -> Dict[str, Any]:
-        return dict(super().get_config(), size=self.size, dim=self.dim)
+        return dict(super().get_config(), size=self.size, dim=self.dim, table_dtype=self.table_dtype)
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")

@@ -215,6 +215,12 @@ class StudentConfig:
         AUC for items never logged by 0.003-0.004 and per-query AUC by
         0.011-0.018 over three seeds (README, Student on Home Depot) and leaves
         the logged items' scores as they are. Read only with the title-vector path.
+      frozen_table_dtype: what the two frozen 384-wide tables, the teacher's
+        WordPiece embeddings and the stored title vectors, are kept as in the
+        student and in BERM-O (`berm_layers.FROZEN_TABLE_DTYPES`; read as float32
+        either way, in training as in serving). "float16" (the default) halves
+        them: 0.77 kB rather than 1.5 kB per logged title, and 23 MB rather
+        than 47 MB of embeddings (README, BERM-O's size).
       log_every_steps: training progress is logged every this many steps.
     """
 
@@ -251,6 +257,7 @@ class StudentConfig:
     title_map_l2: float = 0.1
     title_map_sif: float = DEFAULT_TITLE_MAP_SIF
     title_trigram_buckets: int = DEFAULT_TITLE_TRIGRAM_BUCKETS
+    frozen_table_dtype: str = "float16"
     log_every_steps: int = 50
 
     def __post_init__(self):
@@ -279,6 +286,7 @@ class StudentConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if not self.ndcg_topn or any(int(k) < 1 for k in self.ndcg_topn):
             raise ValueError(f"ndcg_topn must be cut-offs >= 1, got {self.ndcg_topn}")
+        berm_layers.frozen_table_dtype(self.frozen_table_dtype)
 
     @classmethod
     def from_custom_config(cls, custom_config: Optional[Mapping[str, Any]]) -> "StudentConfig":
@@ -472,6 +480,7 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
                        pretrained_dim: Optional[int] = None, num_kernels: int = 11,
                        hidden_dim: int = 32, term_gating: bool = True,
                        sentence_dim: Optional[int] = None, title_trigram_buckets: int = 0,
+                       table_dtype: str = "float32",
                        name: str = TOKEN_SCORER) -> tf.keras.Model:
     """BERM on token ids: `token_inputs(max_order)` -> relevance logit [N].
 
@@ -482,6 +491,7 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     title's pretrained WordPiece means (the embedding's `pretrained_mean` mode)
     and the title's stored vector feed the vector scorer's title-vector path
     (with `title_trigram_buckets` > 0, also the trigram ids of the titles outside the table).
+    `table_dtype`: what the pretrained table is stored as (`berm_layers.FROZEN_TABLE_DTYPES`).
     """
     if sentence_dim and not pretrained_dim:
         raise ValueError("the title-vector path (sentence_dim) needs the teacher's pretrained "
@@ -489,7 +499,7 @@ def build_token_scorer(max_order: int = 2, vocab_size: int = 30522, embedding_di
     if title_trigram_buckets and not sentence_dim:
         raise ValueError("title_trigram_buckets is part of the title-vector path (sentence_dim)")
     inputs = token_inputs(max_order, sentence_dim, title_trigram_buckets > 0)
-    embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim,
+    embed = berm_layers.TokenEmbedding(vocab_size, embedding_dim, pretrained_dim, table_dtype,
                                        name=EMBEDDING_LAYER)
     padding = berm_layers.PaddingMask(name="padding_mask")
     pooling = berm_layers.MaskedMeanPooling(name="neighbour_pooling")
@@ -611,7 +621,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
                   pretrained_embeddings: Optional[np.ndarray] = None, num_kernels: int = 11,
                   hidden_dim: int = 32, term_gating: bool = True,
                   title_table: Optional[Tuple[Sequence[str], np.ndarray]] = None,
-                  title_trigram_buckets: int = 0,
+                  title_trigram_buckets: int = 0, frozen_table_dtype: str = "float32",
                   name: str = "berm") -> tf.keras.Model:
     """The student on raw strings: `string_inputs(...)` -> relevance logit [N].
 
@@ -633,6 +643,8 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
       title_trigram_buckets: > 0: the path's fallback also reads the hashed
         letter trigrams (layer `title_trigrams`, `berm_layers.LetterTrigrams`) of
         the titles outside the table, through a frozen map; needs title_table.
+      frozen_table_dtype: what the pretrained embeddings and the title vectors are
+        stored as (`berm_layers.FROZEN_TABLE_DTYPES`).
       others: see `StudentConfig`.
     """
     vocab = list(vocab)
@@ -640,7 +652,7 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
     sentence_dim = None if title_table is None else int(np.shape(title_table[1])[1])
     token_scorer = build_token_scorer(max_order, len(vocab), embedding_dim, pretrained_dim,
                                       num_kernels, hidden_dim, term_gating, sentence_dim,
-                                      title_trigram_buckets)
+                                      title_trigram_buckets, frozen_table_dtype)
     if pretrained_embeddings is not None:
         token_scorer.get_layer(EMBEDDING_LAYER).set_pretrained(pretrained_embeddings)
     inputs = string_inputs(max_order, max_context_texts)
@@ -653,7 +665,8 @@ def build_student(vocab: Sequence[str], max_order: int = 2, max_context_texts: i
         tokens[f"{prefix}_weights"] = inputs[f"{prefix}_weights"]
         tokens[f"{prefix}_length"] = inputs[f"{prefix}_length"]
     if title_table is not None:
-        table = berm_layers.TitleVectorTable(len(title_table[0]), sentence_dim, name=TITLE_VECTORS)
+        table = berm_layers.TitleVectorTable(len(title_table[0]), sentence_dim, frozen_table_dtype,
+                                             name=TITLE_VECTORS)
         table.set_table(*title_table)
         tokens[TITLE_VECTOR_KEY], tokens[TITLE_KNOWN_KEY] = table(inputs[TITLE_KEY])
     trigrams = None
@@ -886,7 +899,8 @@ def student_from_config(config: StudentConfig) -> tf.keras.Model:
                            config.max_context_tokens, config.embedding_dim, embeddings,
                            config.num_kernels, config.hidden_dim, config.term_gating,
                            None if vectors is None else (vectors.titles, vectors.title_vectors),
-                           0 if vectors is None else config.title_trigram_buckets)
+                           0 if vectors is None else config.title_trigram_buckets,
+                           config.frozen_table_dtype)
     if vectors is not None:
         logging.info("student: title-vector path started: %s",
                      init_title_vector_path(scorer, vectors, config.title_map_l2,
