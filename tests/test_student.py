@@ -698,8 +698,9 @@ def _variable_bytes(model_dir):
 def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path):
     """student.frozen_table_dtype: the teacher's WordPiece embeddings and the title vectors take
     half the bytes in the student and in BERM-O, are read back as float32 in both (serve_raw
-    scores as the scorer does), and stay float16 through a reload. A model saved before the
-    setting (no table_dtype in its layers' configs) keeps float32 tables."""
+    scores as the scorer does), and stay float16 through a reload; `with_frozen_table_dtype`
+    copies a scorer with them stored the other way. A model saved before the setting (no
+    table_dtype in its layers' configs) keeps float32 tables."""
     rng = np.random.default_rng(0)
     titles = ["steel hammer", "wood chair", "garden hose"]
     pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
@@ -741,6 +742,17 @@ def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path
     np.testing.assert_allclose(served, direct, rtol=0, atol=1e-6)
     reloaded = berm_serving.load_scorer(str(tmp_path / "float16"))
     assert student.title_vector_table(reloaded).vectors.dtype == tf.float16
+    # Copies with the tables stored the other way: to float32 exact, to float16 rounded.
+    widened = student.with_frozen_table_dtype(reloaded, "float32")
+    assert student.title_vector_table(widened).vectors.dtype == tf.float32
+    np.testing.assert_array_equal(tf.sigmoid(widened({student.QUERY_KEY: tf.constant(queries),
+                                                      student.TITLE_KEY: tf.constant(items)})), direct)
+    halved = student.with_frozen_table_dtype(models["float32"], "float16")
+    for copied, built in ((student.title_vector_table(halved).vectors, table.vectors),
+                          (halved.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+                           .pretrained, embed.pretrained)):
+        assert copied.dtype == tf.float16
+        np.testing.assert_array_equal(copied.numpy(), built.numpy())
     # Before the setting existed the layers' configs had no table_dtype.
     old_table = berm_layers.TitleVectorTable.from_config({"name": "t", "size": 2, "dim": 3})
     old_embedding = berm_layers.TokenEmbedding.from_config(

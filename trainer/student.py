@@ -802,6 +802,48 @@ def _mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-12)))
 
 
+def with_frozen_table_dtype(scorer: tf.keras.Model, dtype: str) -> tf.keras.Model:
+    """A copy of a string scorer whose frozen tables (`frozen_table_dtype`) are stored as `dtype`.
+
+    Every other weight is copied as it is. From float16 to float32 the copy scores exactly as the
+    scorer does; the other way its tables are rounded. So a student exported before float16
+    tables existed can be halved without training it again:
+    `berm_serving.export_serving_model(with_frozen_table_dtype(load_scorer(dir), "float16"),
+    new_dir, neighbour_tables_dir)`.
+    """
+    dtype = berm_layers.frozen_table_dtype(dtype)
+    frozen = {cls.__name__ for cls in (berm_layers.TokenEmbedding, berm_layers.TitleVectorTable)}
+
+    def restore(node):
+        if isinstance(node, dict):
+            if node.get("class_name") in frozen:
+                node["config"]["table_dtype"] = dtype
+            for value in node.values():
+                restore(value)
+        elif isinstance(node, list):
+            for value in node:
+                restore(value)
+
+    # Layer by layer: a re-loaded BERM-O's scorer also tracks the serving tables among its weights.
+    def copy_weights(target_model, source_model):
+        for target in target_model.layers:
+            source = source_model.get_layer(target.name)
+            if isinstance(target, tf.keras.Model):
+                copy_weights(target, source)
+                continue
+            if len(target.weights) != len(source.weights):
+                raise ValueError(f"layer {target.name}: {len(source.weights)} weights in "
+                                 f"{scorer.name}, {len(target.weights)} in its copy")
+            for weight, value in zip(target.weights, source.weights):
+                weight.assign(tf.cast(value, weight.dtype))
+
+    config = scorer.get_config()
+    restore(config)
+    copy = tf.keras.Model.from_config(config)
+    copy_weights(copy, scorer)
+    return copy
+
+
 def scorer_settings(scorer: tf.keras.Model) -> Dict[str, int]:
     """max_order, max_context_texts and the title table's size (0: no title-vector path) of a
     string scorer (also a re-loaded one)."""
