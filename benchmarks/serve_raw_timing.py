@@ -6,7 +6,9 @@ work dir's `student_examples`; the eval split by default, the one tuning may rea
 same state, with one thread per op as `relkd serve` and the speed race run BERM-O. The first
 `--warm-up-passes` passes are not counted. It compares variants of one model: a student tuning's
 `unlogged_titles_model` (only the train logs' titles stored, so most eval titles go through the
-title path's fallback) against another setting's, or a model against itself (the noise)::
+title path's fallback) against another setting's, or a model against itself (the noise). Each
+model's largest score difference from the first model's, over the timed calls, says whether two
+variants score alike (0.0 for the same numbers computed the same way)::
 
     .venv/bin/python benchmarks/serve_raw_timing.py --work-dir runs/homedepot_s10/benchmark \\
         --model trigrams=runs/homedepot_s10/benchmark/tuning/ttri4096_s42/unlogged_titles_model \\
@@ -91,26 +93,35 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise SystemExit(f"{e} in the {args.split} split") from e
     models = {name: berm_profile.load_raw(path) for name, path in args.models.items()}
     milliseconds = {name: [] for name in models}
+    differences = dict.fromkeys(models, 0.0)
+    first = next(iter(models))
     for done in range(args.warm_up_passes + args.passes):
         sh.log(f"pass {done + 1} of {args.warm_up_passes + args.passes} "
                f"({'warm-up' if done < args.warm_up_passes else 'timed'}), {len(calls)} calls each")
         for call in calls:
+            scores = {}
             for name, serve in models.items():
                 start = time.perf_counter()
-                serve(query=call[0], item_id=call[1], item_title=call[2])[student.SCORE_KEY].numpy()
+                scores[name] = serve(query=call[0], item_id=call[1],
+                                     item_title=call[2])[student.SCORE_KEY].numpy()
                 if done >= args.warm_up_passes:
                     milliseconds[name].append((time.perf_counter() - start) * 1000)
+            if done >= args.warm_up_passes:
+                for name, got in scores.items():
+                    differences[name] = max(differences[name],
+                                            float(np.abs(got - scores[first]).max()))
     result = {"benchmark": "serve_raw_timing", "git_commit": th.git_commit(),
               "machine": th.machine_info(), "split": args.split, "batch_size": args.batch_size,
               "calls_per_model": len(calls) * args.passes, "intra_op_threads": args.intra_op_threads,
               "models": {}}
     for name, times in milliseconds.items():
         stats = {"median_ms": float(np.median(times)), "p90_ms": float(np.percentile(times, 90)),
-                 "mean_ms": float(np.mean(times)), "model_dir": args.models[name]}
+                 "mean_ms": float(np.mean(times)), "model_dir": args.models[name],
+                 "max_score_difference": differences[name]}
         result["models"][name] = stats
         print(f"{name}: median {stats['median_ms']:.2f} ms, p90 {stats['p90_ms']:.2f} ms, "
               f"mean {stats['mean_ms']:.2f} ms per {args.batch_size}-pair call "
-              f"({len(times)} calls)")
+              f"({len(times)} calls); scores at most {differences[name]:.2g} from {first}'s")
     th.write_result(args.out, result)
     return result
 
