@@ -742,6 +742,9 @@ def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path
     np.testing.assert_allclose(served, direct, rtol=0, atol=1e-6)
     reloaded = berm_serving.load_scorer(str(tmp_path / "float16"))
     assert student.title_vector_table(reloaded).vectors.dtype == tf.float16
+    for dtype in ("float32", "float16"):
+        assert berm_serving.read_manifest(str(tmp_path / dtype))["frozen_table_dtypes"] == {
+            "pretrained_token_embeddings": dtype, "title_vectors": dtype}
     # Copies with the tables stored the other way: to float32 exact, to float16 rounded.
     widened = student.with_frozen_table_dtype(reloaded, "float32")
     assert student.title_vector_table(widened).vectors.dtype == tf.float32

@@ -557,6 +557,14 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
                                      settings["max_context_texts"])
     tables = NeighbourTables(data, scorer)
     embedding = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    title_table = student.title_vector_table(scorer)
+    # How the frozen tables are stored (read as float32 either way), for whoever sizes a model
+    # without loading it; a re-loaded scorer has no StudentConfig to tell.
+    frozen = {}
+    if embedding.pretrained_dim is not None:
+        frozen["pretrained_token_embeddings"] = embedding.table_dtype
+    if title_table is not None:
+        frozen["title_vectors"] = title_table.table_dtype
     manifest = {
         "format_version": FORMAT_VERSION,
         "signatures": {"serving_default": ["examples"],
@@ -569,6 +577,7 @@ def build_serving_model(scorer: tf.keras.Model, neighbour_tables_dir: Optional[s
         "text_vectors_shape": list(tables.text_vectors.shape),
         "token_vectors_shape": [embedding.vocab_size, embedding.embedding_dim],
         "title_vectors": settings["title_vectors"],
+        "frozen_table_dtypes": frozen,
     }
     manifest.update(extra_manifest or {})
     return BermServing(scorer, tables, manifest)
