@@ -767,6 +767,74 @@ def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path
         student.StudentConfig(frozen_table_dtype="bfloat16")
 
 
+def test_int8_frozen_tables_keep_a_scale_per_row(vocab, tmp_path):
+    """frozen_table_dtype "int8": each row of the two frozen tables is stored as int8 times its
+    own float32 scale (largest magnitude / 127), within half a step of the float32 row; training
+    and BERM-O read the same dequantized rows; the tables take a quarter of the float32 bytes
+    plus 4 bytes a row; copies to float32 score exactly as the int8 scorer, and an int8 copy of a
+    float32 scorer holds what a scorer built int8 does."""
+    rows = np.array([[0.5, -2.0, 1.0], [0.0, 0.0, 0.0], [1e-3, 3e-3, -2e-3]], np.float32)
+    values, scale = berm_layers.stored_rows(rows, "int8")
+    assert values.dtype == np.int8 and scale.dtype == np.float32
+    np.testing.assert_allclose(scale, [2.0 / 127, 0.0, 3e-3 / 127], rtol=1e-6)
+    dequantized = values.astype(np.float32) * scale[:, np.newaxis]
+    assert np.all(np.abs(dequantized - rows) <= scale[:, np.newaxis] / 2 + 1e-9)
+    assert np.abs(values).max(axis=1).tolist() == [127, 0, 127]  # each row's largest is exact
+    assert berm_layers.stored_rows(rows, "float16")[1] is None
+
+    rng = np.random.default_rng(1)
+    titles = ["steel hammer", "wood chair", "garden hose"]
+    pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
+    title_vectors = rng.normal(size=(3, 5)).astype(np.float32)
+    models = {}
+    for dtype in ("float32", "int8"):
+        tf.keras.utils.set_random_seed(0)
+        models[dtype] = student.build_student(
+            vocab, 0, pretrained_embeddings=pretrained, embedding_dim=4, hidden_dim=4,
+            title_table=(titles, title_vectors), frozen_table_dtype=dtype)
+        berm_serving.export_serving_model(models[dtype], str(tmp_path / dtype))
+    scorer = models["int8"]
+    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    table = student.title_vector_table(scorer)
+    assert embed.pretrained.dtype == tf.int8 and table.vectors.dtype == tf.int8
+    read = lambda x: (lambda v, s: v.astype(np.float32) * s[:, np.newaxis])(
+        *berm_layers.stored_rows(x, "int8"))
+    got, known = table(tf.constant(titles[::-1]))
+    assert got.dtype == tf.float32 and known.numpy().all()
+    np.testing.assert_array_equal(got.numpy(), read(title_vectors[::-1]))
+    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
+    real = ids.numpy()[0][ids.numpy()[0] != 0]
+    np.testing.assert_allclose(embed(ids, pretrained_mean=True).numpy()[0],
+                               read(pretrained)[real].mean(0), rtol=1e-6)
+    full, small = _variable_bytes(str(tmp_path / "float32")), _variable_bytes(str(tmp_path / "int8"))
+    added = set(small) - set(full)
+    assert len(added) == 2 and {small[name][0] for name in added} == {tf.float32}
+    assert sum(small[name][1] for name in added) == 4 * (len(vocab) + len(titles))
+    changed = {name for name in full if small[name] != full[name]}
+    assert {small[name][0] for name in changed} == {tf.int8} and len(changed) == 2
+    assert sum(small[n][1] for n in changed) * 4 == sum(full[n][1] for n in changed)
+    queries, items = ["steel saw", "hose", "chair"], ["steel hammer", "garden hose", "new title"]
+    features = {student.QUERY_KEY: tf.constant(queries), student.TITLE_KEY: tf.constant(items)}
+    direct = tf.sigmoid(scorer(features)).numpy()
+    served = tf.saved_model.load(str(tmp_path / "int8")).signatures[student.RAW_SIGNATURE](
+        query=tf.constant(queries), item_id=tf.constant(["a", "b", "c"]),
+        item_title=tf.constant(items))["score"].numpy()
+    np.testing.assert_allclose(served, direct, rtol=0, atol=1e-6)
+    assert berm_serving.read_manifest(str(tmp_path / "int8"))["frozen_table_dtypes"] == {
+        "pretrained_token_embeddings": "int8", "title_vectors": "int8"}
+    reloaded = berm_serving.load_scorer(str(tmp_path / "int8"))
+    widened = student.with_frozen_table_dtype(reloaded, "float32")
+    assert student.title_vector_table(widened).vectors.dtype == tf.float32
+    np.testing.assert_array_equal(tf.sigmoid(widened(features)).numpy(), direct)
+    narrowed = student.with_frozen_table_dtype(models["float32"], "int8")
+    for copied, built in (
+            (student.title_vector_table(narrowed), table),
+            (narrowed.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER), embed)):
+        for copied_part, built_part in zip(copied.frozen_table(), built.frozen_table()):
+            assert copied_part.dtype == built_part.dtype
+            np.testing.assert_array_equal(copied_part.numpy(), built_part.numpy())
+
+
 def _trigram_scorer(vocab, titles, rng):
     """A tiny 0-order string scorer whose title table holds `titles` (random vectors, also
     returned) and whose fallback reads letter trigrams."""

@@ -221,9 +221,11 @@ class PaddingMask(tf.keras.layers.Layer):
 
 # What the frozen 384-wide tables (the teacher's WordPiece embeddings, the stored title vectors)
 # may be stored as. They are most of a student's bytes; float16 halves them and keeps about three
-# significant digits, far finer than what the student learns from them. Their rows are read as
-# float32, so training and serving compute the same numbers from the same stored ones.
-FROZEN_TABLE_DTYPES = ("float32", "float16")
+# significant digits, far finer than what the student learns from them; int8 (each row scaled
+# by its largest magnitude, the scale kept beside it in float32) quarters them with about two.
+# Their rows are read as float32, so training and serving compute the same numbers from the same
+# stored ones.
+FROZEN_TABLE_DTYPES = ("float32", "float16", "int8")
 
 
 def frozen_table_dtype(name: str) -> str:
@@ -233,9 +235,48 @@ def frozen_table_dtype(name: str) -> str:
     return name
 
 
-def read_rows(table: tf.Variable, ids: tf.Tensor) -> tf.Tensor:
-    """table[ids] as float32, whatever the table is stored as."""
-    return tf.cast(tf.gather(table, ids), tf.float32)
+def add_frozen_table(layer: tf.keras.layers.Layer, name: str, rows: int, width: int,
+                     dtype: str) -> Tuple[tf.Variable, Optional[tf.Variable]]:
+    """A layer's frozen [rows, width] table stored as `dtype`, and for int8 its rows' scales."""
+    table = layer.add_weight(name, shape=[rows, width], dtype=dtype, initializer="zeros",
+                             trainable=False)
+    scale = None
+    if dtype == "int8":
+        scale = layer.add_weight(f"{name}_scale", shape=[rows], initializer="zeros",
+                                 trainable=False)
+    return table, scale
+
+
+def stored_rows(matrix: np.ndarray, dtype: str) -> Tuple[np.ndarray, Optional[np.ndarray]]:
+    """A float matrix [rows, width] as a table of `dtype` stores it: (values, int8's row scales
+    or None). `read_rows` of them gives float32 within half a step (row max / 127) of each entry."""
+    matrix = np.asarray(matrix, np.float32)
+    if dtype != "int8":
+        return matrix.astype(dtype), None
+    scale = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros([len(matrix)], np.float32)
+    values = np.round(matrix / np.where(scale > 0, scale, 1.0)[:, np.newaxis])
+    return values.astype(np.int8), scale.astype(np.float32)
+
+
+def assign_rows(table: tf.Variable, scale: Optional[tf.Variable], matrix: np.ndarray) -> np.ndarray:
+    """Stores `matrix` in a frozen table (and its scales); returns it as read back, float32."""
+    values, scales = stored_rows(matrix, table.dtype.name)
+    table.assign(values)
+    if scale is not None:
+        scale.assign(scales)
+    return values.astype(np.float32) * (1.0 if scales is None else scales[:, np.newaxis])
+
+
+def table_values(table: tf.Variable, scale: Optional[tf.Variable]) -> np.ndarray:
+    """A whole frozen table as read, float32 [rows, width]."""
+    values = table.numpy().astype(np.float32)
+    return values if scale is None else values * scale.numpy()[:, np.newaxis]
+
+
+def read_rows(table: tf.Variable, ids: tf.Tensor, scale: Optional[tf.Variable] = None) -> tf.Tensor:
+    """table[ids] as float32, whatever the table is stored as (int8 times its rows' `scale`)."""
+    rows = tf.cast(tf.gather(table, ids), tf.float32)
+    return rows if scale is None else rows * tf.gather(scale, ids)[..., tf.newaxis]
 
 
 @tf.keras.utils.register_keras_serializable(package="relkd")
@@ -250,8 +291,9 @@ class TokenEmbedding(tf.keras.layers.Layer):
         table's top principal directions (centred), so that cosine similarities
         start close to the teacher's. Only the batch's distinct ids are projected.
 
-    `table_dtype` is what the frozen table is stored as ("float32", or "float16"
-    for half the bytes); its rows are read as float32 (`FROZEN_TABLE_DTYPES`).
+    `table_dtype` is what the frozen table is stored as ("float32", "float16" for
+    half the bytes, "int8" for a quarter and its rows' scales); its rows are read
+    as float32 (`FROZEN_TABLE_DTYPES`).
     """
 
     def __init__(self, vocab_size: int, embedding_dim: int, pretrained_dim: Optional[int] = None,
@@ -268,9 +310,8 @@ class TokenEmbedding(tf.keras.layers.Layer):
                 "embeddings", shape=[self.vocab_size, self.embedding_dim],
                 initializer=tf.keras.initializers.RandomNormal(stddev=0.1), trainable=True)
         else:
-            self.pretrained = self.add_weight(
-                "pretrained", shape=[self.vocab_size, self.pretrained_dim],
-                dtype=self.table_dtype, initializer="zeros", trainable=False)
+            self.pretrained, self.pretrained_scale = add_frozen_table(
+                self, "pretrained", self.vocab_size, self.pretrained_dim, self.table_dtype)
             self.kernel = self.add_weight(
                 "projection_kernel", shape=[self.pretrained_dim, self.embedding_dim],
                 initializer="glorot_uniform", trainable=True)
@@ -284,13 +325,14 @@ class TokenEmbedding(tf.keras.layers.Layer):
         """Loads the frozen table and sets the projection to its PCA directions."""
         if self.pretrained_dim is None:
             raise ValueError("this TokenEmbedding has no pretrained table (pretrained_dim=None)")
-        # The projection starts from the table as stored, so that it fits what training reads.
-        matrix = np.asarray(matrix).astype(self.table_dtype).astype(np.float32)
+        matrix = np.asarray(matrix, np.float32)
         if matrix.shape != (self.vocab_size, self.pretrained_dim):
             raise ValueError(f"pretrained embeddings have shape {matrix.shape}, expected "
                              f"{(self.vocab_size, self.pretrained_dim)}")
         if not self.built:
             self.build(tf.TensorShape([None]))
+        # The projection starts from the table as stored, so that it fits what training reads.
+        matrix = assign_rows(self.pretrained, self.pretrained_scale, matrix)
         mean = matrix.mean(axis=0)
         _, _, vt = np.linalg.svd(matrix - mean, full_matrices=False)
         kernel = vt[:self.embedding_dim].T  # [P, D]; D <= P
@@ -299,9 +341,12 @@ class TokenEmbedding(tf.keras.layers.Layer):
                 scale=1.0 / np.sqrt(self.pretrained_dim),
                 size=(self.pretrained_dim, self.embedding_dim - kernel.shape[1]))
             kernel = np.concatenate([kernel, extra], axis=1)
-        self.pretrained.assign(matrix)
         self.kernel.assign(kernel.astype(np.float32))
         self.bias.assign(-(mean @ kernel).astype(np.float32))
+
+    def frozen_table(self) -> Optional[Tuple[tf.Variable, Optional[tf.Variable]]]:
+        """(the pretrained table, its int8 row scales or None); None without one."""
+        return None if self.pretrained_dim is None else (self.pretrained, self.pretrained_scale)
 
     def set_mean_weights(self, weights: np.ndarray) -> None:
         """Sets how much each token counts in `pretrained_mean` (frozen; all 1 at first)."""
@@ -328,7 +373,8 @@ class TokenEmbedding(tf.keras.layers.Layer):
             return tf.gather(self.embeddings, ids)
         flat = tf.reshape(ids, [-1])
         unique, index = tf.unique(flat)
-        projected = tf.matmul(read_rows(self.pretrained, unique), self.kernel) + self.bias
+        projected = tf.matmul(read_rows(self.pretrained, unique, self.pretrained_scale),
+                              self.kernel) + self.bias
         out = tf.gather(projected, index)
         return tf.reshape(out, tf.concat([tf.shape(ids), [self.embedding_dim]], axis=0))
 
@@ -345,7 +391,8 @@ class TokenEmbedding(tf.keras.layers.Layer):
         kept = tf.gather_nd(ids, where)
         weights = tf.gather(self.mean_weights, kept)
         sums = tf.math.unsorted_segment_sum(
-            read_rows(self.pretrained, kept) * weights[:, tf.newaxis], rows, count)
+            read_rows(self.pretrained, kept, self.pretrained_scale) * weights[:, tf.newaxis],
+            rows, count)
         total = tf.math.unsorted_segment_sum(weights, rows, count)
         return tf.math.divide_no_nan(sums, total[:, tf.newaxis])
 
@@ -442,9 +489,8 @@ class TitleVectorTable(tf.keras.layers.Layer):
     def build(self, input_shape):
         self.keys = self.add_weight("keys", shape=[self.size], dtype=tf.int64,
                                     initializer="zeros", trainable=False)
-        self.vectors = self.add_weight("vectors", shape=[self.size, self.dim],
-                                       dtype=self.table_dtype, initializer="zeros",
-                                       trainable=False)
+        self.vectors, self.vectors_scale = add_frozen_table(self, "vectors", self.size, self.dim,
+                                                            self.table_dtype)
         super().build(input_shape)
 
     def set_table(self, titles: Sequence[str], vectors: np.ndarray) -> None:
@@ -459,12 +505,16 @@ class TitleVectorTable(tf.keras.layers.Layer):
         # one compares unequal, as for any title not stored.
         free = self.size - len(titles)
         self.keys.assign(np.concatenate([keys, np.full([free], NO_FINGERPRINT, np.int64)]))
-        self.vectors.assign(np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)])
-                            .astype(self.table_dtype))
+        assign_rows(self.vectors, self.vectors_scale,
+                    np.concatenate([vectors[order], np.zeros([free, self.dim], np.float32)]))
+
+    def frozen_table(self) -> Tuple[tf.Variable, Optional[tf.Variable]]:
+        """(the vectors, their int8 row scales or None)."""
+        return self.vectors, self.vectors_scale
 
     def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         position, known = search_fingerprints(self.keys, text_fingerprints(titles))
-        vectors = tf.where(known[:, tf.newaxis], read_rows(self.vectors, position),
+        vectors = tf.where(known[:, tf.newaxis], read_rows(self.vectors, position, self.vectors_scale),
                            tf.zeros([tf.shape(titles)[0], self.dim], tf.float32))
         return vectors, known
 
