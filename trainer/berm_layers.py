@@ -253,9 +253,14 @@ def stored_rows(matrix: np.ndarray, dtype: str) -> Tuple[np.ndarray, Optional[np
     matrix = np.asarray(matrix, np.float32)
     if dtype != "int8":
         return matrix.astype(dtype), None
-    scale = np.abs(matrix).max(axis=1) / 127.0 if matrix.size else np.zeros([len(matrix)], np.float32)
+    scale = (np.abs(matrix).max(axis=1, initial=0.0) / 127.0).astype(np.float32)
     values = np.round(matrix / np.where(scale > 0, scale, 1.0)[:, np.newaxis])
-    return values.astype(np.int8), scale.astype(np.float32)
+    return values.astype(np.int8), scale
+
+
+def _as_read(values: np.ndarray, scales: Optional[np.ndarray]) -> np.ndarray:
+    values = values.astype(np.float32)
+    return values if scales is None else values * scales[:, np.newaxis]
 
 
 def assign_rows(table: tf.Variable, scale: Optional[tf.Variable], matrix: np.ndarray) -> np.ndarray:
@@ -264,13 +269,12 @@ def assign_rows(table: tf.Variable, scale: Optional[tf.Variable], matrix: np.nda
     table.assign(values)
     if scale is not None:
         scale.assign(scales)
-    return values.astype(np.float32) * (1.0 if scales is None else scales[:, np.newaxis])
+    return _as_read(values, scales)
 
 
 def table_values(table: tf.Variable, scale: Optional[tf.Variable]) -> np.ndarray:
     """A whole frozen table as read, float32 [rows, width]."""
-    values = table.numpy().astype(np.float32)
-    return values if scale is None else values * scale.numpy()[:, np.newaxis]
+    return _as_read(table.numpy(), None if scale is None else scale.numpy())
 
 
 def read_rows(table: tf.Variable, ids: tf.Tensor, scale: Optional[tf.Variable] = None) -> tf.Tensor:
@@ -514,7 +518,8 @@ class TitleVectorTable(tf.keras.layers.Layer):
 
     def call(self, titles: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         position, known = search_fingerprints(self.keys, text_fingerprints(titles))
-        vectors = tf.where(known[:, tf.newaxis], read_rows(self.vectors, position, self.vectors_scale),
+        vectors = tf.where(known[:, tf.newaxis],
+                           read_rows(self.vectors, position, self.vectors_scale),
                            tf.zeros([tf.shape(titles)[0], self.dim], tf.float32))
         return vectors, known
 
