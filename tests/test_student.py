@@ -695,36 +695,50 @@ def _variable_bytes(model_dir):
             for name, shape in reader.get_variable_to_shape_map().items()}
 
 
+def _frozen_table_students(vocab, tmp_path, dtypes, seed):
+    """Tiny 0-order students with title vectors, one per frozen table dtype (the same seed),
+    each exported to tmp_path / dtype; and the titles, embeddings and vectors they hold."""
+    rng = np.random.default_rng(seed)
+    titles = ["steel hammer", "wood chair", "garden hose"]
+    pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
+    title_vectors = rng.normal(size=(3, 5)).astype(np.float32)
+    models = {}
+    for dtype in dtypes:
+        tf.keras.utils.set_random_seed(0)
+        models[dtype] = student.build_student(
+            vocab, 0, pretrained_embeddings=pretrained, embedding_dim=4, hidden_dim=4,
+            title_table=(titles, title_vectors), frozen_table_dtype=dtype)
+        berm_serving.export_serving_model(models[dtype], str(tmp_path / dtype))
+    return models, titles, pretrained, title_vectors
+
+
+def _assert_tables_read_as(scorer, dtype, titles, pretrained, title_vectors, read):
+    """The scorer's two frozen tables are stored as `dtype` and read as float32 `read(rows)`:
+    the title table's lookups (an unknown title: zeros) and the pretrained means."""
+    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
+    table = student.title_vector_table(scorer)
+    assert embed.pretrained.dtype == dtype and table.vectors.dtype == dtype
+    got, known = table(tf.constant(titles[::-1] + ["no such title"]))
+    assert got.dtype == tf.float32 and known.numpy().tolist() == [True, True, True, False]
+    np.testing.assert_array_equal(got.numpy()[:3], read(title_vectors[::-1]))
+    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
+    real = ids.numpy()[0][ids.numpy()[0] != 0]
+    np.testing.assert_allclose(embed(ids, pretrained_mean=True).numpy()[0],
+                               read(pretrained)[real].mean(0), rtol=1e-6)
+    return embed, table
+
+
 def test_frozen_tables_are_stored_as_float16_and_read_as_float32(vocab, tmp_path):
     """student.frozen_table_dtype: the teacher's WordPiece embeddings and the title vectors take
     half the bytes in the student and in BERM-O, are read back as float32 in both (serve_raw
     scores as the scorer does), and stay float16 through a reload; `with_frozen_table_dtype`
     copies a scorer with them stored the other way. A model saved before the setting (no
     table_dtype in its layers' configs) keeps float32 tables."""
-    rng = np.random.default_rng(0)
-    titles = ["steel hammer", "wood chair", "garden hose"]
-    pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
-    title_vectors = rng.normal(size=(3, 5)).astype(np.float32)
-    models = {}
-    for dtype in ("float32", "float16"):
-        tf.keras.utils.set_random_seed(0)
-        scorer = student.build_student(vocab, 0, pretrained_embeddings=pretrained, embedding_dim=4,
-                                       hidden_dim=4, title_table=(titles, title_vectors),
-                                       frozen_table_dtype=dtype)
-        berm_serving.export_serving_model(scorer, str(tmp_path / dtype))
-        models[dtype] = scorer
+    models, titles, pretrained, title_vectors = _frozen_table_students(
+        vocab, tmp_path, ("float32", "float16"), seed=0)
     scorer = models["float16"]
-    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
-    table = student.title_vector_table(scorer)
-    assert embed.pretrained.dtype == tf.float16 and table.vectors.dtype == tf.float16
-    rounded = lambda x: x.astype(np.float16).astype(np.float32)
-    got, known = table(tf.constant(titles[::-1] + ["no such title"]))
-    assert got.dtype == tf.float32 and known.numpy().tolist() == [True, True, True, False]
-    np.testing.assert_array_equal(got.numpy()[:3], rounded(title_vectors[::-1]))
-    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
-    real = ids.numpy()[0][ids.numpy()[0] != 0]
-    np.testing.assert_allclose(embed(ids, pretrained_mean=True).numpy()[0],
-                               rounded(pretrained)[real].mean(0), rtol=1e-6)
+    embed, table = _assert_tables_read_as(scorer, tf.float16, titles, pretrained, title_vectors,
+                                          lambda x: x.astype(np.float16).astype(np.float32))
     # Half the bytes of the two tables, nothing else changed.
     full, half = _variable_bytes(str(tmp_path / "float32")), _variable_bytes(str(tmp_path / "float16"))
     assert sorted(full) == sorted(half)
@@ -782,30 +796,13 @@ def test_int8_frozen_tables_keep_a_scale_per_row(vocab, tmp_path):
     assert np.abs(values).max(axis=1).tolist() == [127, 0, 127]  # each row's largest is exact
     assert berm_layers.stored_rows(rows, "float16")[1] is None
 
-    rng = np.random.default_rng(1)
-    titles = ["steel hammer", "wood chair", "garden hose"]
-    pretrained = rng.normal(size=(len(vocab), 6)).astype(np.float32)
-    title_vectors = rng.normal(size=(3, 5)).astype(np.float32)
-    models = {}
-    for dtype in ("float32", "int8"):
-        tf.keras.utils.set_random_seed(0)
-        models[dtype] = student.build_student(
-            vocab, 0, pretrained_embeddings=pretrained, embedding_dim=4, hidden_dim=4,
-            title_table=(titles, title_vectors), frozen_table_dtype=dtype)
-        berm_serving.export_serving_model(models[dtype], str(tmp_path / dtype))
+    models, titles, pretrained, title_vectors = _frozen_table_students(
+        vocab, tmp_path, ("float32", "int8"), seed=1)
     scorer = models["int8"]
-    embed = scorer.get_layer(student.TOKEN_SCORER).get_layer(student.EMBEDDING_LAYER)
-    table = student.title_vector_table(scorer)
-    assert embed.pretrained.dtype == tf.int8 and table.vectors.dtype == tf.int8
-    read = lambda x: (lambda v, s: v.astype(np.float32) * s[:, np.newaxis])(
-        *berm_layers.stored_rows(x, "int8"))
-    got, known = table(tf.constant(titles[::-1]))
-    assert got.dtype == tf.float32 and known.numpy().all()
-    np.testing.assert_array_equal(got.numpy(), read(title_vectors[::-1]))
-    ids = scorer.get_layer(student.TITLE_WORDPIECE)(tf.constant(["steel hammer"]))
-    real = ids.numpy()[0][ids.numpy()[0] != 0]
-    np.testing.assert_allclose(embed(ids, pretrained_mean=True).numpy()[0],
-                               read(pretrained)[real].mean(0), rtol=1e-6)
+    embed, table = _assert_tables_read_as(
+        scorer, tf.int8, titles, pretrained, title_vectors,
+        lambda x: (lambda v, s: v.astype(np.float32) * s[:, np.newaxis])(
+            *berm_layers.stored_rows(x, "int8")))
     full, small = _variable_bytes(str(tmp_path / "float32")), _variable_bytes(str(tmp_path / "int8"))
     added = set(small) - set(full)
     assert len(added) == 2 and {small[name][0] for name in added} == {tf.float32}
