@@ -581,7 +581,9 @@ def test_student_with_teacher_embeddings_builds_and_scores():
     assert embedding.kernel.shape == (384, 16) and embedding.kernel.trainable
     assert float(tf.reduce_max(tf.abs(embedding.pretrained))) > 0  # The teacher's weights, loaded.
     params = student.count_params(scorer)
-    assert params["non_trainable"] == 30522 * 384 + 30522  # The table and each token's mean weight.
+    # The table, each row's int8 scale (the default frozen_table_dtype) and each token's mean weight.
+    assert embedding.pretrained.dtype == tf.int8
+    assert params["non_trainable"] == 30522 * 384 + 30522 + 30522
     logits = scorer(student.string_features(_parsed(["cordless drill"], ["dewalt cordless drill"], {}), 2, TOP_N))
     assert logits.shape == (1,) and np.isfinite(logits.numpy()).all()
 
