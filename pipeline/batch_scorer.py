@@ -19,6 +19,8 @@ import os
 import time
 from typing import Callable, Dict, Iterator, List
 
+from pipeline import run_arguments
+from pipeline.exit_codes import UsageError
 from pipeline.tf_threads import set_threads, threads_label
 
 REQUIRED = ("id", "query", "item_id", "item_title")
@@ -72,6 +74,12 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
                                 "(0: TensorFlow's choice)")
     if not os.path.exists(input_path):
         raise ScoringInputError(f"input not found: {input_path}")
+    if os.path.isdir(input_path):
+        raise ScoringInputError(f"input {input_path} is a folder; give the CSV file of pairs")
+    try:
+        run_arguments.check_output_path(output_path, "--output", folder=False)
+    except UsageError as e:
+        raise ScoringInputError(str(e)) from e
     model_path = resolve_model_dir(model_dir)
     set_threads(intra_op_threads)
     import tensorflow as tf
@@ -87,14 +95,15 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
     started = time.monotonic()
     rows = 0
     partial = output_path + ".partial"
+    os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     try:
         rows = _score_rows(serve, input_path, partial, batch_size, echo, progress_seconds, started,
                            workers)
+        os.replace(partial, output_path)
     except BaseException:
         if os.path.exists(partial):
             os.remove(partial)  # a failed run never leaves a file that looks like output
         raise
-    os.replace(partial, output_path)
     seconds = time.monotonic() - started
     echo(f"Scored {rows:,} pairs in {seconds:.1f}s ({rows / max(seconds, 1e-9):,.0f} pairs/s) "
          f"-> {output_path}")

@@ -52,6 +52,10 @@ def _add_report(subparsers) -> None:
 
 
 def _cmd_report(args) -> int:
+    if args.output:
+        from pipeline import run_arguments
+
+        run_arguments.check_output_path(args.output, "--output", folder=True)
     from pipeline import report
 
     try:
@@ -81,7 +85,7 @@ def _add_score(subparsers) -> None:
     offline = p.add_argument_group("offline (batch)")
     offline.add_argument("--model-dir", help="a BERM-O SavedModel, or a folder of numbered versions")
     offline.add_argument("--input", help="CSV with id,query,item_id,item_title")
-    offline.add_argument("--output", help="CSV to write id,score to")
+    offline.add_argument("--output", help="CSV to write id,score to (missing folders are created)")
     offline.add_argument("--batch-size", type=int, default=1024, help="pairs per model call (default 1024)")
     offline.add_argument("--workers", type=int, default=1,
                          help="model calls in flight at once (default 1; output stays in input "
@@ -220,6 +224,9 @@ def _add_compile(subparsers) -> None:
 
 
 def _cmd_compile(args) -> int:
+    from pipeline import run_arguments
+
+    run_arguments.check_output_path(args.kubeflow, "--kubeflow", folder=False)
     from kubeflow import runner
     from pipeline import configs
 
@@ -253,7 +260,8 @@ def _cmd_compile(args) -> int:
 def _cmd_run(args) -> int:
     from pipeline import run_arguments
 
-    run_arguments.check(args.logs, args.judgments, args.dataset, args.dataset_input, args.config)
+    run_arguments.check(args.logs, args.judgments, args.dataset, args.dataset_input, args.config,
+                        args.output)
     from pipeline import configs, local_runner
 
     config = configs.load_config(args.config)
@@ -266,6 +274,9 @@ def _cmd_run(args) -> int:
 def _cmd_generate(args) -> int:
     import dataclasses
 
+    from pipeline import run_arguments
+
+    run_arguments.check_output_path(args.output, "--output", folder=True)
     from pipeline import configs, default_data
 
     config = configs.load_config(args.config)

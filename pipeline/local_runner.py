@@ -140,6 +140,7 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     config = copy.deepcopy(config)  # Input preparation and --resume adjust it for this run only.
     if resume:
         config.enable_cache = True
+    run_arguments.check_output_path(output_dir, "--output", folder=True)
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     paths = prepare_inputs(config, output_dir, logs, judgments, dataset, dataset_input, echo)

@@ -368,6 +368,16 @@ print("loaded:", sorted({"tensorflow", "tfx", "apache_beam"} & set(sys.modules))
     (["run", "--dataset", "homedepot", "--input", "nope.zip"], 2, "Home Depot input not found"),
     (["generate", "--output", "out", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
     (["compile", "--kubeflow", "out.json", "--config", "nope.yaml"], 2, "config file not found: nope.yaml"),
+    # Where a command writes: a file where a folder belongs, or the reverse (README.md and tests/
+    # are this checkout's own), is answered before the work rather than by the first write after it.
+    (["run", "--output", "README.md"], 2, "--output README.md is a file; give a folder"),
+    (["generate", "--output", "README.md"], 2, "--output README.md is a file; give a folder"),
+    (["report", "--run", "runs/x", "--output", "README.md"], 2, "--output README.md is a file"),
+    (["compile", "--kubeflow", "README.md/relkd.json"], 2, "README.md is a file, so no folder can be made"),
+    (["score", "--model-dir", "nope", "--input", "README.md", "--output", "tests"], 2,
+     "--output tests is a folder; give the path of a file"),
+    (["score", "--model-dir", "nope", "--input", "tests", "--output", "scores.csv"], 2,
+     "input tests is a folder; give the CSV file of pairs"),
 ])
 def test_help_bad_flags_and_missing_paths_are_answered_before_the_libraries_load(tmp_path, args, code, said):
     result = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], cwd=os.path.dirname(os.path.dirname(__file__)),

@@ -241,7 +241,7 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o
     # One call at a time, and several in flight (more batches than calls, so the output's order
     # is the input's only if the writer keeps it).
     for workers, batch_size in ((1, 1000), (3, 170)):
-        out = tmp_path / f"scores_{workers}.csv"
+        out = tmp_path / "scores" / f"workers_{workers}.csv"  # a folder that does not exist yet
         messages = []
         result = batch_scorer.score_file(str(base.parent / MODEL), str(pairs), str(out),
                                          batch_size=batch_size, echo=messages.append,
@@ -273,6 +273,13 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o
     with pytest.raises(batch_scorer.ScoringInputError, match="column\\(s\\) item_id, item_title missing"):
         batch_scorer.score_file(str(base), str(bad), str(tmp_path / "never.csv"))
     assert not os.path.exists(tmp_path / "never.csv") and not os.path.exists(tmp_path / "never.csv.partial")
+    # A folder where the scores should go, or the pairs should come from, is refused before the
+    # model loads, not after every pair was scored.
+    with pytest.raises(batch_scorer.ScoringInputError, match="is a folder; give the path of a file"):
+        batch_scorer.score_file(str(base), str(pairs), str(tmp_path / "scores"))
+    with pytest.raises(batch_scorer.ScoringInputError, match="is a folder; give the CSV file of pairs"):
+        batch_scorer.score_file(str(base), str(tmp_path), str(tmp_path / "never.csv"))
+    assert not os.path.exists(tmp_path / "scores.partial")
 
 
 def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
