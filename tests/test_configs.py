@@ -43,6 +43,22 @@ def test_a_misspelt_trainer_setting_names_the_setting_meant(tmp_path, part):
         build(config)
 
 
+@pytest.mark.parametrize("part,setting,message", [
+    ("student", "learning_rate: 1e-3", r"student.settings: student setting 'learning_rate' must be a "
+     r"number, got '1e-3' \(YAML reads a number like 1e-3, without a dot, as text: write 1.0e-3\)"),
+    ("student", "term_gating: 1", "student setting 'term_gating' must be true or false, got 1"),
+    ("student", "ndcg_topn: ten", "student setting 'ndcg_topn' must be a list, got 'ten'"),
+    ("teacher", "epochs: 2.5", "teacher setting 'epochs' must be a whole number, got 2.5"),
+    ("teacher", "tiny_encoder: 3", "teacher setting 'tiny_encoder' must be a mapping, got 3"),
+])
+def test_a_trainer_setting_of_the_wrong_type_is_refused_before_the_run(tmp_path, part, setting, message):
+    # Not minutes into the run, where the trainer would first compare or multiply it.
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{part}:\n  settings:\n    {setting}\n")
+    with pytest.raises(configs.ConfigError, match=message):
+        getattr(configs, f"{part}_custom_config")(configs.load_config(str(path)))
+
+
 def test_missing_config_file():
     with pytest.raises(configs.ConfigError, match="not found"):
         configs.load_config("/nonexistent/config.yaml")

@@ -209,6 +209,13 @@ def test_custom_config_defaults_and_typos():
         student.StudentConfig.from_custom_config({"ranking_loss": "hinge"})
     with pytest.raises(ValueError, match="max_order"):
         student.StudentConfig.from_custom_config({"max_order": 4})
+    # Values that convert exactly are read as the field holds them (JSON and YAML write 4.0 for
+    # some 4s); others name the setting (more cases: test_configs.py).
+    config = student.StudentConfig.from_custom_config({"epochs": 4.0, "learning_rate": 1, "ndcg_topn": 10})
+    assert (config.epochs, config.learning_rate, config.ndcg_topn) == (4, 1.0, (10,))
+    assert isinstance(config.epochs, int) and isinstance(config.learning_rate, float)
+    with pytest.raises(ValueError, match="student setting 'max_order' must be a whole number, got '2'"):
+        student.StudentConfig.from_custom_config({"max_order": "2"})
 
 
 # --- Shapes, masks, padding, cold start -----------------------------------------------

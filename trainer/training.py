@@ -1,9 +1,11 @@
 """Training plumbing shared by the teacher and student module files."""
+import collections.abc
 import dataclasses
 import difflib
 import json
 import math
 import os
+import typing
 from typing import Any, Dict, List, Mapping, Optional, Sequence, TypeVar
 
 import tensorflow as tf
@@ -58,7 +60,42 @@ def known_settings(config_class: type, custom_config: Optional[Mapping[str, Any]
                    for k in unknown for close in [difflib.get_close_matches(k, names, n=1)]]
         raise ValueError(f"unknown {what} custom_config keys: {', '.join(guesses)}; "
                          f"known: {names}")
-    return {k: v for k, v in values.items() if k in names}
+    hints = typing.get_type_hints(config_class)
+    return {k: _typed(hints[k], v, f"{what} setting {k!r}") for k, v in values.items() if k in names}
+
+
+def _typed(hint: Any, value: Any, what: str) -> Any:
+    """`value` as a field typed `hint` holds it (a whole float as an int), or a ValueError that
+    names the setting: a wrong type would otherwise fail deep in training, or not at all."""
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and number and float(value).is_integer():
+        return int(value)
+    if hint is float and number:
+        return float(value)
+    if hint is str and isinstance(value, str):
+        return value
+    origin = typing.get_origin(hint)
+    if origin is tuple and (isinstance(value, int) and not isinstance(value, bool)
+                            or isinstance(value, (list, tuple))):
+        return value  # the config class reads one cut-off or several
+    if origin is collections.abc.Mapping and isinstance(value, Mapping):
+        return value
+    wanted = {bool: "true or false", int: "a whole number", float: "a number",
+              str: "a string"}.get(hint, "a list" if origin is tuple else "a mapping")
+    advice = ""
+    if hint is float and isinstance(value, str) and "e" in value.lower():
+        try:
+            float(value)
+            advice = " (YAML reads a number like 1e-3, without a dot, as text: write 1.0e-3)"
+        except ValueError:
+            pass
+    raise ValueError(f"{what} must be {wanted}, got {value!r}{advice}")
 
 
 def with_tfx_steps(config: C, fn_args: Any) -> C:
