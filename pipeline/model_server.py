@@ -321,17 +321,26 @@ class ModelServer:
         self._server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=workers),
             options=[("grpc.max_receive_message_length", max_message_bytes),
-                     ("grpc.max_send_message_length", max_message_bytes)])
+                     ("grpc.max_send_message_length", max_message_bytes),
+                     # gRPC's default, SO_REUSEPORT, lets a second server bind a port in use and
+                     # take a share of its requests: an old server left running would answer
+                     # some of the new one's clients with the old model.
+                     ("grpc.so_reuseport", 0)])
+        try:
+            self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # gRPC >= 1.5x raises where older ones returned 0
+            self.port = 0
+        if not self.port:
+            raise OSError(f"cannot listen on {host}:{port}: the port is in use (another `relkd "
+                          "serve` or TF Serving?) or the address is not this machine's; choose "
+                          "another --port or --host")
+        self.host = host
         # The batcher's thread starts here and stops with the server.
         self.batcher = (request_batching.RequestBatcher(max_batch_size, batch_timeout_seconds)
                         if batching else None)
         servicer = _Servicer(self.models, max_string_bytes, self.batcher)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer, self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(servicer, self._server)
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
-        if not self.port:
-            raise OSError(f"cannot listen on {host}:{port}")
-        self.host = host
 
     def start(self) -> "ModelServer":
         self.models.start()

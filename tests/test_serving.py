@@ -347,6 +347,22 @@ def test_relkd_serve_refuses_batching_and_thread_settings_it_cannot_use(tmp_path
         assert message in capsys.readouterr().err
 
 
+def test_a_second_server_on_a_port_in_use_is_refused_rather_than_sharing_its_requests(server, capsys):
+    # With gRPC's default SO_REUSEPORT both would listen, and the old one would keep answering
+    # a share of the new one's clients.
+    from pipeline import cli
+
+    running, base = server
+    with pytest.raises(OSError, match="the port is in use"):
+        model_server.ModelServer(str(base), port=running.port)
+    # (Threads left to TensorFlow: this process has run ops, so they can no longer be set.)
+    assert cli.main(["serve", "--model-base", str(base), "--port", str(running.port),
+                     "--intra-op-threads", "0"]) == 2
+    assert f"cannot listen on 127.0.0.1:{running.port}: the port is in use" in capsys.readouterr().err
+    prediction, _ = stubs(running.port)
+    assert prediction.Predict(raw_request(["q"], ["i"], ["t"]), timeout=30).outputs["score"].float_val
+
+
 # --- Production serving manifests (kubeflow/serving/) ----------------------------------------
 
 SERVING_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kubeflow", "serving")
