@@ -101,7 +101,7 @@ def _read_items(path: str):
 
     if not os.path.exists(path):
         raise UsageError(f"--items file not found: {path}")
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: spreadsheets write a BOM
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"item_id", "item_title"} <= set(reader.fieldnames):
             raise UsageError(f"{path}: needs a header with item_id,item_title (found {reader.fieldnames})")

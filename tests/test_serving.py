@@ -286,7 +286,7 @@ def test_cli_score_online_against_relkd_serve(tmp_path, tiny_berm_o):
     base = tmp_path / "serving" / MODEL
     shutil.copytree(tiny_berm_o, base / "1")
     items = tmp_path / "items.csv"
-    with open(items, "w", newline="") as f:
+    with open(items, "w", newline="", encoding="utf-8-sig") as f:  # with a BOM, as spreadsheets save
         writer = csv.writer(f)
         writer.writerow(["item_id", "item_title"])
         writer.writerows(ITEMS)
