@@ -44,8 +44,9 @@ def resolve_model_dir(path: str) -> str:
                             "SavedModel versions (e.g. <output>/serving/relkd)")
 
 
-def _batches(reader: Iterator[List[str]], index: Dict[str, int], size: int, path: str
-             ) -> Iterator[List[List[str]]]:
+def _batches(reader: Iterator[List[str]], index: Dict[str, int], size: int, path: str,
+             blank: collections.Counter) -> Iterator[List[List[str]]]:
+    """Batches of `REQUIRED` cells; `blank` counts the rows whose query or title is empty."""
     batch = []
     for cells in reader:
         if not any(c.strip() for c in cells):
@@ -53,7 +54,11 @@ def _batches(reader: Iterator[List[str]], index: Dict[str, int], size: int, path
         if len(cells) <= max(index.values()):
             raise ScoringInputError(f"{path}, line {reader.line_num}: expected at least "
                                     f"{max(index.values()) + 1} fields, got {len(cells)}")
-        batch.append([cells[index[name]] for name in REQUIRED])
+        row = [cells[index[name]] for name in REQUIRED]
+        for name, cell in zip(REQUIRED[1::2], row[1::2]):  # query, item_title
+            if not cell.strip():
+                blank[name] += 1
+        batch.append(row)
         if len(batch) == size:
             yield batch
             batch = []
@@ -94,11 +99,12 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
          f"call(s) at a time, threads per op: {threads_label(intra_op_threads)} ...")
     started = time.monotonic()
     rows = 0
+    blank = collections.Counter()
     partial = output_path + ".partial"
     os.makedirs(os.path.dirname(os.path.abspath(output_path)), exist_ok=True)
     try:
         rows = _score_rows(serve, input_path, partial, batch_size, echo, progress_seconds, started,
-                           workers)
+                           workers, blank)
         os.replace(partial, output_path)
     except BaseException:
         if os.path.exists(partial):
@@ -107,8 +113,15 @@ def score_file(model_dir: str, input_path: str, output_path: str, batch_size: in
     seconds = time.monotonic() - started
     echo(f"Scored {rows:,} pairs in {seconds:.1f}s ({rows / max(seconds, 1e-9):,.0f} pairs/s) "
          f"-> {output_path}")
+    if blank:
+        # Scored all the same (the output keeps every id), but a side with no words is usually
+        # a broken input row, and its score still ranks among the real ones.
+        echo("Warning: " + " and ".join(f"{n:,} pair(s) with an empty {name}"
+                                        for name, n in sorted(blank.items()))
+             + ", scored without any words on that side: check the input")
     return {"rows": rows, "seconds": seconds, "model": model_path, "workers": workers,
-            "intra_op_threads": intra_op_threads}
+            "intra_op_threads": intra_op_threads, "empty_query": blank["query"],
+            "empty_item_title": blank["item_title"]}
 
 
 def _score_batch(serve, batch: List[List[str]]):
@@ -121,7 +134,8 @@ def _score_batch(serve, batch: List[List[str]]):
     return columns[0], np.asarray(scores).reshape(-1)
 
 
-def _score_rows(serve, input_path, partial, batch_size, echo, progress_seconds, started, workers):
+def _score_rows(serve, input_path, partial, batch_size, echo, progress_seconds, started, workers,
+                blank):
     rows, last = 0, started
     with open(input_path, encoding="utf-8", newline="") as source, \
             open(partial, "w", encoding="utf-8", newline="") as sink, \
@@ -150,7 +164,7 @@ def _score_rows(serve, input_path, partial, batch_size, echo, progress_seconds, 
                 last = now
 
         try:
-            for batch in _batches(reader, index, batch_size, input_path):
+            for batch in _batches(reader, index, batch_size, input_path, blank):
                 pending.append(pool.submit(_score_batch, serve, batch))
                 if len(pending) >= 2 * workers:
                     write_oldest()

@@ -247,6 +247,8 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o
                                          batch_size=batch_size, echo=messages.append,
                                          progress_seconds=0, workers=workers)
         assert result["rows"] == 2500 and result["model"].endswith(os.path.join(MODEL, "3"))
+        assert result["empty_query"] == result["empty_item_title"] == 0
+        assert not any(m.startswith("Warning") for m in messages)
         assert result["workers"] == workers and f"{workers} call(s) at a time" in messages[0]
         with open(out) as f:
             scored = list(csv.DictReader(f))
@@ -267,6 +269,16 @@ def test_batch_scorer_streams_a_file_and_matches_the_model(tmp_path, tiny_berm_o
     assert "2 call(s) at a time, threads per op: 1" in result.stdout
     with open(out) as f:
         np.testing.assert_allclose([float(r["score"]) for r in csv.DictReader(f)], expected, atol=1e-6)
+
+    # Rows with no words on one side are scored (every id keeps its row) and counted aloud.
+    blanks = tmp_path / "blanks.csv"
+    blanks.write_text("id,query,item_id,item_title\na,,i1,drill\nb,drill, i2,\nc, ,i3,\nd,drill,i4,drill\n")
+    messages = []
+    result = batch_scorer.score_file(str(base), str(blanks), str(tmp_path / "blanks_scored.csv"),
+                                     echo=messages.append)
+    assert (result["rows"], result["empty_query"], result["empty_item_title"]) == (4, 2, 2)
+    assert messages[-1] == ("Warning: 2 pair(s) with an empty item_title and 2 pair(s) with an "
+                            "empty query, scored without any words on that side: check the input")
 
     bad = tmp_path / "bad.csv"
     bad.write_text("id,query,title\n1,q,t\n")
