@@ -56,8 +56,13 @@ def _cmd_report(args) -> int:
         from pipeline import run_arguments
 
         run_arguments.check_output_path(args.output, "--output", folder=True)
+    import logging
+
     from pipeline import report
 
+    # TFMA's readers call APIs that TensorFlow marks deprecated, and TensorFlow says so on the
+    # terminal for every run read; `relkd run` sends the same lines to run.log.
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
     try:
         written = report.build_report(args.run, args.output)
     except report.ReportError as e:
