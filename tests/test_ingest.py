@@ -109,6 +109,23 @@ def test_every_fault_class_is_quarantined_and_counted(tmp_path, example_gen):
     assert all(q["source"].endswith("logs.csv") and q["detail"] for q in quarantined)
 
 
+def test_a_line_break_inside_a_quoted_title_is_quarantined_with_what_to_do(tmp_path, example_gen):
+    # The rows are read line by line (so that a file splits across Beam workers): the broken
+    # row's two halves are both quarantined, the first saying why, and the rows around them pass.
+    path = tmp_path / "logs.csv"
+    path.write_text('query,item_id,item_title,impressions,clicks\r\n'
+                    'drill,P1,DeWalt Drill,10,2\r\n'
+                    'drill,P2,"Bosch ""Compact""\r\nDrill",10,2\r\n'
+                    'drill,P3,Makita Drill,10,2\r\n', newline="")
+    by_split, quarantined, summary = example_gen(LOGS, str(path))
+    assert sorted(r["item_id"] for s in by_split.values() for r in s) == ["P1", "P3"]
+    assert summary["rows_in"] == 4 and summary["quarantined"] == 2
+    first = next(q for q in quarantined if q["row"].startswith("drill,P2"))
+    assert first["reason"] == rows.MALFORMED_ROW
+    assert "a quoted field does not close on its line" in first["detail"]
+    assert "give Parquet or TFRecord" in first["detail"]
+
+
 def test_judgment_faults_relevance_range_and_duplicates(tmp_path, example_gen):
     lines = ["query,item_id,relevance", "drill,P1,2.5", "drill,P2,0", "drill,P3,high", "drill,P1,2.5", "drill,P4,3"]
     path = tmp_path / "j.csv"

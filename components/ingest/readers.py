@@ -115,6 +115,13 @@ class _ParseCsvLine(beam.DoFn):
             cells = next(csv.reader([text], delimiter=self._delimiter, strict=True))
         except csv.Error as e:
             row["_malformed"] = f"unparseable CSV: {e}"
+            if text.count('"') % 2:
+                # Beam reads text files by line so that one file splits across workers (TFX's
+                # CsvExampleGen does too); a quoted line break cuts its row in two.
+                row["_malformed"] += (": a quoted field does not close on its line. A line break "
+                                      "inside a field is not read (CSV is read line by line); "
+                                      "remove line breaks from the text or give Parquet or "
+                                      "TFRecord")
             yield row
             return
         if len(cells) > len(self._header):
