@@ -124,6 +124,12 @@ def test_a_line_break_inside_a_quoted_title_is_quarantined_with_what_to_do(tmp_p
     assert first["reason"] == rows.MALFORMED_ROW
     assert "a quoted field does not close on its line" in first["detail"]
     assert "give Parquet or TFRecord" in first["detail"]
+    # Parquet keeps the line break in the title.
+    records = [{"query": "drill", "item_id": f"P{i}", "item_title": title, "impressions": 10, "clicks": 2}
+               for i, title in enumerate(["DeWalt Drill", 'Bosch "Compact"\r\nDrill'])]
+    by_split, _, summary = example_gen(LOGS, write_parquet(tmp_path / "logs.parquet", records))
+    assert summary["quarantined"] == 0
+    assert 'Bosch "Compact"\r\nDrill' in [r["item_title"] for s in by_split.values() for r in s]
 
 
 def test_judgment_faults_relevance_range_and_duplicates(tmp_path, example_gen):
