@@ -87,6 +87,10 @@ def _add_score(subparsers) -> None:
     online.add_argument("--query", help="the search query")
     online.add_argument("--items", help="CSV of item_id,item_title to rank for the query")
     online.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    online.add_argument("--max-pairs-per-request", type=int, default=1000,
+                        help="longer item lists go as several requests, all to the version that "
+                             "answered the first (default 1000; TF Serving's batching refuses a "
+                             "request over its max_batch_size)")
     offline = p.add_argument_group("offline (batch)")
     offline.add_argument("--model-dir", help="a BERM-O SavedModel, or a folder of numbered versions")
     offline.add_argument("--input", help="CSV with id,query,item_id,item_title")
@@ -133,12 +137,15 @@ def _cmd_score(args) -> int:
     if not all(online):
         raise UsageError("online scoring needs --target, --model, --query and --items "
                          "(or use --model-dir/--input/--output to score a file)")
+    if args.max_pairs_per_request < 1:
+        raise UsageError("--max-pairs-per-request must be at least 1")
     from pipeline import scoring_client
 
     items = _read_items(args.items)
     if not items:
         raise UsageError(f"{args.items} lists no items")
-    with scoring_client.ScoringClient(args.target, args.model, args.version, timeout=args.timeout) as client:
+    with scoring_client.ScoringClient(args.target, args.model, args.version, timeout=args.timeout,
+                                      max_pairs_per_request=args.max_pairs_per_request) as client:
         try:
             ranked = client.rank(args.query, items)
         except scoring_client.ScoringError as e:

@@ -63,8 +63,12 @@ class ScoringClient:
 
     def __init__(self, target: str, model: str, version: Optional[int] = None,
                  signature: str = RAW_SIGNATURE, timeout: float = 10.0, retries: int = 3,
-                 backoff: float = 0.2, max_message_bytes: int = 32 * 1024 * 1024):
+                 backoff: float = 0.2, max_message_bytes: int = 32 * 1024 * 1024,
+                 max_pairs_per_request: int = 1000):
+        if max_pairs_per_request < 1:
+            raise ValueError("max_pairs_per_request must be at least 1")
         self.target, self.model, self.version = target, model, version
+        self.max_pairs_per_request = max_pairs_per_request
         self.signature, self.timeout, self.retries, self.backoff = signature, timeout, retries, backoff
         self._channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", max_message_bytes),
@@ -81,10 +85,12 @@ class ScoringClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _spec(self, message) -> None:
+    def _spec(self, message, version: Optional[int] = None) -> None:
+        """Names the model and `version`, else the client's (None: the server's newest)."""
         message.model_spec.name = self.model
-        if self.version is not None:
-            message.model_spec.version.value = int(self.version)
+        version = self.version if version is None else version
+        if version is not None:
+            message.model_spec.version.value = int(version)
 
     def _call(self, method, request):
         attempt = 0
@@ -120,22 +126,34 @@ class ScoringClient:
         self._checked = True
 
     def score(self, queries: Sequence[str], item_ids: Sequence[str], titles: Sequence[str]) -> np.ndarray:
-        """Scores aligned (query, item id, title) triples; float32 [N]."""
+        """Scores aligned (query, item id, title) triples; float32 [N].
+
+        More than `max_pairs_per_request` pairs go as several requests: TF Serving's batching
+        refuses a request larger than its max_batch_size (2,000 in kubeflow/serving/) and
+        `relkd serve` one over 10,000 pairs. The later requests name the version that answered
+        the first, so a version pushed meanwhile cannot mix two models' scores in one answer.
+        """
         if not (len(queries) == len(item_ids) == len(titles)):
             raise ValueError("queries, item_ids and titles must have the same length")
         if not queries:
             return np.zeros([0], np.float32)
         self._check_signature()
-        request = predict_pb2.PredictRequest()
-        self._spec(request)
-        request.model_spec.signature_name = self.signature
-        for name, values in zip(RAW_INPUTS, (queries, item_ids, titles)):
-            request.inputs[name].CopyFrom(_string_tensor(values))
-        request.output_filter.append(SCORE)
-        response = self._call(self._stub.Predict, request)
         import tensorflow as tf
 
-        return tf.make_ndarray(response.outputs[SCORE]).reshape(-1)
+        parts, version = [], self.version
+        for start in range(0, len(queries), self.max_pairs_per_request):
+            end = start + self.max_pairs_per_request
+            request = predict_pb2.PredictRequest()
+            self._spec(request, version)
+            request.model_spec.signature_name = self.signature
+            for name, values in zip(RAW_INPUTS, (queries, item_ids, titles)):
+                request.inputs[name].CopyFrom(_string_tensor(values[start:end]))
+            request.output_filter.append(SCORE)
+            response = self._call(self._stub.Predict, request)
+            if version is None and response.model_spec.HasField("version"):
+                version = response.model_spec.version.value
+            parts.append(tf.make_ndarray(response.outputs[SCORE]).reshape(-1))
+        return np.concatenate(parts)
 
     def rank(self, query: str, items: Sequence[Tuple[str, str]]) -> List[Scored]:
         """One query against (item id, title) pairs, best first (ties keep the input order)."""

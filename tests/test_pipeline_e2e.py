@@ -380,6 +380,8 @@ print("loaded:", sorted({"tensorflow", "tfx", "apache_beam"} & set(sys.modules))
      "--output tests is a folder; give the path of a file"),
     (["score", "--model-dir", "nope", "--input", "tests", "--output", "scores.csv"], 2,
      "input tests is a folder; give the CSV file of pairs"),
+    (["score", "--target", "localhost:8500", "--model", "relkd", "--query", "drill", "--items",
+      "items.csv", "--max-pairs-per-request", "0"], 2, "--max-pairs-per-request must be at least 1"),
 ])
 def test_help_bad_flags_and_missing_paths_are_answered_before_the_libraries_load(tmp_path, args, code, said):
     result = subprocess.run([sys.executable, "-c", HELP_PROBE, *args], cwd=os.path.dirname(os.path.dirname(__file__)),

@@ -202,6 +202,17 @@ def test_client_ranks_items_and_explains_errors(server):
     assert [r.score for r in ranked] == sorted(scores.tolist(), reverse=True)
     assert {r.item_id for r in ranked} == {i for i, _ in ITEMS}
 
+    # A list longer than one request may hold goes as several, the later ones naming the version
+    # that answered the first (the server's newest when the client names none).
+    with scoring_client.ScoringClient(f"127.0.0.1:{running.port}", MODEL, max_pairs_per_request=3) as client:
+        sent, call = [], client._call
+        client._call = lambda method, request: (sent.append(request), call(method, request))[1]
+        split = client.score(["cordless drill"] * 4, [i for i, _ in ITEMS], [t for _, t in ITEMS])
+    np.testing.assert_allclose(split, scores, atol=1e-6)
+    predicts = [r for r in sent if r.DESCRIPTOR.name == "PredictRequest"]
+    assert [len(r.inputs["query"].string_val) for r in predicts] == [3, 1]
+    assert not predicts[0].model_spec.HasField("version") and predicts[1].model_spec.version.value == 1
+
     with scoring_client.ScoringClient(f"127.0.0.1:{running.port}", "nope") as client:
         with pytest.raises(scoring_client.ScoringError, match="does not have that model"):
             client.rank("q", ITEMS)
