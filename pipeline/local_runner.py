@@ -18,7 +18,7 @@ import time
 import traceback
 from typing import Any, Callable, Dict, Optional
 
-from pipeline import metadata, run_arguments, run_summary
+from pipeline import metadata, run_arguments, run_lock, run_summary
 from pipeline.configs import PipelineConfig
 # The codes are read from the runner too (local_runner.EXIT_OK), so all of them are imported.
 from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESSED,  # noqa: F401
@@ -135,14 +135,21 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     """
     import copy
 
-    from tfx import v1 as tfx
-
     config = copy.deepcopy(config)  # Input preparation and --resume adjust it for this run only.
     if resume:
         config.enable_cache = True
     run_arguments.check_output_path(output_dir, "--output", folder=True)
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
+    with run_lock.holding(output_dir):
+        return _run(config, output_dir, logs, judgments, dataset, dataset_input, echo)
+
+
+def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments: Optional[str],
+         dataset: Optional[str], dataset_input: Optional[str], echo: Callable[[str], None]
+         ) -> RunOutcome:
+    from tfx import v1 as tfx
+
     paths = prepare_inputs(config, output_dir, logs, judgments, dataset, dataset_input, echo)
     log_path = os.path.join(output_dir, "run.log")
     metadata_path = os.path.join(output_dir, "metadata.sqlite")
