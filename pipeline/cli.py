@@ -16,7 +16,7 @@ from typing import List, Optional
 
 # Only light imports up here: TFX and TensorFlow load (seconds) once a command runs, not for
 # --help or a mistyped flag.
-from pipeline.exit_codes import EXIT_FAILED, EXIT_USAGE, UsageError  # noqa: E402
+from pipeline.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, UsageError  # noqa: E402
 
 
 def _add_run(subparsers) -> None:
@@ -325,6 +325,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"relkd {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C outside a run's steps (those say more: local_runner)
+        print(f"relkd {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ValueError as e:
         # A config file that cannot be used, or an input that cannot be read at all.
         from components.ingest.readers import InputError

@@ -5,6 +5,7 @@ answers `--help` and a mistyped flag before it loads any of them.
 """
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DATA_REJECTED, EXIT_NOT_BLESSED = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT), as shells report it: 128 + 2
 
 
 class UsageError(ValueError):

@@ -21,8 +21,8 @@ from typing import Any, Callable, Dict, Optional
 from pipeline import metadata, run_arguments, run_lock, run_summary
 from pipeline.configs import PipelineConfig
 # The codes are read from the runner too (local_runner.EXIT_OK), so all of them are imported.
-from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_NOT_BLESSED,  # noqa: F401
-                                 EXIT_OK, EXIT_USAGE, UsageError)
+from pipeline.exit_codes import (EXIT_DATA_REJECTED, EXIT_FAILED, EXIT_INTERRUPTED,  # noqa: F401
+                                 EXIT_NOT_BLESSED, EXIT_OK, EXIT_USAGE, UsageError)
 from pipeline.pipeline import InputSpec, create_pipeline
 from pipeline.progress import ProgressReporter
 from pipeline.scratch import scratch_directory
@@ -173,6 +173,13 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
     try:
         with reporter, scratch_directory(os.path.join(output_dir, "tmp")):
             tfx.orchestration.LocalDagRunner().run(tfx_pipeline)
+    except KeyboardInterrupt:
+        # Ctrl-C: the steps that finished are in the metadata, so --resume starts where this
+        # one stopped; the person gets that sentence, not TensorFlow's stack.
+        logging.getLogger(__name__).error("run interrupted:\n%s", traceback.format_exc())
+        exit_code = EXIT_INTERRUPTED
+        error = (f"interrupted during step {reporter.current or '?'}; the steps that finished are "
+                 "kept: run the same command with --resume to reuse them")
     except Exception as e:  # Reported below with the step that failed; the traceback goes to run.log.
         from components.data_gate import DataRejectedError
         from components.ingest.readers import InputError
@@ -199,7 +206,7 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
         error = "the student did not pass its gates and was not pushed:\n  " + "\n  ".join(
             run_summary.gate_failures(summary) or ["see the gate table in run_summary.md"])
     statuses = {EXIT_OK: "succeeded", EXIT_DATA_REJECTED: "data rejected",
-                EXIT_NOT_BLESSED: "succeeded, model not pushed"}
+                EXIT_NOT_BLESSED: "succeeded, model not pushed", EXIT_INTERRUPTED: "interrupted"}
     summary.update({
         "status": statuses.get(exit_code, "failed"),
         "error": error,

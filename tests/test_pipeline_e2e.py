@@ -268,6 +268,32 @@ def relkd(*args, cwd):
                           timeout=600)
 
 
+def test_ctrl_c_during_a_step_says_where_it_stopped_and_how_to_resume(tmp_path):
+    import signal
+
+    config_path = tmp_path / "config.json"
+    config_path.write_text(json.dumps(TINY_SHOP))
+    run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--output", str(tmp_path / "run"),
+                            "--config", str(config_path)], cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        for line in run.stdout:
+            if line.startswith("[6/20]"):  # a Beam step (statistics) under way
+                run.send_signal(signal.SIGINT)
+                break
+        out, err = run.communicate(timeout=300)
+    finally:
+        run.kill()
+    assert run.returncode == 130, out + err
+    assert re.search(r"interrupted during step \w+; the steps that finished are kept: run the same "
+                     r"command with --resume to reuse them", out), out
+    assert "Run interrupted in" in out and "Traceback" not in out + err
+    summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    assert "KeyboardInterrupt" in (tmp_path / "run" / "run.log").read_text()  # the stack goes there
+    assert not (tmp_path / "run" / "tmp").exists()
+
+
 def _node_states(run_dir):
     summary = json.loads((run_dir / "run_summary.json").read_text())
     return {node: info["state"] for node, info in summary["nodes"].items()}
