@@ -273,9 +273,12 @@ def test_ctrl_c_during_a_step_says_where_it_stopped_and_how_to_resume(tmp_path):
 
     config_path = tmp_path / "config.json"
     config_path.write_text(json.dumps(TINY_SHOP))
+    # A shell that starts pytest in the background (as `cmd &` does) has SIGINT ignored, and
+    # Python keeps an ignored SIGINT ignored: give the run the default, as a terminal does.
     run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--output", str(tmp_path / "run"),
                             "--config", str(config_path)], cwd=tmp_path, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in run.stdout:
             if line.startswith("[6/20]"):  # a Beam step (statistics) under way
