@@ -118,8 +118,14 @@ def _read_items(path: str):
 
 
 def _cmd_score(args) -> int:
-    online = [args.target, args.model, args.query, args.items]
-    offline = [args.model_dir, args.input, args.output]
+    # `is not None`: an empty value (`--query "$Q"` with Q unset) was given, not missing.
+    online = [a is not None for a in (args.target, args.model, args.query, args.items)]
+    offline = [a is not None for a in (args.model_dir, args.input, args.output)]
+    for flag in ("target", "model", "query", "items", "model_dir", "input", "output"):
+        value = getattr(args, flag)
+        if value is not None and not value.strip():
+            raise UsageError(f"--{flag.replace('_', '-')} is empty" + (
+                ": give the search text to rank the items for" if flag == "query" else ""))
     if any(online) and any(offline):
         raise UsageError("give either --target/--model/--query/--items (online) or "
                          "--model-dir/--input/--output (offline), not both")

@@ -430,3 +430,16 @@ def test_tf_serving_manifests_are_valid_and_consistent():
     assert {p["containerPort"] for p in container["ports"]} == {8500, 8501}
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     assert {p["port"] for p in service["spec"]["ports"]} == {8500, 8501}
+
+
+def test_relkd_score_says_which_flag_is_empty_rather_than_missing(tmp_path, capsys):
+    # `--query "$Q"` with Q unset used to read as a forgotten --query.
+    from pipeline import cli
+
+    online = ["score", "--target", "localhost:8500", "--model", "relkd", "--items", str(tmp_path / "i.csv")]
+    assert cli.main(online + ["--query", ""]) == 2
+    assert "--query is empty: give the search text" in capsys.readouterr().err
+    assert cli.main(["score", "--model-dir", " ", "--input", "p.csv", "--output", "s.csv"]) == 2
+    assert "--model-dir is empty" in capsys.readouterr().err
+    assert cli.main(["score", "--target", "localhost:8500", "--model", "relkd", "--query", "drill"]) == 2
+    assert "online scoring needs --target, --model, --query and --items" in capsys.readouterr().err
