@@ -114,7 +114,30 @@ def _read_items(path: str):
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"item_id", "item_title"} <= set(reader.fieldnames):
             raise UsageError(f"{path}: needs a header with item_id,item_title (found {reader.fieldnames})")
-        return [(row["item_id"], row["item_title"]) for row in reader]
+        items = []
+        for row in reader:
+            if row["item_id"] is None or row["item_title"] is None:  # a row shorter than the header
+                raise UsageError(f"{path}, line {reader.line_num}: no item_id or item_title in this "
+                                 "row (fewer fields than the header)")
+            items.append((row["item_id"], row["item_title"]))
+        return items
+
+
+def _items_warning(items) -> Optional[str]:
+    """What in an --items list is likely a mistake, though it is ranked all the same."""
+    import collections
+
+    problems = []
+    untitled = sum(1 for _, title in items if not (title or "").strip())
+    if untitled:
+        problems.append(f"{untitled} item(s) with an empty item_title, scored without any words on "
+                        "that side")
+    repeated = [(item_id, n) for item_id, n in collections.Counter(i for i, _ in items).items() if n > 1]
+    if repeated:
+        shown = ", ".join(f"{item_id} ({n} times)" for item_id, n in repeated[:5])
+        more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+        problems.append(f"item_id listed more than once: {shown}{more}")
+    return "Warning: " + "; ".join(problems) + ": check the items file" if problems else None
 
 
 def _cmd_score(args) -> int:
@@ -160,6 +183,9 @@ def _cmd_score(args) -> int:
     print(f"{'rank':>4}  {'score':>7}  item_id  item_title")
     for entry in ranked:
         print(f"{entry.rank:>4}  {entry.score:7.4f}  {entry.item_id}  {entry.item_title}")
+    warning = _items_warning(items)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
 
 

@@ -443,3 +443,22 @@ def test_relkd_score_says_which_flag_is_empty_rather_than_missing(tmp_path, caps
     assert "--model-dir is empty" in capsys.readouterr().err
     assert cli.main(["score", "--target", "localhost:8500", "--model", "relkd", "--query", "drill"]) == 2
     assert "online scoring needs --target, --model, --query and --items" in capsys.readouterr().err
+
+
+def test_relkd_score_ranks_a_doubtful_items_file_with_a_warning_and_refuses_a_broken_one(
+        server, tmp_path, capsys):
+    from pipeline import cli
+
+    running, _ = server
+    online = ["score", "--target", f"127.0.0.1:{running.port}", "--model", MODEL, "--query", "drill"]
+    items = tmp_path / "items.csv"
+    items.write_text("item_id,item_title\nP1,cordless drill\nP1,cordless drill\nP2,\nP3,garden hose\n")
+    assert cli.main(online + ["--items", str(items)]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.strip().splitlines()) == 5  # the header and every row, as given
+    assert err.strip() == ("Warning: 1 item(s) with an empty item_title, scored without any words on "
+                           "that side; item_id listed more than once: P1 (2 times): check the items file")
+
+    items.write_text("item_id,item_title\nP1,cordless drill\nP4\n")  # used to be a traceback
+    assert cli.main(online + ["--items", str(items)]) == 2
+    assert f"{items}, line 3: no item_id or item_title in this row" in capsys.readouterr().err
