@@ -364,8 +364,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         # A config file that cannot be used, or an input that cannot be read at all.
         from components.ingest.readers import InputError
         from pipeline.configs import ConfigError
+        from pipeline.default_data import SpecError
 
-        if isinstance(e, (ConfigError, InputError)):
+        if isinstance(e, (ConfigError, InputError, SpecError)):
             print(f"relkd {args.command}: error: {e}", file=sys.stderr)
             return EXIT_USAGE
         raise

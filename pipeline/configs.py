@@ -9,7 +9,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
+import re
+import typing
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -221,24 +224,66 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-def _checked_value(current: Any, value: Any, path: str) -> Any:
+def _checked_value(current: Any, value: Any, path: str, hint: Any = None) -> Any:
+    """`value` for the setting at `path`, checked against the type of its `current` value and,
+    for lists and mappings of mappings, of the field's annotation `hint`."""
     if isinstance(current, bool) and not isinstance(value, bool):
         raise ConfigError(f"setting '{path}' must be true or false, got {value!r}")
     if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"setting '{path}' must be a number, got {value!r}")
-        if isinstance(current, int) and isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"setting '{path}' must be a whole number, got {value!r}")
-        return type(current)(value)
+        return _number(value, path, whole=isinstance(current, int))
     if isinstance(current, dict):
         if not isinstance(value, dict):
             raise ConfigError(f"setting '{path}' must be a mapping, got {value!r}")
+        if _args(hint)[1:] and typing.get_origin(_args(hint)[1]) is dict:
+            return _merged_entries(current, value)
         return {**current, **value}
-    if isinstance(current, list) and not isinstance(value, list):
-        raise ConfigError(f"setting '{path}' must be a list, got {value!r}")
+    if isinstance(current, list):
+        if not isinstance(value, list):
+            raise ConfigError(f"setting '{path}' must be a list, got {value!r}")
+        item = _args(hint)[0] if _args(hint) else None
+        if item is str:
+            for v in value:
+                if not isinstance(v, str):
+                    raise ConfigError(f"setting '{path}' must be a list of strings, got {v!r} in it")
+        elif item in (int, float):
+            value = [_number(v, f"{path}[{i}]", whole=item is int) for i, v in enumerate(value)]
+        return value
     if isinstance(current, str) and not isinstance(value, str):
         raise ConfigError(f"setting '{path}' must be a string, got {value!r}")
     return value
+
+
+def _args(hint: Any) -> tuple:
+    return typing.get_args(hint) if hint is not None else ()
+
+
+def _number(value: Any, path: str, whole: bool) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"setting '{path}' must be a number, got {value!r}")
+    if math.isnan(value):
+        raise ConfigError(f"setting '{path}' must be a number, got nan")
+    if whole:
+        if isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"setting '{path}' must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
+
+
+def _merged_entries(current: Dict[str, Any], value: Dict[str, Any]) -> Dict[str, Any]:
+    """A mapping of mappings (gates, step resources) overridden entry by entry, so that
+    `auc: {bound: 0.7}` keeps auc's max_regression; null removes an entry or one of its keys."""
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in current.items()}
+    for key, entry in value.items():
+        if entry is None:
+            merged.pop(key, None)
+        elif isinstance(entry, dict) and isinstance(merged.get(key), dict):
+            merged[key].update(entry)
+            for inner, v in entry.items():
+                if v is None:
+                    del merged[key][inner]
+        else:
+            merged[key] = entry
+    return merged
 
 
 def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
@@ -246,6 +291,7 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
     if not isinstance(overrides, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(overrides).__name__}")
     fields = {f.name: f for f in dataclasses.fields(target)}
+    hints = typing.get_type_hints(type(target))
     changes = {}
     for key, value in overrides.items():
         path = f"{where}.{key}" if where else key
@@ -259,7 +305,7 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(current):
             changes[key] = _merge(current, value, path)
         else:
-            changes[key] = _checked_value(current, value, path)
+            changes[key] = _checked_value(current, value, path, hints.get(key))
     if getattr(target, "__dataclass_params__").frozen:
         try:
             return dataclasses.replace(target, **changes)
@@ -270,14 +316,31 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
     return target
 
 
+# What a gate's `bound` may be: AUC, NDCG and judgment_mse (of scores and labels in [0, 1]) lie
+# in [0, 1], a correlation in [-1, 1]; a bound outside could never pass, or never fail.
+GATE_BOUNDS = {"auc": (0.0, 1.0), "ndcg": (0.0, 1.0), "teacher_agreement": (-1.0, 1.0),
+               "judgment_mse": (0.0, 1.0)}
+
+
 def validate(config: PipelineConfig) -> PipelineConfig:
     """Checks cross-field constraints so a bad config fails before any work starts."""
+    if not config.name.strip():
+        raise ConfigError("name must not be empty")
     data = config.data
     if data.relevance_min >= data.relevance_max:
         raise ConfigError(
             f"data.relevance_min ({data.relevance_min}) must be below "
             f"data.relevance_max ({data.relevance_max})"
         )
+    if not data.relevance_min < data.relevant_threshold <= data.relevance_max:
+        raise ConfigError(
+            f"data.relevant_threshold ({data.relevant_threshold}) must lie above data.relevance_min "
+            f"({data.relevance_min}) and at most at data.relevance_max ({data.relevance_max}); "
+            "otherwise every judgment, or none, counts as relevant")
+    for name in ("max_query_chars", "max_title_chars", "max_id_chars"):
+        if getattr(data, name) < 1:
+            raise ConfigError(f"data.{name} must be at least 1, got {getattr(data, name)} "
+                              "(every row would be quarantined as text_too_long)")
     if data.format not in ("auto", "csv", "parquet", "tfrecord"):
         raise ConfigError(f"data.format must be auto, csv, parquet or tfrecord, got {data.format!r}")
     if not 0.0 <= data.max_quarantine_fraction <= 1.0:
@@ -310,6 +373,10 @@ def validate(config: PipelineConfig) -> PipelineConfig:
                 raise ConfigError(f"evaluation.gates.{name}.{key} must be a number, got {value!r}")
         if gate.get("max_regression", 0) < 0:
             raise ConfigError(f"evaluation.gates.{name}.max_regression must be >= 0")
+        low, high = GATE_BOUNDS[name]
+        if "bound" in gate and not low <= gate["bound"] <= high:
+            raise ConfigError(f"evaluation.gates.{name}.bound must lie in [{low:g}, {high:g}], where "
+                              f"{name} does, got {gate['bound']!r}")
     known_slices = list(SLICE_FEATURES) + list(evaluation.extra_slices)
     for feature in evaluation.gated_slices:
         if feature not in known_slices:
@@ -319,10 +386,16 @@ def validate(config: PipelineConfig) -> PipelineConfig:
         eval_feature_config(config)
     except ValueError as e:
         raise ConfigError(f"evaluation: {e}") from e
-    if not config.serving.model_name or "/" in config.serving.model_name:
+    if config.serving.model_name.strip() in ("", ".", "..") or "/" in config.serving.model_name:
         raise ConfigError(f"serving.model_name must be a plain name, got {config.serving.model_name!r}")
-    if not config.kubeflow.image.strip():
-        raise ConfigError("kubeflow.image must name a container image")
+    if not config.kubeflow.image.strip() or any(c.isspace() for c in config.kubeflow.image):
+        raise ConfigError(f"kubeflow.image must name a container image, got {config.kubeflow.image!r}")
+    try:
+        from pipeline.default_data import ShopSpec, check_spec
+
+        check_spec(ShopSpec(**dataclasses.asdict(config.default_data)))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     for step, limits in config.kubeflow.resources.items():
         where = f"kubeflow.resources.{step}"
         if not isinstance(limits, dict) or not limits or set(limits) - set(RESOURCE_KEYS):
@@ -373,19 +446,61 @@ def student_custom_config(config: PipelineConfig) -> Dict[str, Any]:
     return custom
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise _DuplicateKey(f"the key {key!r} is given twice in one mapping (the later one "
+                                "would silently replace the earlier)")
+    return dict(pairs)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader but for two traps of a hand-written config: a key given twice is an
+    error rather than the later one silently winning, and `1e-3` is a number as in YAML 1.2 and
+    JSON (YAML 1.1, which PyYAML follows, reads it as text and wants `1.0e-3`)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice (first at line {seen[key]}); "
+                    "the later one would silently replace the earlier", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+_ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
 def load_config(path: Optional[str] = None, overrides: Optional[Dict[str, Any]] = None) -> PipelineConfig:
     """Defaults, then the file at `path` (YAML or JSON), then `overrides`."""
     config = PipelineConfig()
     if path:
-        if not os.path.exists(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}" if not os.path.exists(path) else
+                              f"config {path} is not a file; give a YAML or JSON file")
         try:
-            loaded = json.loads(text) if path.endswith(".json") else yaml.safe_load(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({e}); save it as UTF-8") from e
+        try:
+            loaded = (json.loads(text, object_pairs_hook=_unique_keys) if path.lower().endswith(".json")
+                      else yaml.load(text, Loader=_ConfigLoader))
+        except (yaml.YAMLError, json.JSONDecodeError, _DuplicateKey) as e:
             raise ConfigError(f"cannot parse config file {path}: {e}") from e
-        config = _merge(config, loaded or {}, "")
+        config = _merge(config, {} if loaded is None else loaded, "")
     if overrides:
         config = _merge(config, overrides, "")
     return validate(config)

@@ -483,7 +483,7 @@ def _build_queries(spec: ShopSpec, items: List[Item], rng: np.random.Generator) 
     while len(queries) < spec.num_queries:
         attempts += 1
         if attempts > 100 * spec.num_queries:
-            raise ValueError(f"could not make {spec.num_queries} distinct queries; lower num_queries")
+            raise SpecError(f"could not make {spec.num_queries} distinct queries; lower num_queries")
         intent = _random_intent(items, rng)
         for _ in range(int(rng.choice([1, 2, 3], p=[0.5, 0.3, 0.2]))):
             text, canonical = _render_query(intent, rng, allow_bare=True, typo_rate=0.12)
@@ -695,22 +695,32 @@ def _inject_faults(rows: List[dict], table: str, kinds: Tuple[str, ...], duplica
 # --------------------------------------------------------------------------------------------
 
 
-def _validate(spec: ShopSpec) -> None:
+class SpecError(ValueError):
+    """A shop that cannot be generated from these settings (the config's `default_data`)."""
+
+    def __str__(self) -> str:
+        return f"default_data: {super().__str__()}"
+
+
+def check_spec(spec: ShopSpec) -> None:
+    """Raises SpecError naming the setting a shop of `spec` cannot be generated with."""
+    if spec.seed < 0:
+        raise SpecError("seed must be 0 or more")
     if spec.num_items < 200:
-        raise ValueError("num_items must be at least 200 (the shop needs its look-alike assortment)")
+        raise SpecError("num_items must be at least 200 (the shop needs its look-alike assortment)")
     if not 1 <= spec.results_per_query <= spec.num_items:
-        raise ValueError("results_per_query must be between 1 and num_items")
+        raise SpecError("results_per_query must be between 1 and num_items")
     if spec.num_queries < 10:
-        raise ValueError("num_queries must be at least 10")
+        raise SpecError("num_queries must be at least 10")
     if not 0.0 <= spec.judged_query_fraction <= 1.0:
-        raise ValueError("judged_query_fraction must be in [0, 1]")
+        raise SpecError("judged_query_fraction must be in [0, 1]")
     if not 0.0 <= spec.fault_rate < 0.5:
-        raise ValueError("fault_rate must be in [0, 0.5)")
+        raise SpecError("fault_rate must be in [0, 0.5)")
 
 
 def generate_tables(spec: ShopSpec = ShopSpec()) -> ShopData:
     """Generates the shop in memory. Same spec, same tables."""
-    _validate(spec)
+    check_spec(spec)
     # Independent streams per stage: changing how one stage draws leaves the others unchanged.
     rng_items, rng_queries, rng_logs, rng_judge, rng_log_faults, rng_judge_faults = (
         np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(6))

@@ -88,14 +88,7 @@ def _typed(hint: Any, value: Any, what: str) -> Any:
         return value
     wanted = {bool: "true or false", int: "a whole number", float: "a number",
               str: "a string"}.get(hint, "a list" if origin is tuple else "a mapping")
-    advice = ""
-    if hint is float and isinstance(value, str) and "e" in value.lower():
-        try:
-            float(value)
-            advice = " (YAML reads a number like 1e-3, without a dot, as text: write 1.0e-3)"
-        except ValueError:
-            pass
-    raise ValueError(f"{what} must be {wanted}, got {value!r}{advice}")
+    raise ValueError(f"{what} must be {wanted}, got {value!r}")
 
 
 def with_tfx_steps(config: C, fn_args: Any) -> C:
