@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 from typing import Any, Dict, List, Optional
 
 import yaml
@@ -205,6 +206,22 @@ def build_pipeline(config: PipelineConfig):
     return tfx_pipeline
 
 
+# KFP v2's rule for pipeline names (TFX's compiler enforces it, without naming the setting).
+_PIPELINE_NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,127}")
+
+
+def check_cluster_settings(config: PipelineConfig) -> None:
+    """What only a cluster refuses: the pipeline's name, and storage the image cannot reach."""
+    if not _PIPELINE_NAME.fullmatch(config.name):
+        raise ConfigError(f"name {config.name!r} cannot name a Kubeflow / Vertex AI pipeline: use "
+                          "lower-case letters, digits and '-' (at most 128, not starting with '-'), "
+                          f"e.g. {re.sub('[^a-z0-9-]+', '-', config.name.lower()).strip('-') or 'relkd'!r}")
+    for key in ("pipeline_root", "logs_uri", "judgments_uri", "serving_base"):
+        if getattr(config.kubeflow, key).lower().startswith("s3://"):
+            raise ConfigError(f"kubeflow.{key}: the steps' file system (TensorFlow's, in this "
+                              "image) reads no s3:// paths; use gs:// or a path mounted in every step")
+
+
 def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) -> Dict[str, Any]:
     """Compiles the pipeline; returns the PipelineJob as a dict and writes it to `output_path`.
 
@@ -215,6 +232,7 @@ def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) 
     from kfp.pipeline_spec import pipeline_spec_pb2
     from tfx import v1 as tfx
 
+    check_cluster_settings(config)
     tfx_pipeline = build_pipeline(config)
     parameters = runtime_parameters(config)
     runner = tfx.orchestration.experimental.KubeflowV2DagRunner(
@@ -255,7 +273,7 @@ def compile_pipeline(config: PipelineConfig, output_path: Optional[str] = None) 
 def write(job_dict: Dict[str, Any], output_path: str) -> None:
     from tfx.dsl.io import fileio
 
-    if output_path.endswith((".yaml", ".yml")):
+    if output_path.lower().endswith((".yaml", ".yml")):
         text = ("# relkd pipeline spec for Kubeflow Pipelines v2 (kubeflow/runner.py)\n"
                 + yaml.safe_dump(job_dict["pipelineSpec"], sort_keys=True))
     else:

@@ -274,7 +274,7 @@ def _cmd_compile(args) -> int:
     from kubeflow import runner
     from pipeline import configs
 
-    overrides = {"kubeflow": {"image": args.image}} if args.image else None
+    overrides = {"kubeflow": {"image": args.image}} if args.image is not None else None
     config = configs.load_config(args.config, overrides)
     job = runner.compile_pipeline(config, args.kubeflow)
     tasks = job["pipelineSpec"]["root"]["dag"]["tasks"]

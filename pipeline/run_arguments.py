@@ -44,8 +44,14 @@ def check_input_path(path: str, what: str) -> None:
 
 def check_config_path(config: Optional[str]) -> None:
     """The --config file, where one is named, must exist (`configs.load_config` reads local files)."""
-    if config and not os.path.exists(config):
+    if config is None:
+        return
+    if not config.strip():
+        raise UsageError("--config is empty: give a YAML or JSON file, or leave the flag out")
+    if not os.path.exists(config):
         raise UsageError(f"config file not found: {config}")
+    if not os.path.isfile(config):
+        raise UsageError(f"--config {config} is not a file; give a YAML or JSON file")
 
 
 def check_output_path(path: str, flag: str, folder: bool) -> None:

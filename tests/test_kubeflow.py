@@ -807,3 +807,40 @@ def test_steps_running_beam_in_their_container_name_the_image_so_tfx_ships_nothi
     assert step_args == given + (["--sdk_container_image=registry/relkd:7"] if added else [])
     if added:
         assert dependency_utils.make_beam_dependency_flags(list(step_args)) == step_args
+
+
+@pytest.mark.parametrize("text,message", [
+    ("name: relkd_homedepot\n", r"name 'relkd_homedepot' cannot name a Kubeflow / Vertex AI pipeline"
+                                r".*e.g. 'relkd-homedepot'"),
+    ("name: My Relkd!\n", "e.g. 'my-relkd'"),
+    ("kubeflow:\n  pipeline_root: s3://bucket/root\n", "kubeflow.pipeline_root: .* reads no s3:// paths"),
+    ("kubeflow:\n  serving_base: S3://bucket/serving\n", "kubeflow.serving_base: .* reads no s3:// paths"),
+])
+def test_relkd_compile_refuses_what_only_a_cluster_would(tmp_path, capsys, text, message):
+    from pipeline import cli
+
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert cli.main(["compile", "--kubeflow", str(tmp_path / "p.json"), "--config", str(config)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_relkd_compile_refuses_empty_flags_and_a_folder_as_config(tmp_path, capsys):
+    from pipeline import cli
+
+    out = str(tmp_path / "p.json")
+    for flags, message in ((["--image", ""], "kubeflow.image must name a container image, got ''"),
+                           (["--config", ""], "--config is empty"),
+                           (["--config", str(tmp_path)], "is not a file; give a YAML or JSON file")):
+        assert cli.main(["compile", "--kubeflow", out] + flags) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_upper_case_yaml_suffix_gets_the_bare_pipeline_spec(tmp_path):
+    from kubeflow import runner
+
+    runner.compile_pipeline(configs.load_config(), str(tmp_path / "P.YML"))
+    with open(tmp_path / "P.YML") as f:
+        spec = yaml.safe_load(f)
+    assert "pipelineInfo" in spec and "pipelineSpec" not in spec
