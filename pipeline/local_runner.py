@@ -139,6 +139,12 @@ def run(config: PipelineConfig, output_dir: str, logs: Optional[str] = None, jud
     if resume:
         config.enable_cache = True
     run_arguments.check_output_path(output_dir, "--output", folder=True)
+    if config.serving.base_directory:
+        run_arguments.check_output_path(config.serving.base_directory, "serving.base_directory",
+                                        folder=True)
+    if config.metadata.backend == "sqlite" and config.metadata.sqlite_path:
+        run_arguments.check_output_path(config.metadata.sqlite_path, "metadata.sqlite_path",
+                                        folder=False)
     output_dir = os.path.abspath(output_dir)
     os.makedirs(output_dir, exist_ok=True)
     with run_lock.holding(output_dir):
@@ -150,16 +156,17 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
          ) -> RunOutcome:
     from tfx import v1 as tfx
 
+    connection = metadata.connection_config(config.metadata, os.path.join(output_dir, "metadata.sqlite"))
+    metadata.check_reachable(connection)
     paths = prepare_inputs(config, output_dir, logs, judgments, dataset, dataset_input, echo)
     log_path = os.path.join(output_dir, "run.log")
-    metadata_path = os.path.join(output_dir, "metadata.sqlite")
     pipeline_root = os.path.join(output_dir, "pipeline_root")
     tfx_pipeline = create_pipeline(
         config,
         pipeline_root=pipeline_root,
         logs=input_spec(paths["logs"], "logs"),
         judgments=input_spec(paths["judgments"], "judgments"),
-        metadata_connection_config=metadata.connection_config(config.metadata, metadata_path),
+        metadata_connection_config=connection,
         serving_base=os.path.dirname(serving_base(config, output_dir)),
     )
     node_ids = [c.id for c in tfx_pipeline.components]
@@ -196,9 +203,18 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
         logging.getLogger().removeHandler(reporter)
         file_handler.flush()
 
-    summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids,
-                                  gates=config.evaluation.gates, ndcg_k=config.evaluation.ndcg_k,
-                                  since_ms=started_ms)
+    try:
+        summary = run_summary.collect(tfx_pipeline.metadata_connection_config, config.name, node_ids,
+                                      gates=config.evaluation.gates, ndcg_k=config.evaluation.ndcg_k,
+                                      since_ms=started_ms)
+    except Exception as e:  # The store went away mid-run (a MySQL server): the run's own error still counts.
+        logging.getLogger(__name__).error("reading the run's metadata failed:\n%s", traceback.format_exc())
+        summary = {"nodes": {}, "inputs": {}}
+        if exit_code == EXIT_OK:
+            exit_code = EXIT_FAILED
+            error = (f"the steps finished, but their ML Metadata "
+                     f"({metadata.describe(tfx_pipeline.metadata_connection_config)}) could not be "
+                     f"read: {type(e).__name__}: {e} (traceback in {log_path})")
     student = (summary.get("evaluation") or {}).get("student") or {}
     if exit_code == EXIT_OK and student and not student.get("blessed"):
         # The pipeline finished, but the model in serving stays what it was.

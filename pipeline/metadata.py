@@ -45,3 +45,19 @@ def describe(connection: metadata_store_pb2.ConnectionConfig) -> str:
         m = connection.mysql
         return f"mysql://{m.user}@{m.host}:{m.port}/{m.database}"
     return kind or "(none)"
+
+
+def check_reachable(connection: metadata_store_pb2.ConnectionConfig) -> None:
+    """Opens a MySQL store once before the run: unreachable, the first step would fail with
+    ML Metadata's bare `mysql_real_connect failed` and the run summary could not be read."""
+    if connection.WhichOneof("config") != "mysql":
+        return  # a SQLite file is made where `relkd run` checked it can write
+    from ml_metadata.metadata_store import metadata_store
+
+    try:
+        metadata_store.MetadataStore(connection)
+    except Exception as e:  # ML Metadata raises RuntimeError for connection and schema failures
+        raise ConfigError(
+            f"metadata.backend is mysql: cannot use {describe(connection)} ({e}); check "
+            "metadata.mysql (host, port, database, user, password_env) and that the server is "
+            "running") from e

@@ -71,3 +71,47 @@ def test_an_output_folder_nobody_may_write_in_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=f"no permission to write in {locked}$"):
         run_arguments.check_output_path(str(locked / "scores.csv"), "--output", folder=False)
     run_arguments.check_output_path(str(tmp_path / "open" / "run"), "--output", folder=True)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("serving:\n  base_directory: {afile}/serving\n",
+     "serving.base_directory {afile}/serving: {afile} is a file, so no folder can be made there"),
+    ("metadata:\n  sqlite_path: {afile}/meta.sqlite\n",
+     "metadata.sqlite_path {afile}/meta.sqlite: {afile} is a file"),
+    ("metadata:\n  backend: mysql\n  mysql: {{host: 127.0.0.1, port: 1, password_env: ''}}\n",
+     "metadata.backend is mysql: cannot use mysql://relkd@127.0.0.1:1/relkd_mlmd"),
+])
+def test_run_refuses_where_it_could_not_record_or_push_before_any_step(tmp_path, capsys, text, message):
+    # Before: the Pusher failed after the whole run, or a traceback (the SQLite file, MySQL).
+    from pipeline import cli
+
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    config = tmp_path / "c.yaml"
+    config.write_text(text.format(afile=afile))
+    output = tmp_path / "run"
+    assert cli.main(["run", "--config", str(config), "--output", str(output)]) == 2
+    assert message.format(afile=afile) in capsys.readouterr().err
+    assert not (output / "inputs").exists()  # refused before the default data was generated
+
+
+def test_a_store_that_cannot_be_read_after_the_steps_fails_the_run_with_a_sentence(tmp_path, monkeypatch):
+    # Before, the summary's own crash replaced whatever the steps had said.
+    from tfx import v1 as tfx
+
+    from pipeline import configs, local_runner, run_summary
+    from pipeline.exit_codes import EXIT_FAILED
+
+    class NoSteps:
+        def run(self, pipeline):
+            pass
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("mysql_real_connect failed")
+
+    monkeypatch.setattr(tfx.orchestration, "LocalDagRunner", NoSteps)
+    monkeypatch.setattr(run_summary, "collect", unreadable)
+    outcome = local_runner.run(configs.load_config(), str(tmp_path / "run"), echo=lambda line: None)
+    assert outcome.exit_code == EXIT_FAILED
+    assert "their ML Metadata" in outcome.message and "mysql_real_connect failed" in outcome.message
+    assert outcome.summary["status"] == "failed"
