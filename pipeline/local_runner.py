@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import traceback
 from typing import Any, Callable, Dict, Optional
@@ -198,7 +199,8 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
             exit_code, error = EXIT_USAGE, f"step {reporter.current or '?'} cannot read its input: {e}"
         else:
             exit_code = EXIT_FAILED
-            error = f"step {reporter.current or '?'} failed: {type(e).__name__}: {e} (traceback in {log_path})"
+            error = (f"step {reporter.current or '?'} failed: {type(e).__name__}: {_shortened(e)} "
+                     f"(traceback in {log_path})")
     finally:
         logging.getLogger().removeHandler(reporter)
         file_handler.flush()
@@ -254,6 +256,13 @@ def _run(config: PipelineConfig, output_dir: str, logs: Optional[str], judgments
     return RunOutcome(exit_code, summary, summary_path, error or "")
 
 
+def _shortened(error: BaseException, limit: int = 600) -> str:
+    """A library's message cut to a screenful (Beam's TFRecord reader quotes a corrupt record's
+    bytes in hex); run.log keeps it whole."""
+    text = str(error)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text) - limit:,} more characters in run.log)"
+
+
 def _write_summary(summary: Dict[str, Any], output_dir: str) -> None:
     with open(os.path.join(output_dir, "run_summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=2, sort_keys=True, default=str)
@@ -261,7 +270,14 @@ def _write_summary(summary: Dict[str, Any], output_dir: str) -> None:
         f.write(run_summary.to_markdown(summary))
 
 
-def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> None:
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
+def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print,
+                  warn: Callable[[str], None] = _to_stderr) -> None:
+    """The run's outcome for people: figures and paths through `echo`, and the reason a run
+    did not succeed through `warn` (stderr), where scripts that keep only errors look."""
     summary = outcome.summary
     echo("")
     for kind, entry in summary.get("inputs", {}).items():
@@ -300,7 +316,7 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print) -> N
         echo(f"{'pushed':>10}: BERM-O version {push.get('version')} -> {push.get('destination')}{again}")
     if outcome.message:
         echo("")
-        echo(outcome.message)
+        (echo if outcome.exit_code == EXIT_OK else warn)(outcome.message)
     echo("")
     echo(f"Run {summary['status']} in {summary['wall_seconds']:.0f}s. Outputs:")
     for name, path in summary["paths"].items():

@@ -190,3 +190,49 @@ def test_splits_are_by_query_disjoint_and_shared_by_logs_and_judgments(tmp_path,
     assert set().union(*log_queries.values()) == set(queries)
     for split, records in judgment_splits.items():
         assert {r["query"] for r in records} <= log_queries[split]
+
+
+def test_a_cut_short_gzip_fails_the_step_rather_than_reading_fewer_rows(tmp_path, example_gen):
+    # Beam's text reader stops quietly where a cut .gz ends: the rest of the file was lost.
+    import gzip
+
+    header = ["query", "item_id", "item_title", "impressions", "clicks"]
+    records = [{**LOG_ROWS[0], "item_id": f"P{i}", "item_title": f"item {i} {'x' * (i % 50)}"}
+               for i in range(3000)]
+    whole = gzip.compress(open(write_csv(tmp_path / "logs.csv", header, records), "rb").read())
+    (tmp_path / "whole").mkdir()
+    (tmp_path / "whole" / "logs.csv.gz").write_bytes(whole + whole[:0])
+    by_split, _, summary = example_gen(LOGS, str(tmp_path / "whole" / "logs.csv.gz"))
+    assert summary["rows_in"] == 3000
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "logs.csv.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(InputError, match="ends before its compressed data does: the file was cut short"):
+        example_gen(LOGS, str(tmp_path / "cut" / "logs.csv.gz"))
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("logs.csv", "query,item_id,item_title,impressions,clicks,clicks\nq,P1,t,3,1,0\n",
+     "the header names 'clicks' more than once"),
+    ("logs.csv.gz", "query,item_id,item_title,impressions,clicks\nq,P1,t,3,1\n",
+     "cannot read .* as its name says"),
+])
+def test_a_header_that_cannot_be_read_as_named_is_an_input_error(tmp_path, example_gen, name, content,
+                                                                 message):
+    # Before: a repeated column silently took the next column's values; a plain file named .gz
+    # was zlib's traceback.
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(InputError, match=message):
+        example_gen(LOGS, str(path))
+
+
+def test_a_parquet_file_named_csv_and_a_folder_of_two_formats_are_input_errors(tmp_path, example_gen):
+    write_parquet(tmp_path / "logs.csv", LOG_ROWS)
+    with pytest.raises(InputError, match="is not CSV text: it looks like a Parquet file"):
+        example_gen(LOGS, str(tmp_path / "logs.csv"))
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    write_csv(mixed / "a.csv", ["query", "item_id", "item_title", "impressions", "clicks"], LOG_ROWS)
+    write_parquet(mixed / "b.parquet", LOG_ROWS)
+    with pytest.raises(InputError, match=r"of different formats \(a.csv: csv, b.parquet: parquet\)"):
+        example_gen(LOGS, str(mixed / "*"))

@@ -289,7 +289,7 @@ def test_ctrl_c_during_a_step_says_where_it_stopped_and_how_to_resume(tmp_path):
         run.kill()
     assert run.returncode == 130, out + err
     assert re.search(r"interrupted during step \w+; the steps that finished are kept: run the same "
-                     r"command with --resume to reuse them", out), out
+                     r"command with --resume to reuse them", err), out + err  # on stderr, as every error
     assert "Run interrupted in" in out and "Traceback" not in out + err
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["status"] == "interrupted"
@@ -355,7 +355,7 @@ def test_cli_run_prints_progress_and_where_outputs_are(tmp_path):
     rejected = relkd("run", "--logs", drifted_logs, "--judgments", judgments, "--output", str(tmp_path / "run"),
                      "--config", str(config_path), cwd=tmp_path)
     assert rejected.returncode == local_runner.EXIT_DATA_REJECTED, rejected.stdout + rejected.stderr
-    assert "column 'device'" in rejected.stdout
+    assert "column 'device'" in rejected.stderr  # the reason on stderr, the figures on stdout
     assert "pushed:" not in rejected.stdout and "eval student" not in rejected.stdout, rejected.stdout
     summary = json.loads((tmp_path / "run" / "run_summary.json").read_text())
     assert summary["status"] == "data rejected" and "evaluation" not in summary

@@ -67,6 +67,19 @@ def test_non_numeric_count(value):
     assert rejection(LOGS, impressions=value).reason == rows.NON_NUMERIC_COUNT
 
 
+@pytest.mark.parametrize("value", ["9223372036854775808", "99999999999999999999", 2 ** 64, "1e30"])
+def test_a_count_beyond_64_bits_is_quarantined_rather_than_crashing_the_example_writer(value):
+    r = rejection(LOGS, impressions=value)
+    assert (r.reason, r.column) == (rows.NON_NUMERIC_COUNT, "impressions")
+    assert "more than a count can hold" in r.detail
+
+
+def test_the_largest_64_bit_count_is_read_exactly():
+    # Read through a float it rounded up to 2**63 and failed in tf.Example's int64_list.
+    record, _ = validate_row(LOGS, {**GOOD_LOG, "impressions": "9223372036854775807"}, RULES)
+    assert record["impressions"] == 2 ** 63 - 1
+
+
 def test_negative_count():
     r = rejection(LOGS, clicks="-1")
     assert (r.reason, r.column) == (rows.NEGATIVE_COUNT, "clicks")

@@ -115,3 +115,27 @@ def test_a_store_that_cannot_be_read_after_the_steps_fails_the_run_with_a_senten
     assert outcome.exit_code == EXIT_FAILED
     assert "their ML Metadata" in outcome.message and "mysql_real_connect failed" in outcome.message
     assert outcome.summary["status"] == "failed"
+
+
+def test_a_failed_runs_reason_goes_to_stderr_and_a_library_screenful_is_cut(tmp_path, monkeypatch, capsys):
+    from tfx import v1 as tfx
+
+    from pipeline import configs, local_runner
+
+    beam_says = "Not a valid TFRecord. Fewer than 12 bytes: b'" + "0a" * 5000 + "'"
+
+    class CorruptRecord:
+        def run(self, pipeline):
+            raise ValueError(beam_says)
+
+    monkeypatch.setattr(tfx.orchestration, "LocalDagRunner", CorruptRecord)
+    outcome = local_runner.run(configs.load_config(), str(tmp_path / "run"), echo=lambda line: None)
+    assert outcome.exit_code == local_runner.EXIT_FAILED
+    assert outcome.message.startswith("step ? failed: ValueError: Not a valid TFRecord.")
+    assert f"... ({len(beam_says) - 600:,} more characters in run.log)" in outcome.message
+    assert len(outcome.message) < 800
+    assert "0a" * 5000 in (tmp_path / "run" / "run.log").read_text()
+    local_runner.print_summary(outcome)
+    out, err = capsys.readouterr()
+    assert outcome.message in err and outcome.message not in out
+    assert "Run failed in" in out

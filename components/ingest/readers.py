@@ -7,9 +7,11 @@ quarantine file.
 """
 from __future__ import annotations
 
+import bz2
 import csv
 import json
 import os
+import zlib
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import apache_beam as beam
@@ -41,6 +43,17 @@ def detect_format(path: str, declared: str = "auto") -> str:
     )
 
 
+def files_format(files: List[str], declared: str = "auto") -> str:
+    """The one format of an input's files (a folder of CSV and Parquet files is refused: each
+    format has its own reader, and one would read the others' bytes as rows)."""
+    formats = {path: detect_format(path, declared) for path in files}
+    if len(set(formats.values())) > 1:
+        shown = ", ".join(f"{os.path.basename(p)}: {f}" for p, f in list(formats.items())[:6])
+        raise InputError(f"the input's files are of different formats ({shown}); give one format "
+                         "per input (a folder or glob of CSV files, or of Parquet, or of TFRecord)")
+    return formats[files[0]]
+
+
 def matched_files(pattern: str) -> List[str]:
     try:
         result = FileSystems.match([pattern])[0]
@@ -69,19 +82,71 @@ def _restore_bytes(cell: str, encoding: str) -> Any:
 
 
 def read_csv_header(path: str, encoding: str) -> List[str]:
-    with FileSystems.open(path) as f:
-        first = f.readline()
+    try:
+        with FileSystems.open(path) as f:  # decompressed by its name's suffix
+            first = f.readline()
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"cannot read {path} as its name says ({e}): is it really compressed "
+                         "that way? Name the file by what it holds") from e
     if not first.strip():
         raise InputError(f"{path} is empty or has no header row")
+    binary = ("a Parquet file" if first.startswith(b"PAR1") else
+              "gzip-compressed" if first.startswith(b"\x1f\x8b") else
+              "binary data" if b"\x00" in first else None)
+    if binary:
+        raise InputError(f"{path} is not CSV text: it looks like {binary}. Name it by its format "
+                         "(.csv.gz, .parquet, .tfrecord) or set data.format")
     text = _decode_line(first.rstrip(b"\r\n"), encoding).lstrip("\ufeff")
-    header = next(csv.reader([text], delimiter=_csv_delimiter(path)))
-    return [h.strip() for h in header]
+    try:
+        header = next(csv.reader([text], delimiter=_csv_delimiter(path), strict=True))
+    except csv.Error as e:
+        raise InputError(f"{path}: the first line is no CSV header ({e}); is the file CSV text? "
+                         "Name it by its format (.csv, .tsv, .parquet, .tfrecord) or set "
+                         "data.format") from e
+    names = [h.strip() for h in header]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise InputError(f"{path}: the header names {', '.join(repr(n) for n in repeated)} more "
+                         "than once; each column must have its own name")
+    return names
+
+
+# Compressions whose end-of-stream marker tells a whole file from a cut one.
+_DECOMPRESSORS = {".gz": lambda: zlib.decompressobj(wbits=47), ".bz2": lambda: bz2.BZ2Decompressor()}
+
+
+def check_complete(path: str) -> str:
+    """Reads a compressed file through to the end of its compressed data. Beam's text reader
+    stops quietly where a cut .gz ends, which would silently drop the rest of the file."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _DECOMPRESSORS:
+        return path
+    from apache_beam.io.filesystem import CompressionTypes
+
+    decompressor, fed = _DECOMPRESSORS[suffix](), False
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+            # Small reads keep what one read inflates to small.
+            for data in iter(lambda: f.read(1 << 16), b""):
+                while data:
+                    decompressor.decompress(data)
+                    fed, data = True, b""
+                    if decompressor.eof:  # `cat a.gz b.gz` is a file of two members
+                        data = decompressor.unused_data
+                        decompressor, fed = _DECOMPRESSORS[suffix](), False
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"{path} is not valid {suffix[1:]} data ({e}): the file is corrupt; "
+                         "copy or export it again") from e
+    if fed:  # a member begun and not ended
+        raise InputError(f"{path} ends before its compressed data does: the file was cut short "
+                         "(an interrupted copy or download?); copy or export it again")
+    return path
 
 
 def input_columns(pattern: str, fmt: str, encoding: str) -> Optional[List[str]]:
     """Column names declared by the input files, or None where the format has no header."""
     files = matched_files(pattern)
-    fmt = detect_format(files[0], fmt)
+    fmt = files_format(files, fmt)
     if fmt == CSV:
         headers = {tuple(read_csv_header(f, encoding)) for f in files}
         if len(headers) > 1:
@@ -185,10 +250,14 @@ class ReadRawRows(beam.PTransform):
 
     def expand(self, pipeline):
         files = matched_files(self._pattern)
-        fmt = detect_format(files[0], self._fmt)
+        fmt = files_format(files, self._fmt)
         if fmt == CSV:
             # input_columns() has checked that all files share the first file's header.
             header = read_csv_header(files[0], self._encoding)
+            # Beside the read, one file per worker: a cut file fails the step, not a silent row count.
+            _ = (pipeline
+                 | "CompressedFiles" >> beam.Create(files)
+                 | "CheckComplete" >> beam.Map(check_complete))
             return (
                 pipeline
                 | "ReadCsv" >> beam.io.ReadFromTextWithFilename(

@@ -26,6 +26,7 @@ EMPTY_TEXT = "empty_text"
 TEXT_TOO_LONG = "text_too_long"
 NON_NUMERIC_COUNT = "non_numeric_count"
 NEGATIVE_COUNT = "negative_count"
+MAX_COUNT = 2 ** 63 - 1  # tf.Example's int64_list
 CLICKS_EXCEED_IMPRESSIONS = "clicks_exceed_impressions"
 PURCHASES_EXCEED_CLICKS = "purchases_exceed_clicks"
 NON_NUMERIC_RELEVANCE = "non_numeric_relevance"
@@ -154,18 +155,26 @@ def _parse_count(value: Any, column: Column, rules: RowRules) -> int:
     if isinstance(value, bool):
         raise RowError(NON_NUMERIC_COUNT, column.name, repr(value))
     if isinstance(value, int):
-        number = float(value)
+        number = value
     else:
         text = _as_text(value, column.name, rules).strip()
         try:
-            number = float(text)
+            number = int(text)  # exactly: through a float, 2**63 - 1 would round past the limit
         except ValueError:
-            raise RowError(NON_NUMERIC_COUNT, column.name, f"{text[:40]!r} is not a number") from None
-    if math.isnan(number) or math.isinf(number) or number != int(number):
-        raise RowError(NON_NUMERIC_COUNT, column.name, f"{value!r} is not a whole number")
+            try:
+                number = float(text)
+            except ValueError:
+                raise RowError(NON_NUMERIC_COUNT, column.name, f"{text[:40]!r} is not a number") from None
+    if isinstance(number, float):
+        if math.isnan(number) or math.isinf(number) or number != int(number):
+            raise RowError(NON_NUMERIC_COUNT, column.name, f"{value!r} is not a whole number")
+        number = int(number)
     if number < 0:
-        raise RowError(NEGATIVE_COUNT, column.name, f"{int(number)} < 0")
-    return int(number)
+        raise RowError(NEGATIVE_COUNT, column.name, f"{number} < 0")
+    if number > MAX_COUNT:
+        raise RowError(NON_NUMERIC_COUNT, column.name, f"{number} is more than a count can hold "
+                       f"(a 64-bit integer, at most {MAX_COUNT})")
+    return number
 
 
 def _parse_relevance(value: Any, column: Column, rules: RowRules) -> float:
