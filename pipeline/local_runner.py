@@ -297,6 +297,9 @@ def print_summary(outcome: RunOutcome, echo: Callable[[str], None] = print,
         if without_tables:
             echo(" " * 12 + f"without tables in BERM-O (< {graph['table_min_impressions']} "
                  f"impressions): {without_tables}")
+        untitled = run_summary.judgments_without_title(graph)
+        if untitled:
+            warn(f"Warning: {untitled}")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

@@ -137,7 +137,8 @@ def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_
         with open(os.path.join(graph, "stats.json")) as f:
             stats = json.load(f)
         summary["graph"] = {key: stats[key] for key in
-                            ("nodes", "edges", "capped_hubs", "connected_components") if key in stats}
+                            ("nodes", "edges", "capped_hubs", "connected_components", "judgments")
+                            if key in stats}
         if stats.get("config", {}).get("table_min_impressions"):
             summary["graph"]["table_min_impressions"] = stats["config"]["table_min_impressions"]
             summary["graph"]["nodes_without_tables"] = stats["nodes_without_tables"]
@@ -159,6 +160,16 @@ def collect(metadata: Union[str, metadata_store_pb2.ConnectionConfig], pipeline_
     if evaluation:
         summary["evaluation"] = evaluation
     return summary
+
+
+def judgments_without_title(graph: Dict[str, Any]) -> Optional[str]:
+    """A warning where judgments reached the teacher without a title, or None."""
+    judgments = graph.get("judgments") or {}
+    if not judgments.get("without_title"):
+        return None
+    return (f"{judgments['without_title']} of {judgments['total']} judgments have no title (their "
+            "item_id is in no log row and they name no item_title): the teacher learnt those "
+            "queries against an empty text; check the judgments' item ids")
 
 
 def nodes_without_tables(graph: Dict[str, Any]) -> Optional[str]:
@@ -207,6 +218,9 @@ def to_markdown(summary: Dict[str, Any]) -> str:
         if without_tables:
             lines.append(f"- without tables in BERM-O (fewer than {graph['table_min_impressions']} "
                          f"impressions; cold-start path): {without_tables}")
+        untitled = judgments_without_title(graph)
+        if untitled:
+            lines.append(f"- **warning**: {untitled}")
     for name in ("teacher", "student"):
         metrics = summary.get(name)
         if metrics:

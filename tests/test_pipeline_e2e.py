@@ -177,6 +177,11 @@ def test_default_data_runs_through_the_whole_dag(tmp_path, monkeypatch):
     assert without_tables.startswith(f"{len(without['query'])} queries (") and " % of impressions), " \
         f"{len(without['item'])} items (" in without_tables
 
+    # Every judged item of the tiny shop is logged, so every judgment has a title to learn from.
+    assert summary["graph"]["judgments"] == {"total": summary["inputs"]["judgments"]["accepted"],
+                                             "without_title": 0}
+    assert run_summary.judgments_without_title(summary["graph"]) is None
+
     # Evaluation: TFMA metrics for both models on the held-out judged pairs; the student cleared
     # its gates, so BERM-O was pushed as version 1 of the TF Serving layout.
     evaluation = summary["evaluation"]

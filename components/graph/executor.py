@@ -23,6 +23,7 @@ JUDGMENT_EXAMPLES_KEY = "judgment_examples"
 NEIGHBOUR_TABLES_KEY = "neighbour_tables"
 GRAPH_STATISTICS_KEY = "graph_statistics"
 GRAPH_CONFIG_KEY = "graph_config"
+JUDGMENT_TITLES_FILE = "judgment_titles.json"
 # Optional exec properties that override the same GraphConfig fields of `graph_config`: single
 # ints, so the Kubeflow runner can make them runtime parameters (a JSON string cannot hold one).
 MAX_ORDER_KEY = "max_order"
@@ -142,12 +143,14 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     contexts.neighbour_tables, config.max_order, label=f"JoinLogContexts[{split}]")
                 _write_split(joined, log_out, split, "Logs")
 
+            filled = []
             for split, rows in judgment_rows.items():
                 keyed = rows | f"KeyJudgments[{split}]" >> beam.Map(lambda r: (r["item_id"], r))
                 with_titles = (
                     {"judgment": keyed, "title": contexts.item_titles}
                     | f"GroupTitles[{split}]" >> beam.CoGroupByKey()
                     | f"FillTitles[{split}]" >> beam.FlatMap(_fill_title))
+                filled.append(with_titles)
                 joined = (
                     with_titles
                     | f"JoinJudgments[{split}]" >> metapaths.JoinContexts(
@@ -155,16 +158,50 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                     | f"EvalFeatures[{split}]" >> eval_features.AttachEvalFeatures(
                         all_logs, eval_config, config.max_order, label=f"AttachEvalFeatures[{split}]"))
                 _write_split(joined, judgment_out, split, "Judgments")
+            _ = (tuple(filled)
+                 | "AllFilledJudgments" >> beam.Flatten()
+                 | "TitledOrNot" >> beam.Map(lambda r: "with_title" if r.get("item_title") else "without_title")
+                 | "CountTitled" >> beam.combiners.Count.PerElement()
+                 | "TitledToDict" >> beam.combiners.ToDict()
+                 | "TitledToJson" >> beam.Map(json.dumps)
+                 | "WriteTitled" >> beam.io.WriteToText(
+                     os.path.join(stats_out.uri, JUDGMENT_TITLES_FILE), num_shards=1, shard_name_template=""))
 
         with open(os.path.join(tables_out.uri, MANIFEST_FILE), "w") as f:
             json.dump({"graph_config": config.to_dict(), "log_splits": log_splits,
                        "features": metapaths.joined_feature_names(config.max_order)}, f, indent=2, sort_keys=True)
         stats = read_stats(stats_out.uri)
+        stats["judgments"] = _judgment_titles(stats_out.uri)
+        with open(os.path.join(stats_out.uri, STATS_FILE), "w") as f:
+            json.dump(stats, f, indent=2, sort_keys=True)
         stats_out.set_int_custom_property("query_nodes", stats["nodes"]["query"])
         stats_out.set_int_custom_property("item_nodes", stats["nodes"]["item"])
         stats_out.set_int_custom_property("edges", stats["edges"]["after_hub_cap"])
         stats_out.set_int_custom_property("capped_hubs", stats["capped_hubs"]["total"])
         logging.info("Graph: %s", json.dumps(stats, sort_keys=True)[:2000])
+
+
+def _judgment_titles(uri: str) -> Dict[str, int]:
+    """How many judgments have a title to learn from: their own `item_title`, or a logged one.
+
+    A judgment of an item no log shows, without a title of its own, teaches the teacher the query
+    against an empty text; when none has a title, the item ids do not match the logs' (another
+    catalogue, a changed id format) and the run stops rather than train on nothing."""
+    with open(os.path.join(uri, JUDGMENT_TITLES_FILE)) as f:
+        counts = json.load(f)
+    untitled = counts.get("without_title", 0)
+    total = untitled + counts.get("with_title", 0)
+    if total and untitled == total:
+        from components.data_gate import DataRejectedError
+
+        raise DataRejectedError(
+            f"judgments: none of the {total} judged items has a title: no log row shows their "
+            "item_id and the judgments have no item_title. Check that the judgments' item ids are "
+            "the logs' (same catalogue, same format), or add an item_title column to the judgments.")
+    if untitled:
+        logging.warning("%d of %d judgments have no title (their items are in no log row and the "
+                        "judgment names none)", untitled, total)
+    return {"total": total, "without_title": untitled}
 
 
 def read_stats(uri: str) -> Dict[str, Any]:
