@@ -236,3 +236,11 @@ def test_a_parquet_file_named_csv_and_a_folder_of_two_formats_are_input_errors(t
     write_parquet(mixed / "b.parquet", LOG_ROWS)
     with pytest.raises(InputError, match=r"of different formats \(a.csv: csv, b.parquet: parquet\)"):
         example_gen(LOGS, str(mixed / "*"))
+
+
+def test_a_tab_separated_file_named_csv_gets_the_tsv_hint(tmp_path, example_gen):
+    path = tmp_path / "logs.csv"
+    path.write_text("query\titem_id\titem_title\timpressions\tclicks\nq\tP1\tt\t3\t1\n")
+    with pytest.raises(InputError, match=r"purchases \(optional\), period \(optional\).*"
+                                         r"a tab-separated file is read as such when named .tsv"):
+        example_gen(LOGS, str(path))

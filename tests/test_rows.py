@@ -144,3 +144,9 @@ def test_duplicate_key_ignores_non_key_columns():
 
 def test_rules_round_trip_through_json():
     assert RowRules.from_json(RULES.to_json()) == RULES
+
+
+def test_zero_width_characters_are_trimmed_and_a_query_of_only_them_is_empty():
+    assert rejection(LOGS, query="\u200b \u200b").reason == rows.EMPTY_TEXT
+    record, _ = validate_row(LOGS, {**GOOD_LOG, "query": "\ufeff cordless drill\u200b"}, RULES)
+    assert record["query"] == "cordless drill"

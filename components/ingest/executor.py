@@ -180,8 +180,12 @@ class Executor(base_example_gen_executor.BaseExampleGenExecutor):
             return  # TFRecord has no header; absent features are reported per row.
         missing = [c for c in rows.required_columns(kind) if c not in columns]
         if missing:
+            required = rows.required_columns(kind)
+            expected = ", ".join(c if c in required else f"{c} (optional)" for c in rows.known_columns(kind))
+            tabs = (" The header holds tabs: a tab-separated file is read as such when named .tsv."
+                    if len(columns) == 1 and "\t" in columns[0] else "")
             raise readers.InputError(
                 f"{kind} input {pattern}: required column(s) {', '.join(missing)} missing; "
-                f"found {', '.join(columns) or 'no columns'}. Expected {', '.join(rows.known_columns(kind))} "
-                "(see README, 'Data in')."
+                f"found {', '.join(columns) or 'no columns'}. Expected {expected} "
+                f"(see README, 'Data in').{tabs}"
             )

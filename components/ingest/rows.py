@@ -141,8 +141,19 @@ def _max_chars(column: Column, rules: RowRules) -> int:
     return rules.max_query_chars if column.name == "query" else rules.max_title_chars
 
 
+# Zero-width characters are not whitespace to str.strip(), but a query of only them is as empty.
+_INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
+
+
+def _trimmed(text: str) -> str:
+    previous = None
+    while text != previous:
+        previous, text = text, text.strip().strip(_INVISIBLE)
+    return text
+
+
 def _parse_text(value: Any, column: Column, rules: RowRules) -> str:
-    text = _as_text(value, column.name, rules).strip()
+    text = _trimmed(_as_text(value, column.name, rules))
     if not text:
         raise RowError(EMPTY_TEXT, column.name, "empty or whitespace only")
     limit = _max_chars(column, rules)
@@ -212,7 +223,7 @@ def validate_row(kind: str, raw: Mapping[str, Any], rules: RowRules) -> Tuple[Op
             value = raw.get(column.name)
             if isinstance(value, (str, bytes)):
                 value = _as_text(value, column.name, rules)
-                blank = not value.strip()
+                blank = not _trimmed(value)
             else:
                 blank = _is_missing(value)
             if blank:
