@@ -162,6 +162,12 @@ GATE_METRICS = {
 }
 
 
+# What a gate's `bound` may be: AUC, NDCG and judgment_mse (of scores and labels in [0, 1]) lie
+# in [0, 1], a correlation in [-1, 1]; a bound outside could never pass, or never fail.
+GATE_BOUNDS = {"auc": (0.0, 1.0), "ndcg": (0.0, 1.0), "teacher_agreement": (-1.0, 1.0),
+               "judgment_mse": (0.0, 1.0)}
+
+
 @dataclasses.dataclass
 class EvaluationConfig:
     """How the Evaluator (TFMA) judges the teacher and the student, and when BERM-O is pushed."""
@@ -314,12 +320,6 @@ def _merge(target: Any, overrides: Dict[str, Any], where: str) -> Any:
     for key, value in changes.items():
         setattr(target, key, value)
     return target
-
-
-# What a gate's `bound` may be: AUC, NDCG and judgment_mse (of scores and labels in [0, 1]) lie
-# in [0, 1], a correlation in [-1, 1]; a bound outside could never pass, or never fail.
-GATE_BOUNDS = {"auc": (0.0, 1.0), "ndcg": (0.0, 1.0), "teacher_agreement": (-1.0, 1.0),
-               "judgment_mse": (0.0, 1.0)}
 
 
 def validate(config: PipelineConfig) -> PipelineConfig:
