@@ -244,3 +244,18 @@ def test_a_tab_separated_file_named_csv_gets_the_tsv_hint(tmp_path, example_gen)
     with pytest.raises(InputError, match=r"purchases \(optional\), period \(optional\).*"
                                          r"a tab-separated file is read as such when named .tsv"):
         example_gen(LOGS, str(path))
+
+
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
+def test_a_damaged_tfrecord_file_is_an_input_error_naming_it(tmp_path, example_gen, damage):
+    # Before: exit 1 with Beam's hex dump of the record and no file named.
+    whole = (tmp_path / "whole.tfrecord")
+    write_tfrecord(whole, LOG_ROWS)
+    import gzip
+
+    data = gzip.decompress(whole.read_bytes())  # plain TFRecord framing, with CRCs
+    data = data[: len(data) - 20] if damage == "cut" else data[:40] + bytes([data[40] ^ 0xFF]) + data[41:]
+    path = tmp_path / "logs.tfrecord"
+    path.write_bytes(data)
+    with pytest.raises(InputError, match=rf"{path}: cannot read past record \d+ .*cut short or corrupt"):
+        example_gen(LOGS, str(path))

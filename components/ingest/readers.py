@@ -199,12 +199,28 @@ class _ParseCsvLine(beam.DoFn):
 
 
 def _tfrecord_compression(path: str) -> str:
-    # Gzipped TFRecords are often named plain .tfrecord; Beam would only look at the suffix.
+    # Gzipped TFRecords are often named plain .tfrecord; go by the bytes, not the suffix.
     from apache_beam.io.filesystem import CompressionTypes
 
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         magic = f.read(2)
-    return CompressionTypes.GZIP if magic == b"\x1f\x8b" else CompressionTypes.AUTO
+    return "GZIP" if magic == b"\x1f\x8b" else ""
+
+
+def _tfrecord_rows(path: str) -> Iterable[Dict[str, Any]]:
+    """One file's records as raw rows. Beam's own TFRecord source reads a file whole too (it
+    does not split them), but fails on a damaged file with the record's bytes in hex and no name."""
+    import tensorflow as tf
+
+    records = 0
+    try:
+        dataset = tf.data.TFRecordDataset(path, compression_type=_tfrecord_compression(path))
+        for serialized in dataset.as_numpy_iterator():
+            records += 1
+            yield _example_to_row(serialized, path)
+    except tf.errors.OpError as e:
+        raise InputError(f"{path}: cannot read past record {records} ({e.message.splitlines()[0][:200]}): "
+                         "the file is cut short or corrupt; copy or export it again") from None
 
 
 def _example_to_row(serialized: bytes, source: str) -> Dict[str, Any]:
@@ -271,10 +287,8 @@ class ReadRawRows(beam.PTransform):
                 | "ReadParquet" >> beam.io.ReadFromParquet(self._pattern)
                 | "ParquetToRow" >> beam.Map(_parquet_row, source)
             )
-        source = self._pattern
         return (
             pipeline
-            | "ReadTFRecord" >> beam.io.ReadFromTFRecord(
-                self._pattern, coder=beam.coders.BytesCoder(), compression_type=_tfrecord_compression(files[0]))
-            | "ExampleToRow" >> beam.Map(_example_to_row, source)
+            | "TFRecordFiles" >> beam.Create(files)
+            | "ReadTFRecords" >> beam.FlatMap(_tfrecord_rows)
         )
