@@ -10,6 +10,7 @@ from typing import Any, Dict, List
 import apache_beam as beam
 from absl import logging
 from tfx.dsl.components.base import base_beam_executor
+from tfx.dsl.io import fileio  # gs:// on a cluster, as Beam writes there
 from tfx.types import artifact_utils
 
 from components import example_codec
@@ -167,12 +168,12 @@ class Executor(base_beam_executor.BaseBeamExecutor):
                  | "WriteTitled" >> beam.io.WriteToText(
                      os.path.join(stats_out.uri, JUDGMENT_TITLES_FILE), num_shards=1, shard_name_template=""))
 
-        with open(os.path.join(tables_out.uri, MANIFEST_FILE), "w") as f:
+        with fileio.open(os.path.join(tables_out.uri, MANIFEST_FILE), "w") as f:
             json.dump({"graph_config": config.to_dict(), "log_splits": log_splits,
                        "features": metapaths.joined_feature_names(config.max_order)}, f, indent=2, sort_keys=True)
         stats = read_stats(stats_out.uri)
         stats["judgments"] = _judgment_titles(stats_out.uri)
-        with open(os.path.join(stats_out.uri, STATS_FILE), "w") as f:
+        with fileio.open(os.path.join(stats_out.uri, STATS_FILE), "w") as f:
             json.dump(stats, f, indent=2, sort_keys=True)
         stats_out.set_int_custom_property("query_nodes", stats["nodes"]["query"])
         stats_out.set_int_custom_property("item_nodes", stats["nodes"]["item"])
@@ -187,7 +188,7 @@ def _judgment_titles(uri: str) -> Dict[str, int]:
     A judgment of an item no log shows, without a title of its own, teaches the teacher the query
     against an empty text; when none has a title, the item ids do not match the logs' (another
     catalogue, a changed id format) and the run stops rather than train on nothing."""
-    with open(os.path.join(uri, JUDGMENT_TITLES_FILE)) as f:
+    with fileio.open(os.path.join(uri, JUDGMENT_TITLES_FILE)) as f:
         counts = json.load(f)
     untitled = counts.get("without_title", 0)
     total = untitled + counts.get("with_title", 0)
@@ -205,5 +206,5 @@ def _judgment_titles(uri: str) -> Dict[str, int]:
 
 
 def read_stats(uri: str) -> Dict[str, Any]:
-    with open(os.path.join(uri, STATS_FILE)) as f:
+    with fileio.open(os.path.join(uri, STATS_FILE)) as f:
         return json.load(f)

@@ -146,9 +146,9 @@ _INVISIBLE = "\u200b\u200c\u200d\u2060\ufeff"
 
 
 def _trimmed(text: str) -> str:
-    previous = None
-    while text != previous:
-        previous, text = text, text.strip().strip(_INVISIBLE)
+    text = text.strip()  # every row's every text: one strip where no zero-width character ends it
+    while text and (text[0] in _INVISIBLE or text[-1] in _INVISIBLE):
+        text = text.strip(_INVISIBLE).strip()
     return text
 
 
